@@ -1,0 +1,7 @@
+"""Helpers for tests of fastres and of code built on it."""
+
+from __future__ import annotations
+
+from ._launch import count_launches
+
+__all__ = ["count_launches"]
