@@ -28,6 +28,9 @@ except ImportError as exc:  # e.g. macOS or Windows wheels of torch without trit
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# The dtypes the kernels take; others (float64, complex, ...) take the PyTorch path.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 class Backend(NamedTuple):
     """Which implementation a tensor takes (``name``) and why (``reason``)."""
@@ -45,6 +48,8 @@ def backend_for(tensor: torch.Tensor) -> Backend:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"backend_for: expected a torch.Tensor, got {type(tensor).__name__}")
     device = tensor.device.type
+    if tensor.dtype not in KERNEL_DTYPES:
+        return Backend("torch", f"{tensor.dtype} is not a kernel dtype (float16, bfloat16, float32): pure-PyTorch path")
     if device == "cuda":
         if not HAS_TRITON:
             return Backend("torch", f"CUDA tensor but triton is not importable ({_TRITON_ERROR}): pure-PyTorch path")

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from ._launch import count_launches
+from .launchers.core import count_launches
 
 __all__ = ["count_launches"]

@@ -1,0 +1,16 @@
+"""Fused multi-tensor optimizers: drop-in replacements for torch.optim.
+
+Each ``step()`` updates every param of a param group that shares a device and
+dtype in one Triton launch, whatever the number of tensors, without
+synchronising with the device. Same arguments, defaults, state_dict layout
+and numbers as torch.optim; works with param groups, LR schedulers, closures
+and ``torch.amp.GradScaler`` (which it lets skip its host synchronisation).
+"""
+
+from .adadelta import Adadelta
+from .adagrad import Adagrad
+from .adam import Adam, AdamW
+from .rmsprop import RMSprop
+from .sgd import SGD
+
+__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta"]

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+from ._base import FusedOptimizer, Run, check_lr, check_nonnegative
+
+
+class Adagrad(FusedOptimizer):
+    """``torch.optim.Adagrad`` (lr_decay, initial_accumulator_value) in one fused launch per bucket.
+
+    Like torch, the state (``step``, ``sum``) is created for every param at
+    construction. ``foreach`` and ``fused`` are accepted and ignored.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Union[float, torch.Tensor] = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: Optional[bool] = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+    ) -> None:
+        check_lr(lr)
+        check_nonnegative(lr_decay, "lr_decay value")
+        check_nonnegative(weight_decay, "weight_decay value")
+        check_nonnegative(initial_accumulator_value, "initial_accumulator_value value")
+        check_nonnegative(eps, "epsilon value")
+        defaults = dict(
+            lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
+            differentiable=differentiable, fused=fused,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(p, group)
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["sum"] = torch.full_like(
+                p, group["initial_accumulator_value"], memory_format=torch.preserve_format
+            )
+        return state
+
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor], run: Run) -> None:
+        state_sums, steps = [], []
+        for p in params:
+            state = self._init_state(p, group)  # params added later by add_param_group
+            steps.append(self._step_tensor(state, p))
+            state_sums.append(state["sum"])
+        run(
+            "adagrad", params, [p.grad for p in params], state_sums, steps,
+            lr=group["lr"], lr_decay=float(group["lr_decay"]), weight_decay=float(group["weight_decay"]),
+            eps=float(group["eps"]), maximize=group["maximize"],
+        )

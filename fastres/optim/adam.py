@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+from ._base import FusedOptimizer, Run, check_lr, check_nonnegative
+
+
+def _beta(value: Any) -> float:
+    return float(value)  # a tensor beta is read once, at construction
+
+
+class Adam(FusedOptimizer):
+    """``torch.optim.Adam`` (amsgrad, maximize, decoupled weight decay) in one fused launch per bucket.
+
+    Same arguments, defaults, state (``step``, ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq``) and numbers as torch.optim.Adam. The step count lives
+    on the param's device (as in torch's fused mode), so ``step()`` never
+    synchronises; ``lr`` may be a tensor on that device (CUDA graphs).
+    ``foreach`` and ``fused`` are accepted for drop-in use and ignored.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Union[float, torch.Tensor] = 1e-3,
+        betas: tuple[Any, Any] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        check_lr(lr)
+        check_nonnegative(eps, "epsilon value")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        check_nonnegative(weight_decay, "weight_decay value")
+        defaults = dict(
+            lr=lr, betas=(_beta(betas[0]), _beta(betas[1])), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        super().__init__(params, defaults)
+
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor], run: Run) -> None:
+        amsgrad = group["amsgrad"]
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = self._zeros(p)
+                state["exp_avg_sq"] = self._zeros(p)
+                if amsgrad:
+                    state["max_exp_avg_sq"] = self._zeros(p)
+            steps.append(self._step_tensor(state, p))
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if amsgrad:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+        beta1, beta2 = group["betas"]
+        run(
+            "adam", params, [p.grad for p in params], exp_avgs, exp_avg_sqs,
+            max_exp_avg_sqs if amsgrad else None, steps,
+            lr=group["lr"], beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]), amsgrad=amsgrad, maximize=group["maximize"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+        )
+
+
+class AdamW(Adam):
+    """``torch.optim.AdamW``: Adam with decoupled weight decay (default 1e-2), fused."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Union[float, torch.Tensor] = 1e-3,
+        betas: tuple[Any, Any] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+    ) -> None:
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach,
+            maximize=maximize, capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=True,
+        )

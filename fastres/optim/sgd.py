@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+from ._base import FusedOptimizer, Run, check_lr, check_nonnegative
+
+
+class SGD(FusedOptimizer):
+    """``torch.optim.SGD`` (momentum, dampening, Nesterov) in one fused launch per bucket.
+
+    Same arguments, defaults, state (``momentum_buffer``) and numbers as
+    torch.optim.SGD. ``foreach`` and ``fused`` are accepted for drop-in use
+    and ignored: the update is always one fused kernel on CUDA.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Union[float, torch.Tensor] = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+    ) -> None:
+        check_lr(lr)
+        check_nonnegative(momentum, "momentum value")
+        check_nonnegative(weight_decay, "weight_decay value")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor], run: Run) -> None:
+        momentum = group["momentum"]
+        buffers: Optional[list[torch.Tensor]] = None
+        first_step = [False] * len(params)
+        if momentum != 0:
+            buffers = []
+            for i, p in enumerate(params):
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:  # torch starts the buffer at the first gradient
+                    buf = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                    first_step[i] = True
+                buffers.append(buf)
+        run(
+            "sgd", params, [p.grad for p in params], buffers, first_step,
+            lr=group["lr"], momentum=float(momentum), dampening=float(group["dampening"]),
+            weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"], maximize=group["maximize"],
+        )
