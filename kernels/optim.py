@@ -303,3 +303,55 @@ def _adadelta_kernel(tensor_table_ptr, chunk_table_ptr, counter_ptr, param_ref_p
     if full_end < end:
         _adadelta_block(row_ptr, full_end + offsets, full_end + offsets < end, grad_scale, lr32, rho,
                         one_minus_rho, eps, weight_decay, HAS_GRAD_SCALE, MAXIMIZE, HAS_WEIGHT_DECAY, element_ty, ALIGNED)
+
+
+# ------------------------------------------------------ ahead-of-time compile specs
+
+
+def _aot_specs(kernel_args, pointer_args, flags):
+    """Each dtype with the default flags, fp32 with every flag on, and an unaligned variant."""
+    specs = []
+    variants = [(dtype, {}) for dtype in ("fp32", "fp16", "bf16")]
+    variants.append(("fp32", {flag: True for flag in flags}))
+    variants.append(("bf16", {"ALIGNED": False, **{flag: True for flag in flags[:2]}}))
+    for dtype, overrides in variants:
+        signature = {name: pointer_args.get(name, "fp32") for name in kernel_args}
+        signature["param_ref_ptr"] = "*" + dtype
+        constexprs = {"BLOCK": 1024, "CHUNK": 16384, "ALIGNED": True, **{flag: False for flag in flags}}
+        constexprs.update(overrides)
+        for name in constexprs:
+            signature[name] = "constexpr"
+        specs.append({"signature": signature, "constexprs": constexprs, "num_warps": 4})
+    return specs
+
+
+_TABLES = {"tensor_table_ptr": "*i64", "chunk_table_ptr": "*i64", "counter_ptr": "*i32",
+           "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
+_COMMON_FLAGS = ["LR_FROM_PTR", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "MAXIMIZE", "HAS_WEIGHT_DECAY"]
+
+AOT_SPECS = {
+    "_sgd_kernel": _aot_specs(
+        ["tensor_table_ptr", "chunk_table_ptr", "param_ref_ptr", "lr", "lr_ptr", "weight_decay", "momentum",
+         "one_minus_dampening", "grad_scale_ptr", "found_inf_ptr"],
+        _TABLES, _COMMON_FLAGS + ["HAS_MOMENTUM", "NESTEROV"]),
+    "_adam_kernel": _aot_specs(
+        ["tensor_table_ptr", "chunk_table_ptr", "counter_ptr", "param_ref_ptr", "lr", "lr_ptr", "beta2",
+         "one_minus_beta1", "one_minus_beta2", "log2_beta1_hi", "log2_beta1_lo", "log2_beta2_hi", "log2_beta2_lo",
+         "eps", "weight_decay", "grad_scale_ptr", "found_inf_ptr"],
+        _TABLES, _COMMON_FLAGS + ["DECOUPLED", "AMSGRAD"]),
+    "_rmsprop_kernel": _aot_specs(
+        ["tensor_table_ptr", "chunk_table_ptr", "counter_ptr", "param_ref_ptr", "lr", "lr_ptr", "alpha",
+         "one_minus_alpha", "eps", "weight_decay", "momentum", "grad_scale_ptr", "found_inf_ptr"],
+        _TABLES, _COMMON_FLAGS + ["CENTERED", "HAS_MOMENTUM"]),
+    "_adagrad_kernel": _aot_specs(
+        ["tensor_table_ptr", "chunk_table_ptr", "counter_ptr", "param_ref_ptr", "lr", "lr_ptr", "lr_decay",
+         "weight_decay", "eps", "grad_scale_ptr", "found_inf_ptr"],
+        _TABLES, _COMMON_FLAGS),
+    "_adadelta_kernel": _aot_specs(
+        ["tensor_table_ptr", "chunk_table_ptr", "counter_ptr", "param_ref_ptr", "lr", "lr_ptr", "rho",
+         "one_minus_rho", "eps", "weight_decay", "grad_scale_ptr", "found_inf_ptr"],
+        _TABLES, _COMMON_FLAGS),
+}
+
+# Called from the kernels above; compiled as part of them.
+DEVICE_FUNCTIONS = ("_load_lr", "_sgd_block", "_adam_block", "_rmsprop_block", "_adagrad_block", "_adadelta_block")
