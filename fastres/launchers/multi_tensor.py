@@ -32,8 +32,22 @@ class TableCache:
     """The tables of one bucket of tensors, rebuilt only when the tensors change."""
 
     def __init__(self) -> None:
-        self._key: Optional[tuple[int, ...]] = None
+        self._key: Optional[tuple] = None
         self._tables: Optional[Tables] = None
+        # Addresses of the state and step columns, by list identity: callers
+        # pass the same list objects every step, and state tensors are updated
+        # in place, so only params and grads need their addresses read again.
+        self._state_addresses: dict[int, tuple[Sequence[Optional[torch.Tensor]], tuple[int, ...]]] = {}
+
+    def _addresses(self, position: int, column: Sequence[Optional[torch.Tensor]]) -> tuple[int, ...]:
+        if position >= 2:
+            cached = self._state_addresses.get(position)
+            if cached is not None and cached[0] is column:
+                return cached[1]
+        addresses = tuple(0 if t is None else t.data_ptr() for t in column)
+        if position >= 2:
+            self._state_addresses[position] = (column, addresses)
+        return addresses
 
     def tables(
         self,
@@ -45,36 +59,36 @@ class TableCache:
         """``columns[c][i]``: tensor ``i`` of column ``c`` (param, grad, state0..2), or None."""
         params = columns[0]
         n = len(params)
-        rows: list[int] = []
-        for i in range(n):
-            for c in range(5):
-                tensor = columns[c][i] if c < len(columns) else None
-                rows.append(0 if tensor is None else tensor.data_ptr())
-            rows.append(0 if steps is None else steps[i].data_ptr())
-            rows.append(params[i].numel())
-            rows.append(1 if first_step is not None and first_step[i] else 0)
-        key = (chunk, *rows)
+        absent = (0,) * n
+        addresses = [self._addresses(position, column) for position, column in enumerate(columns)]
+        addresses += [absent] * (5 - len(columns))
+        addresses.append(absent if steps is None else self._addresses(5, steps))
+        key = (
+            chunk,
+            *addresses,
+            tuple(p.numel() for p in params),
+            absent if first_step is None else tuple(int(f) for f in first_step),
+        )
         if key != self._key or self._tables is None:
-            self._tables = _build(rows, n, params[0].device, chunk)
+            self._tables = _build(key[1:], n, params[0].device, chunk)
             self._key = key
         return self._tables
 
 
-def _build(rows: list[int], n: int, device: torch.device, chunk: int) -> Tables:
-    table = torch.tensor(rows, dtype=torch.int64).view(n, ROW)
+def _build(columns: tuple[tuple[int, ...], ...], n: int, device: torch.device, chunk: int) -> Tables:
+    """``columns``: the table's ROW columns, each a tuple of ``n`` ints."""
+    table = torch.tensor(columns, dtype=torch.int64).t().contiguous()
     addresses = table[:, : layout.STEP.value + 1]
     aligned = bool(((addresses % ALIGNMENT_BYTES) == 0).all())
-    numels = table[:, layout.NUMEL.value]
-    chunks_per_tensor = torch.clamp((numels + chunk - 1) // chunk, min=1)
-    tensor_of_program = torch.repeat_interleave(torch.arange(n), chunks_per_tensor)
-    first_program = torch.cumsum(chunks_per_tensor, 0) - chunks_per_tensor
-    chunk_of_program = torch.arange(len(tensor_of_program)) - first_program[tensor_of_program]
-    chunk_table = torch.stack([tensor_of_program, chunk_of_program], dim=1).contiguous()
+    numels = columns[layout.NUMEL.value]
+    chunk_table = torch.tensor(
+        [(t, c) for t, numel in enumerate(numels) for c in range(max(1, -(-numel // chunk)))], dtype=torch.int64
+    ).view(-1, 2)
     return Tables(
         tensor_table=_to_device(table, device),
         chunk_table=_to_device(chunk_table, device),
         counters=torch.zeros(n, dtype=torch.int32, device=device),
-        n_programs=len(tensor_of_program),
+        n_programs=chunk_table.shape[0],
         aligned=aligned,
     )
 

@@ -10,7 +10,9 @@ decides.
 
 from __future__ import annotations
 
+import functools
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -22,6 +24,42 @@ from ..launchers.multi_tensor import TableCache
 from ..reference import optim as reference
 
 Run = Callable[..., None]
+
+
+class Bucket:
+    """The params of one param group that share a device and dtype, with their state lists.
+
+    The lists are built once per plan and passed to the launcher as the same
+    list objects every step, which lets the table cache skip re-reading their
+    addresses (state tensors are updated in place, never replaced).
+    """
+
+    def __init__(self, kernels: bool) -> None:
+        self.uses_kernels = kernels
+        self.params: list[torch.Tensor] = []
+        self.state: dict[str, list[torch.Tensor]] = {}
+        self.first_step: list[bool] = []
+        self.tables = TableCache()
+
+    def add(self, p: torch.Tensor, state: Optional[dict[str, Any]], first_step: bool) -> None:
+        self.params.append(p)
+        self.first_step.append(first_step)
+        for name, value in (state or {}).items():
+            self.state.setdefault(name, []).append(value)
+
+
+@dataclass
+class Plan:
+    """How one param group steps while its params with grads and their state stay the same."""
+
+    key: tuple
+    params: list[torch.Tensor]
+    states: list[Optional[dict[str, Any]]]
+    buckets: list[Bucket] = field(default_factory=list)
+
+    def is_current(self, state: dict) -> bool:
+        # A reset or loaded optimizer state holds new dicts: plan again.
+        return all(state.get(p) is s for p, s in zip(self.params, self.states))
 
 
 def check_lr(lr: Any) -> None:
@@ -68,12 +106,12 @@ class FusedOptimizer(Optimizer):
                 f"{type(self).__name__}: differentiable=True is not supported by fastres' fused kernels; "
                 f"use torch.optim.{type(self).__name__} to differentiate through the step"
             )
-        self._table_caches: dict[tuple, TableCache] = {}
+        self._plans: dict[int, Plan] = {}
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._table_caches = {}
+        self._plans = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -86,6 +124,10 @@ class FusedOptimizer(Optimizer):
                     "fastres optimizers update floating-point params only (float16, bfloat16, float32 in the "
                     "kernels, float64 on the PyTorch path), not complex or integer ones"
                 )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._plans.clear()
 
     # ------------------------------------------------------------------ step
 
@@ -100,34 +142,71 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        amp = dict(grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None))
         for group_index, group in enumerate(self.param_groups):
-            buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-            for index, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                self._check_param(p, index, group_index)
-                buckets.setdefault((p.device, p.dtype), []).append(p)
-            for (device, dtype), params in buckets.items():
-                run = self._runner((group_index, device, dtype), params[0], grad_scale, found_inf)
-                self._update(group, params, run)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            key = (tuple(map(id, params)), self._state_layout(group))
+            plan = self._plans.get(group_index)
+            if plan is None or plan.key != key or not plan.is_current(self.state):
+                plan = self._plans[group_index] = self._make_plan(group_index, group, params, key)
+            for bucket in plan.buckets:
+                grads = [p.grad for p in bucket.params]
+                for grad, p in zip(grads, bucket.params):
+                    if grad.is_sparse or grad.stride() != p.stride():
+                        self._check_grad(p, group_index)
+                grads = [p.grad for p in bucket.params]  # _check_grad may have relaid one out
+                if bucket.uses_kernels:
+                    run = functools.partial(getattr(launchers, self._rule), bucket.tables, **amp)
+                else:
+                    run = functools.partial(getattr(reference, self._rule), **amp)
+                self._update(group, bucket, grads, run)
+                bucket.first_step = [False] * len(bucket.params)
         return loss
 
-    def _update(self, group: dict[str, Any], params: list[torch.Tensor], run: Run) -> None:
+    # Each optimizer sets these.
+    _rule: str  # name of its launcher and reference function
+
+    def _state_layout(self, group: dict[str, Any]) -> tuple:
+        """The group settings that decide which state tensors exist."""
+        return ()
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Create p's state if missing; return True when it is p's first step (SGD's buffer)."""
+        raise NotImplementedError  # each optimizer defines its state
+
+    def _update(self, group: dict[str, Any], bucket: "Bucket", grads: list[torch.Tensor], run: Run) -> None:
         raise NotImplementedError  # each optimizer defines its update
 
-    def _runner(
-        self, key: tuple, probe: torch.Tensor, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]
-    ) -> Run:
-        amp = dict(grad_scale=grad_scale, found_inf=found_inf)
-        if uses_kernels(probe):
-            cache = self._table_caches.setdefault(key, TableCache())
-            return lambda name, *args, **kw: getattr(launchers, name)(cache, *args, **kw, **amp)
-        return lambda name, *args, **kw: getattr(reference, name)(*args, **kw, **amp)
+    def _make_plan(self, group_index: int, group: dict[str, Any], params: list[torch.Tensor], key: tuple) -> "Plan":
+        buckets: dict[tuple[torch.device, torch.dtype], Bucket] = {}
+        states = []
+        for index, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            self._check_param(p, index, group_index)
+            first_step = self._init_state(p, group)
+            states.append(self.state.get(p))
+            bucket = buckets.get((p.device, p.dtype))
+            if bucket is None:
+                bucket = buckets[(p.device, p.dtype)] = Bucket(uses_kernels(p))
+            bucket.add(p, self.state.get(p), first_step)
+        return Plan(key, params, states, list(buckets.values()))
 
     def _check_param(self, p: torch.Tensor, index: int, group_index: int) -> None:
         name = type(self).__name__
+        if not (p.is_contiguous() or _is_dense(p)):
+            raise ValueError(
+                f"{name}: param {index} of param group {group_index} is not dense (shape {tuple(p.shape)}, "
+                f"strides {p.stride()}); fastres updates params as flat memory, so they must have no gaps"
+            )
+        self._check_grad(p, group_index, index)
+
+    def _check_grad(self, p: torch.Tensor, group_index: int, index: Optional[int] = None) -> None:
+        name = type(self).__name__
+        if index is None:
+            index = next(i for i, q in enumerate(self.param_groups[group_index]["params"]) if q is p)
         grad = p.grad
         assert grad is not None
         if grad.is_sparse:
@@ -135,12 +214,7 @@ class FusedOptimizer(Optimizer):
                 f"{name} does not support sparse gradients (param {index} of param group {group_index}); "
                 "use torch.optim.SparseAdam or a dense gradient"
             )
-        if not _is_dense(p):
-            raise ValueError(
-                f"{name}: param {index} of param group {group_index} is not dense (shape {tuple(p.shape)}, "
-                f"strides {p.stride()}); fastres updates params as flat memory, so they must have no gaps"
-            )
-        if not _same_layout(grad, p):
+        if grad.stride() != p.stride() and not _same_layout(grad, p):
             warnings.warn(
                 f"{name}: the grad of param {index} of param group {group_index} has strides {grad.stride()} "
                 f"but the param has {p.stride()}; copying it into the param's layout each step",
@@ -160,7 +234,7 @@ class FusedOptimizer(Optimizer):
         if not isinstance(step, torch.Tensor):
             step = torch.tensor(0.0 if step is None else float(step), dtype=torch.float32, device=p.device)
             state["step"] = step
-        elif step.device != p.device or step.dtype != torch.float32:
+        elif step.dtype != torch.float32 or step.device != p.device:
             step = step.to(device=p.device, dtype=torch.float32)
             state["step"] = step
         return step

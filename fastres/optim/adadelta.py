@@ -4,7 +4,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, Run, check_lr, check_nonnegative
+from ._base import Bucket, FusedOptimizer, Run, check_lr, check_nonnegative
 
 
 class Adadelta(FusedOptimizer):
@@ -38,19 +38,19 @@ class Adadelta(FusedOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _update(self, group: dict[str, Any], params: list[torch.Tensor], run: Run) -> None:
-        square_avgs, acc_deltas, steps = [], [], []
-        for p in params:
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["square_avg"] = self._zeros(p)
-                state["acc_delta"] = self._zeros(p)
-            steps.append(self._step_tensor(state, p))
-            square_avgs.append(state["square_avg"])
-            acc_deltas.append(state["acc_delta"])
+    _rule = "adadelta"
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        state = self.state[p]
+        self._step_tensor(state, p)
+        for name in ("square_avg", "acc_delta"):
+            if name not in state:
+                state[name] = self._zeros(p)
+        return False
+
+    def _update(self, group: dict[str, Any], bucket: Bucket, grads: list[torch.Tensor], run: Run) -> None:
         run(
-            "adadelta", params, [p.grad for p in params], square_avgs, acc_deltas, steps,
+            bucket.params, grads, bucket.state["square_avg"], bucket.state["acc_delta"], bucket.state["step"],
             lr=group["lr"], rho=float(group["rho"]), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), maximize=group["maximize"],
         )

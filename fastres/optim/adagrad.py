@@ -4,7 +4,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, Run, check_lr, check_nonnegative
+from ._base import Bucket, FusedOptimizer, Run, check_lr, check_nonnegative
 
 
 class Adagrad(FusedOptimizer):
@@ -43,23 +43,20 @@ class Adagrad(FusedOptimizer):
             for p in group["params"]:
                 self._init_state(p, group)
 
-    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    _rule = "adagrad"
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         state = self.state[p]
-        if len(state) == 0:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        self._step_tensor(state, p)
+        if "sum" not in state:
             state["sum"] = torch.full_like(
                 p, group["initial_accumulator_value"], memory_format=torch.preserve_format
             )
-        return state
+        return False
 
-    def _update(self, group: dict[str, Any], params: list[torch.Tensor], run: Run) -> None:
-        state_sums, steps = [], []
-        for p in params:
-            state = self._init_state(p, group)  # params added later by add_param_group
-            steps.append(self._step_tensor(state, p))
-            state_sums.append(state["sum"])
+    def _update(self, group: dict[str, Any], bucket: Bucket, grads: list[torch.Tensor], run: Run) -> None:
         run(
-            "adagrad", params, [p.grad for p in params], state_sums, steps,
+            bucket.params, grads, bucket.state["sum"], bucket.state["step"],
             lr=group["lr"], lr_decay=float(group["lr_decay"]), weight_decay=float(group["weight_decay"]),
             eps=float(group["eps"]), maximize=group["maximize"],
         )

@@ -4,7 +4,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, Run, check_lr, check_nonnegative
+from ._base import Bucket, FusedOptimizer, Run, check_lr, check_nonnegative
 
 
 def _beta(value: Any) -> float:
@@ -51,26 +51,25 @@ class Adam(FusedOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _update(self, group: dict[str, Any], params: list[torch.Tensor], run: Run) -> None:
-        amsgrad = group["amsgrad"]
-        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
-        for p in params:
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = self._zeros(p)
-                state["exp_avg_sq"] = self._zeros(p)
-                if amsgrad:
-                    state["max_exp_avg_sq"] = self._zeros(p)
-            steps.append(self._step_tensor(state, p))
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            if amsgrad:
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+    _rule = "adam"
+
+    def _state_layout(self, group: dict[str, Any]) -> tuple:
+        return (group["amsgrad"],)
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        state = self.state[p]
+        self._step_tensor(state, p)
+        for name in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
+            if name not in state:
+                state[name] = self._zeros(p)
+        return False
+
+    def _update(self, group: dict[str, Any], bucket: Bucket, grads: list[torch.Tensor], run: Run) -> None:
         beta1, beta2 = group["betas"]
+        amsgrad = group["amsgrad"]
         run(
-            "adam", params, [p.grad for p in params], exp_avgs, exp_avg_sqs,
-            max_exp_avg_sqs if amsgrad else None, steps,
+            bucket.params, grads, bucket.state["exp_avg"], bucket.state["exp_avg_sq"],
+            bucket.state["max_exp_avg_sq"] if amsgrad else None, bucket.state["step"],
             lr=group["lr"], beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), amsgrad=amsgrad, maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],

@@ -4,7 +4,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, Run, check_lr, check_nonnegative
+from ._base import Bucket, FusedOptimizer, Run, check_lr, check_nonnegative
 
 
 class RMSprop(FusedOptimizer):
@@ -40,27 +40,26 @@ class RMSprop(FusedOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _update(self, group: dict[str, Any], params: list[torch.Tensor], run: Run) -> None:
+    _rule = "rmsprop"
+
+    def _state_layout(self, group: dict[str, Any]) -> tuple:
+        return (group["momentum"] > 0, group["centered"])
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        state = self.state[p]
+        self._step_tensor(state, p)
+        names = ("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
+        for name in names + (("grad_avg",) if group["centered"] else ()):
+            if name not in state:
+                state[name] = self._zeros(p)
+        return False
+
+    def _update(self, group: dict[str, Any], bucket: Bucket, grads: list[torch.Tensor], run: Run) -> None:
         momentum, centered = group["momentum"], group["centered"]
-        square_avgs, momentum_buffers, grad_avgs, steps = [], [], [], []
-        for p in params:
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["square_avg"] = self._zeros(p)
-                if momentum > 0:
-                    state["momentum_buffer"] = self._zeros(p)
-                if centered:
-                    state["grad_avg"] = self._zeros(p)
-            steps.append(self._step_tensor(state, p))
-            square_avgs.append(state["square_avg"])
-            if momentum > 0:
-                momentum_buffers.append(state["momentum_buffer"])
-            if centered:
-                grad_avgs.append(state["grad_avg"])
         run(
-            "rmsprop", params, [p.grad for p in params], square_avgs,
-            momentum_buffers if momentum > 0 else None, grad_avgs if centered else None, steps,
+            bucket.params, grads, bucket.state["square_avg"],
+            bucket.state["momentum_buffer"] if momentum > 0 else None,
+            bucket.state["grad_avg"] if centered else None, bucket.state["step"],
             lr=group["lr"], alpha=float(group["alpha"]), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), momentum=float(momentum), centered=centered,
             maximize=group["maximize"],

@@ -4,7 +4,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ._base import FusedOptimizer, Run, check_lr, check_nonnegative
+from ._base import Bucket, FusedOptimizer, Run, check_lr, check_nonnegative
 
 
 class SGD(FusedOptimizer):
@@ -40,21 +40,24 @@ class SGD(FusedOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _update(self, group: dict[str, Any], params: list[torch.Tensor], run: Run) -> None:
+    _rule = "sgd"
+
+    def _state_layout(self, group: dict[str, Any]) -> tuple:
+        return (group["momentum"] != 0,)
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        if group["momentum"] == 0:
+            return False  # like torch: no state at all without momentum
+        state = self.state[p]
+        if state.get("momentum_buffer") is None:  # torch starts the buffer at the first gradient
+            state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            return True
+        return False
+
+    def _update(self, group: dict[str, Any], bucket: Bucket, grads: list[torch.Tensor], run: Run) -> None:
         momentum = group["momentum"]
-        buffers: Optional[list[torch.Tensor]] = None
-        first_step = [False] * len(params)
-        if momentum != 0:
-            buffers = []
-            for i, p in enumerate(params):
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:  # torch starts the buffer at the first gradient
-                    buf = state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                    first_step[i] = True
-                buffers.append(buf)
         run(
-            "sgd", params, [p.grad for p in params], buffers, first_step,
+            bucket.params, grads, bucket.state["momentum_buffer"] if momentum != 0 else None, bucket.first_step,
             lr=group["lr"], momentum=float(momentum), dampening=float(group["dampening"]),
             weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"], maximize=group["maximize"],
         )
