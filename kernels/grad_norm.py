@@ -20,6 +20,13 @@ from .multi_tensor import GRAD, chunk_of_program, tensor_ptr
 
 
 @triton.jit
+def _max_propagating_nan(x):
+    """``tl.max`` drops NaNs; torch's inf-norm of a tensor holding a NaN is NaN."""
+    has_nan = tl.sum((x != x).to(tl.int32), axis=0) > 0
+    return tl.where(has_nan, float("nan"), tl.max(x, axis=0))
+
+
+@triton.jit
 def _grad_norm_partials_kernel(tensor_table_ptr, chunk_table_ptr, param_ref_ptr, partials_ptr,
                                BLOCK: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr,
                                INF_NORM: tl.constexpr):
@@ -31,11 +38,11 @@ def _grad_norm_partials_kernel(tensor_table_ptr, chunk_table_ptr, param_ref_ptr,
     full_end = start + (end - start) // BLOCK * BLOCK
     for block_start in range(start, full_end, BLOCK):
         g = tl.load(grad_ptr + block_start + offsets).to(tl.float32)
-        acc = tl.maximum(acc, tl.abs(g)) if INF_NORM else acc + g * g
+        acc = tl.maximum(acc, tl.abs(g), propagate_nan=tl.PropagateNan.ALL) if INF_NORM else acc + g * g
     if full_end < end:
         g = tl.load(grad_ptr + full_end + offsets, mask=full_end + offsets < end, other=0.0).to(tl.float32)
-        acc = tl.maximum(acc, tl.abs(g)) if INF_NORM else acc + g * g
-    partial = tl.max(acc, axis=0) if INF_NORM else tl.sum(acc, axis=0)
+        acc = tl.maximum(acc, tl.abs(g), propagate_nan=tl.PropagateNan.ALL) if INF_NORM else acc + g * g
+    partial = _max_propagating_nan(acc) if INF_NORM else tl.sum(acc, axis=0)
     tl.store(partials_ptr + tl.program_id(0), partial)
 
 
@@ -49,11 +56,12 @@ def _grad_norm_scale_kernel(tensor_table_ptr, chunk_table_ptr, param_ref_ptr, pa
     acc = tl.zeros([PARTIALS_BLOCK], dtype=tl.float32)
     for i in range(0, n_partials, PARTIALS_BLOCK):
         partial = tl.load(partials_ptr + i + partial_offsets, mask=i + partial_offsets < n_partials, other=0.0)
-        acc = tl.maximum(acc, partial) if INF_NORM else acc + partial
-    total = tl.max(acc, axis=0) if INF_NORM else tl.sqrt_rn(tl.sum(acc, axis=0))
+        acc = tl.maximum(acc, partial, propagate_nan=tl.PropagateNan.ALL) if INF_NORM else acc + partial
+    total = _max_propagating_nan(acc) if INF_NORM else tl.sqrt_rn(tl.sum(acc, axis=0))
     if tl.program_id(0) == 0:
         tl.store(total_norm_ptr, total)
-    clip_coef = tl.minimum(tl.div_rn(max_norm, total + 1e-6), 1.0)
+    # NaN-propagating min: a NaN norm makes NaN grads, as torch.clamp does.
+    clip_coef = tl.minimum(tl.div_rn(max_norm, total + 1e-6), 1.0, propagate_nan=tl.PropagateNan.ALL)
 
     row_ptr, tensor, start, end, n_chunks = chunk_of_program(tensor_table_ptr, chunk_table_ptr, CHUNK)
     grad_ptr = tensor_ptr(row_ptr, GRAD, element_ty, ALIGNED)
@@ -66,6 +74,9 @@ def _grad_norm_scale_kernel(tensor_table_ptr, chunk_table_ptr, param_ref_ptr, pa
         mask = full_end + offsets < end
         g = tl.load(grad_ptr + full_end + offsets, mask=mask).to(tl.float32)
         tl.store(grad_ptr + full_end + offsets, (g * clip_coef).to(element_ty), mask=mask)
+
+
+DEVICE_FUNCTIONS = ("_max_propagating_nan",)
 
 
 def _aot_specs(signature, flags):

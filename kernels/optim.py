@@ -118,7 +118,8 @@ def _adam_block(row_ptr, offsets, mask, grad_scale, step_size, bias_correction2_
     tl.store(exp_avg_sq_ptr, exp_avg_sq.to(element_ty), mask=mask)
     if AMSGRAD:
         max_ptr = tensor_ptr(row_ptr, STATE2, element_ty, ALIGNED) + offsets
-        second_moment = tl.maximum(tl.load(max_ptr, mask=mask).to(tl.float32), exp_avg_sq)
+        second_moment = tl.maximum(tl.load(max_ptr, mask=mask).to(tl.float32), exp_avg_sq,
+                                   propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
         tl.store(max_ptr, second_moment.to(element_ty), mask=mask)
     else:
         second_moment = exp_avg_sq
