@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -14,7 +15,12 @@ import fastres
 def _run(code: str, **env: str) -> str:
     full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     full_env.update(env)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, check=True)
+    # Run outside the checkout: from its root, `python -c` would import the
+    # source folder fastres/ (which has no kernels/) instead of the install.
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd=tempfile.gettempdir()
+    )
+    assert result.returncode == 0, result.stderr
     return result.stdout
 
 
