@@ -16,7 +16,7 @@ more launches.
 import triton
 import triton.language as tl
 
-from .multi_tensor import GRAD, chunk_of_program, tensor_ptr
+from .multi_tensor import GRAD, chunk_of_program, tensor_ptr, to_storage
 
 
 @triton.jit
@@ -69,11 +69,11 @@ def _grad_norm_scale_kernel(tensor_table_ptr, chunk_table_ptr, param_ref_ptr, pa
     full_end = start + (end - start) // BLOCK * BLOCK
     for block_start in range(start, full_end, BLOCK):
         g = tl.load(grad_ptr + block_start + offsets).to(tl.float32)
-        tl.store(grad_ptr + block_start + offsets, (g * clip_coef).to(element_ty))
+        tl.store(grad_ptr + block_start + offsets, to_storage(g * clip_coef, element_ty))
     if full_end < end:
         mask = full_end + offsets < end
         g = tl.load(grad_ptr + full_end + offsets, mask=mask).to(tl.float32)
-        tl.store(grad_ptr + full_end + offsets, (g * clip_coef).to(element_ty), mask=mask)
+        tl.store(grad_ptr + full_end + offsets, to_storage(g * clip_coef, element_ty), mask=mask)
 
 
 DEVICE_FUNCTIONS = ("_max_propagating_nan",)

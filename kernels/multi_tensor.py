@@ -102,6 +102,23 @@ def load_grad(row_ptr, offsets, mask, grad_scale, element_ty, ALIGNED: tl.conste
 
 
 @triton.jit
+def to_storage(x, element_ty: tl.constexpr):
+    """Round fp32 ``x`` to the param dtype, to nearest-even.
+
+    Triton's interpreter truncates fp32 -> bf16 casts; the explicit rounding
+    gives the GPU's (and torch's) bf16 result everywhere for a few integer ops
+    in a memory-bound kernel.
+    """
+    if element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)  # NaN stays a (quiet) NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(element_ty)
+
+
+@triton.jit
 def lerp(start, end, weight):
     """``torch.lerp(start, end, weight)`` with torch's two formulas (exact at both ends)."""
     return tl.where(weight < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
@@ -117,4 +134,6 @@ def update_skipped(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
 
 
 # Called from the kernels in optim.py; compiled as part of them.
-DEVICE_FUNCTIONS = ("tensor_ptr", "chunk_of_program", "advance_step", "power_of", "load_grad", "lerp", "update_skipped")
+DEVICE_FUNCTIONS = (
+    "tensor_ptr", "chunk_of_program", "advance_step", "power_of", "load_grad", "to_storage", "lerp", "update_skipped",
+)

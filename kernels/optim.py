@@ -31,6 +31,7 @@ from .multi_tensor import (
     load_grad,
     power_of,
     tensor_ptr,
+    to_storage,
     update_skipped,
 )
 
@@ -61,12 +62,12 @@ def _sgd_block(row_ptr, offsets, mask, grad_scale, lr, weight_decay, momentum, o
             buf = grad
         else:
             buf = tl.load(buf_ptr, mask=mask).to(tl.float32) * momentum + one_minus_dampening * grad
-        tl.store(buf_ptr, buf.to(element_ty), mask=mask)
+        tl.store(buf_ptr, to_storage(buf, element_ty), mask=mask)
         if NESTEROV:
             grad = grad + momentum * buf
         else:
             grad = buf
-    tl.store(param_ptr, (param - lr * grad).to(element_ty), mask=mask)
+    tl.store(param_ptr, to_storage(param - lr * grad, element_ty), mask=mask)
 
 
 @triton.jit
@@ -114,18 +115,18 @@ def _adam_block(row_ptr, offsets, mask, grad_scale, step_size, bias_correction2_
             grad = grad + weight_decay * param
     exp_avg = lerp(tl.load(exp_avg_ptr, mask=mask).to(tl.float32), grad, one_minus_beta1)
     exp_avg_sq = tl.load(exp_avg_sq_ptr, mask=mask).to(tl.float32) * beta2 + one_minus_beta2 * grad * grad
-    tl.store(exp_avg_ptr, exp_avg.to(element_ty), mask=mask)
-    tl.store(exp_avg_sq_ptr, exp_avg_sq.to(element_ty), mask=mask)
+    tl.store(exp_avg_ptr, to_storage(exp_avg, element_ty), mask=mask)
+    tl.store(exp_avg_sq_ptr, to_storage(exp_avg_sq, element_ty), mask=mask)
     if AMSGRAD:
         max_ptr = tensor_ptr(row_ptr, STATE2, element_ty, ALIGNED) + offsets
         second_moment = tl.maximum(tl.load(max_ptr, mask=mask).to(tl.float32), exp_avg_sq,
                                    propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
-        tl.store(max_ptr, second_moment.to(element_ty), mask=mask)
+        tl.store(max_ptr, to_storage(second_moment, element_ty), mask=mask)
     else:
         second_moment = exp_avg_sq
     denom = tl.div_rn(tl.sqrt_rn(second_moment), bias_correction2_sqrt) + eps
     param = param - step_size * tl.div_rn(exp_avg, denom)
-    tl.store(param_ptr, param.to(element_ty), mask=mask)
+    tl.store(param_ptr, to_storage(param, element_ty), mask=mask)
 
 
 @triton.jit
@@ -173,22 +174,22 @@ def _rmsprop_block(row_ptr, offsets, mask, grad_scale, lr, alpha, one_minus_alph
     if HAS_WEIGHT_DECAY:
         grad = grad + weight_decay * param
     square_avg = tl.load(square_avg_ptr, mask=mask).to(tl.float32) * alpha + one_minus_alpha * grad * grad
-    tl.store(square_avg_ptr, square_avg.to(element_ty), mask=mask)
+    tl.store(square_avg_ptr, to_storage(square_avg, element_ty), mask=mask)
     if CENTERED:
         grad_avg_ptr = tensor_ptr(row_ptr, STATE2, element_ty, ALIGNED) + offsets
         grad_avg = lerp(tl.load(grad_avg_ptr, mask=mask).to(tl.float32), grad, one_minus_alpha)
-        tl.store(grad_avg_ptr, grad_avg.to(element_ty), mask=mask)
+        tl.store(grad_avg_ptr, to_storage(grad_avg, element_ty), mask=mask)
         avg = tl.sqrt_rn(square_avg - grad_avg * grad_avg) + eps
     else:
         avg = tl.sqrt_rn(square_avg) + eps
     if HAS_MOMENTUM:
         buf_ptr = tensor_ptr(row_ptr, STATE1, element_ty, ALIGNED) + offsets
         buf = tl.load(buf_ptr, mask=mask).to(tl.float32) * momentum + tl.div_rn(grad, avg)
-        tl.store(buf_ptr, buf.to(element_ty), mask=mask)
+        tl.store(buf_ptr, to_storage(buf, element_ty), mask=mask)
         param = param - lr * buf
     else:
         param = param - lr * tl.div_rn(grad, avg)
-    tl.store(param_ptr, param.to(element_ty), mask=mask)
+    tl.store(param_ptr, to_storage(param, element_ty), mask=mask)
 
 
 @triton.jit
@@ -230,9 +231,9 @@ def _adagrad_block(row_ptr, offsets, mask, grad_scale, clr, weight_decay, eps,
     if HAS_WEIGHT_DECAY:
         grad = grad + weight_decay * param
     state_sum = tl.load(sum_ptr, mask=mask).to(tl.float32) + grad * grad
-    tl.store(sum_ptr, state_sum.to(element_ty), mask=mask)
+    tl.store(sum_ptr, to_storage(state_sum, element_ty), mask=mask)
     param = param - clr * tl.div_rn(grad, tl.sqrt_rn(state_sum) + eps)
-    tl.store(param_ptr, param.to(element_ty), mask=mask)
+    tl.store(param_ptr, to_storage(param, element_ty), mask=mask)
 
 
 @triton.jit
@@ -278,9 +279,9 @@ def _adadelta_block(row_ptr, offsets, mask, grad_scale, lr, rho, one_minus_rho, 
     std = tl.sqrt_rn(square_avg + eps)
     delta = tl.div_rn(tl.sqrt_rn(acc_delta + eps), std) * grad
     acc_delta = acc_delta * rho + one_minus_rho * delta * delta
-    tl.store(square_avg_ptr, square_avg.to(element_ty), mask=mask)
-    tl.store(acc_delta_ptr, acc_delta.to(element_ty), mask=mask)
-    tl.store(param_ptr, (param - lr * delta).to(element_ty), mask=mask)
+    tl.store(square_avg_ptr, to_storage(square_avg, element_ty), mask=mask)
+    tl.store(acc_delta_ptr, to_storage(acc_delta, element_ty), mask=mask)
+    tl.store(param_ptr, to_storage(param - lr * delta, element_ty), mask=mask)
 
 
 @triton.jit

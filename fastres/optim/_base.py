@@ -57,9 +57,14 @@ class Plan:
     states: list[Optional[dict[str, Any]]]
     buckets: list[Bucket] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self._entries = [(s, name, value) for s in self.states if s for name, value in s.items()]
+
     def is_current(self, state: dict) -> bool:
-        # A reset or loaded optimizer state holds new dicts: plan again.
-        return all(state.get(p) is s for p, s in zip(self.params, self.states))
+        """False once the optimizer state was reset, loaded, or had a tensor replaced: plan again."""
+        return all(state.get(p) is s for p, s in zip(self.params, self.states)) and all(
+            s.get(name) is value for s, name, value in self._entries
+        )
 
 
 def check_lr(lr: Any) -> None:

@@ -39,19 +39,21 @@ class Adagrad(FusedOptimizer):
             differentiable=differentiable, fused=fused,
         )
         super().__init__(params, defaults)
+        # Like torch: every param's sum starts at the constructor's value, even
+        # in a group that sets its own initial_accumulator_value.
         for group in self.param_groups:
             for p in group["params"]:
-                self._init_state(p, group)
+                self._init_state(p, initial_accumulator_value)
 
     _rule = "adagrad"
 
-    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+    def _init_state(self, p: torch.Tensor, group: Union[dict[str, Any], float]) -> bool:
+        """``group``: the param's group (params added later) or the initial value itself."""
         state = self.state[p]
         self._step_tensor(state, p)
         if "sum" not in state:
-            state["sum"] = torch.full_like(
-                p, group["initial_accumulator_value"], memory_format=torch.preserve_format
-            )
+            value = group["initial_accumulator_value"] if isinstance(group, dict) else group
+            state["sum"] = torch.full_like(p, value, memory_format=torch.preserve_format)
         return False
 
     def _update(self, group: dict[str, Any], bucket: Bucket, grads: list[torch.Tensor], run: Run) -> None:

@@ -44,6 +44,11 @@ class Adam(FusedOptimizer):
         if not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         check_nonnegative(weight_decay, "weight_decay value")
+        if not (
+            (isinstance(betas[0], float) and isinstance(betas[1], float))
+            or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))
+        ):
+            raise ValueError("betas must be either both floats or both Tensors")
         defaults = dict(
             lr=lr, betas=(_beta(betas[0]), _beta(betas[1])), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
