@@ -19,7 +19,6 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
-    GRAD,
     FIRST_STEP,
     PARAM,
     STATE0,

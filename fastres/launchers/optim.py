@@ -10,13 +10,14 @@ the device.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 
 from ..kernels import optim as kernels
 from .core import launch
-from .multi_tensor import TableCache
+from .multi_tensor import Tables, TableCache
 
 # 1024 elements per block (8 per thread with 4 warps: two 16-byte accesses per
 # tensor in fp32); 16 blocks per program so 100M parameters take ~6k programs.
@@ -55,7 +56,23 @@ def _amp_args(
     return grad_scale, found_inf
 
 
-def _common_args(
+@dataclass
+class _Launch:
+    """What every optimizer launch shares: tables, lr, AMP pointers and flags.
+
+    Pointer arguments a variant does not read get a stand-in tensor, so each
+    launcher passes the fields as they are.
+    """
+
+    tables: Tables
+    lr: float
+    lr_ptr: torch.Tensor
+    grad_scale_ptr: torch.Tensor
+    found_inf_ptr: torch.Tensor
+    meta: dict
+
+
+def _prepare(
     cache: TableCache,
     columns: Sequence[Sequence[Optional[torch.Tensor]]],
     steps: Optional[Tensors],
@@ -63,27 +80,32 @@ def _common_args(
     lr: Scalar,
     grad_scale: Optional[torch.Tensor],
     found_inf: Optional[torch.Tensor],
-):
+    maximize: bool,
+    weight_decay: float,
+) -> _Launch:
     params = columns[0]
     device = params[0].device
     tables = cache.tables(columns, steps, first_step, CHUNK)
     lr_value, lr_tensor = _lr_args(lr, device)
     grad_scale, found_inf = _amp_args(grad_scale, found_inf, device)
-    dummy = params[0]  # stands in for pointer arguments a variant does not read
-    return tables, lr_value, lr_tensor, grad_scale, found_inf, dummy
-
-
-def _meta(tables, lr_tensor, grad_scale, found_inf, maximize: bool, weight_decay: float) -> dict:
-    return dict(
-        BLOCK=BLOCK,
-        CHUNK=CHUNK,
-        ALIGNED=tables.aligned,
-        LR_FROM_PTR=lr_tensor is not None,
-        HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None,
-        MAXIMIZE=maximize,
-        HAS_WEIGHT_DECAY=weight_decay != 0,
-        num_warps=NUM_WARPS,
+    stand_in = params[0]
+    return _Launch(
+        tables=tables,
+        lr=lr_value,
+        lr_ptr=stand_in if lr_tensor is None else lr_tensor,
+        grad_scale_ptr=stand_in if grad_scale is None else grad_scale,
+        found_inf_ptr=stand_in if found_inf is None else found_inf,
+        meta=dict(
+            BLOCK=BLOCK,
+            CHUNK=CHUNK,
+            ALIGNED=tables.aligned,
+            LR_FROM_PTR=lr_tensor is not None,
+            HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            MAXIMIZE=maximize,
+            HAS_WEIGHT_DECAY=weight_decay != 0,
+            num_warps=NUM_WARPS,
+        ),
     )
 
 
@@ -104,20 +126,18 @@ def sgd(
     found_inf: Optional[torch.Tensor] = None,
 ) -> None:
     columns = [params, grads] + ([momentum_buffers] if momentum_buffers is not None else [])
-    tables, lr_value, lr_tensor, grad_scale, found_inf, dummy = _common_args(
-        cache, columns, None, first_step, lr, grad_scale, found_inf
+    args = _prepare(
+        cache, columns, None, first_step, lr, grad_scale, found_inf, maximize, weight_decay
     )
     launch(
         kernels._sgd_kernel,
-        (tables.n_programs,),
-        tables.tensor_table, tables.chunk_table, params[0], lr_value,
-        lr_tensor if lr_tensor is not None else dummy,
+        (args.tables.n_programs,),
+        args.tables.tensor_table, args.tables.chunk_table, params[0], args.lr, args.lr_ptr,
         weight_decay, momentum, 1.0 - dampening,
-        grad_scale if grad_scale is not None else dummy,
-        found_inf if found_inf is not None else dummy,
+        args.grad_scale_ptr, args.found_inf_ptr,
         HAS_MOMENTUM=momentum != 0,
         NESTEROV=nesterov,
-        **_meta(tables, lr_tensor, grad_scale, found_inf, maximize, weight_decay),
+        **args.meta,
     )
 
 
@@ -142,22 +162,20 @@ def adam(
     found_inf: Optional[torch.Tensor] = None,
 ) -> None:
     columns = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    tables, lr_value, lr_tensor, grad_scale, found_inf, dummy = _common_args(
-        cache, columns, steps, None, lr, grad_scale, found_inf
+    args = _prepare(
+        cache, columns, steps, None, lr, grad_scale, found_inf, maximize, weight_decay
     )
     log2_beta1 = _log2_split(beta1)
     log2_beta2 = _log2_split(beta2)
     launch(
         kernels._adam_kernel,
-        (tables.n_programs,),
-        tables.tensor_table, tables.chunk_table, tables.counters, params[0], lr_value,
-        lr_tensor if lr_tensor is not None else dummy,
+        (args.tables.n_programs,),
+        args.tables.tensor_table, args.tables.chunk_table, args.tables.counters, params[0], args.lr, args.lr_ptr,
         beta2, 1.0 - beta1, 1.0 - beta2, *log2_beta1, *log2_beta2, eps, weight_decay,
-        grad_scale if grad_scale is not None else dummy,
-        found_inf if found_inf is not None else dummy,
+        args.grad_scale_ptr, args.found_inf_ptr,
         DECOUPLED=decoupled_weight_decay,
         AMSGRAD=amsgrad,
-        **_meta(tables, lr_tensor, grad_scale, found_inf, maximize, weight_decay),
+        **args.meta,
     )
 
 
@@ -181,20 +199,18 @@ def rmsprop(
     found_inf: Optional[torch.Tensor] = None,
 ) -> None:
     columns = [params, grads, square_avgs, momentum_buffers or [None] * len(params), grad_avgs or [None] * len(params)]
-    tables, lr_value, lr_tensor, grad_scale, found_inf, dummy = _common_args(
-        cache, columns, steps, None, lr, grad_scale, found_inf
+    args = _prepare(
+        cache, columns, steps, None, lr, grad_scale, found_inf, maximize, weight_decay
     )
     launch(
         kernels._rmsprop_kernel,
-        (tables.n_programs,),
-        tables.tensor_table, tables.chunk_table, tables.counters, params[0], lr_value,
-        lr_tensor if lr_tensor is not None else dummy,
+        (args.tables.n_programs,),
+        args.tables.tensor_table, args.tables.chunk_table, args.tables.counters, params[0], args.lr, args.lr_ptr,
         alpha, 1.0 - alpha, eps, weight_decay, momentum,
-        grad_scale if grad_scale is not None else dummy,
-        found_inf if found_inf is not None else dummy,
+        args.grad_scale_ptr, args.found_inf_ptr,
         CENTERED=centered,
         HAS_MOMENTUM=momentum > 0,
-        **_meta(tables, lr_tensor, grad_scale, found_inf, maximize, weight_decay),
+        **args.meta,
     )
 
 
@@ -213,18 +229,16 @@ def adagrad(
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
 ) -> None:
-    tables, lr_value, lr_tensor, grad_scale, found_inf, dummy = _common_args(
-        cache, [params, grads, state_sums], steps, None, lr, grad_scale, found_inf
+    args = _prepare(
+        cache, [params, grads, state_sums], steps, None, lr, grad_scale, found_inf, maximize, weight_decay
     )
     launch(
         kernels._adagrad_kernel,
-        (tables.n_programs,),
-        tables.tensor_table, tables.chunk_table, tables.counters, params[0], lr_value,
-        lr_tensor if lr_tensor is not None else dummy,
+        (args.tables.n_programs,),
+        args.tables.tensor_table, args.tables.chunk_table, args.tables.counters, params[0], args.lr, args.lr_ptr,
         lr_decay, weight_decay, eps,
-        grad_scale if grad_scale is not None else dummy,
-        found_inf if found_inf is not None else dummy,
-        **_meta(tables, lr_tensor, grad_scale, found_inf, maximize, weight_decay),
+        args.grad_scale_ptr, args.found_inf_ptr,
+        **args.meta,
     )
 
 
@@ -244,16 +258,14 @@ def adadelta(
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
 ) -> None:
-    tables, lr_value, lr_tensor, grad_scale, found_inf, dummy = _common_args(
-        cache, [params, grads, square_avgs, acc_deltas], steps, None, lr, grad_scale, found_inf
+    args = _prepare(
+        cache, [params, grads, square_avgs, acc_deltas], steps, None, lr, grad_scale, found_inf, maximize, weight_decay
     )
     launch(
         kernels._adadelta_kernel,
-        (tables.n_programs,),
-        tables.tensor_table, tables.chunk_table, tables.counters, params[0], lr_value,
-        lr_tensor if lr_tensor is not None else dummy,
+        (args.tables.n_programs,),
+        args.tables.tensor_table, args.tables.chunk_table, args.tables.counters, params[0], args.lr, args.lr_ptr,
         rho, 1.0 - rho, eps, weight_decay,
-        grad_scale if grad_scale is not None else dummy,
-        found_inf if found_inf is not None else dummy,
-        **_meta(tables, lr_tensor, grad_scale, found_inf, maximize, weight_decay),
+        args.grad_scale_ptr, args.found_inf_ptr,
+        **args.meta,
     )

@@ -158,10 +158,11 @@ class FusedOptimizer(Optimizer):
                 plan = self._plans[group_index] = self._make_plan(group_index, group, params, key)
             for bucket in plan.buckets:
                 grads = [p.grad for p in bucket.params]
-                for grad, p in zip(grads, bucket.params):
-                    if grad.is_sparse or grad.stride() != p.stride():
-                        self._check_grad(p, group_index)
-                grads = [p.grad for p in bucket.params]  # _check_grad may have relaid one out
+                if any(g.is_sparse or g.stride() != p.stride() for g, p in zip(grads, bucket.params)):
+                    for g, p in zip(grads, bucket.params):
+                        if g.is_sparse or g.stride() != p.stride():
+                            self._check_grad(p, group_index)  # raises, or relays the grad out like p
+                    grads = [p.grad for p in bucket.params]
                 if bucket.uses_kernels:
                     run = functools.partial(getattr(launchers, self._rule), bucket.tables, **amp)
                 else:

@@ -38,10 +38,6 @@ def _lr(lr: Scalar) -> float:
     return float(lr)
 
 
-def _store(dst: torch.Tensor, value: torch.Tensor) -> None:
-    dst.copy_(value)
-
-
 def sgd(
     params: Tensors,
     grads: Tensors,
@@ -73,9 +69,9 @@ def sgd(
                 new_buf = g
             else:
                 new_buf = buf.to(dtype) * momentum + (1 - dampening) * g
-            _store(buf, new_buf)
+            buf.copy_(new_buf)
             g = g + momentum * new_buf if nesterov else new_buf
-        _store(p, param - lr * g)
+        p.copy_(param - lr * g)
 
 
 def adam(
@@ -113,17 +109,17 @@ def adam(
                 g = g + weight_decay * param
         exp_avg = torch.lerp(exp_avgs[i].to(dtype), g, 1 - beta1)
         exp_avg_sq = exp_avg_sqs[i].to(dtype) * beta2 + (1 - beta2) * g * g
-        _store(exp_avgs[i], exp_avg)
-        _store(exp_avg_sqs[i], exp_avg_sq)
+        exp_avgs[i].copy_(exp_avg)
+        exp_avg_sqs[i].copy_(exp_avg_sq)
         if amsgrad:
             assert max_exp_avg_sqs is not None
             exp_avg_sq = torch.maximum(max_exp_avg_sqs[i].to(dtype), exp_avg_sq)
-            _store(max_exp_avg_sqs[i], exp_avg_sq)
+            max_exp_avg_sqs[i].copy_(exp_avg_sq)
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         step_size = lr / bias_correction1
         denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + eps
-        _store(p, param - step_size * (exp_avg / denom))
+        p.copy_(param - step_size * (exp_avg / denom))
 
 
 def rmsprop(
@@ -155,21 +151,21 @@ def rmsprop(
         if weight_decay != 0:
             g = g + weight_decay * param
         square_avg = square_avgs[i].to(dtype) * alpha + (1 - alpha) * g * g
-        _store(square_avgs[i], square_avg)
+        square_avgs[i].copy_(square_avg)
         if centered:
             assert grad_avgs is not None
             grad_avg = torch.lerp(grad_avgs[i].to(dtype), g, 1 - alpha)
-            _store(grad_avgs[i], grad_avg)
+            grad_avgs[i].copy_(grad_avg)
             avg = (square_avg - grad_avg * grad_avg).sqrt() + eps
         else:
             avg = square_avg.sqrt() + eps
         if momentum > 0:
             assert momentum_buffers is not None
             buf = momentum_buffers[i].to(dtype) * momentum + g / avg
-            _store(momentum_buffers[i], buf)
-            _store(p, param - lr * buf)
+            momentum_buffers[i].copy_(buf)
+            p.copy_(param - lr * buf)
         else:
-            _store(p, param - lr * (g / avg))
+            p.copy_(param - lr * (g / avg))
 
 
 def adagrad(
@@ -199,8 +195,8 @@ def adagrad(
             g = g + weight_decay * param
         clr = lr / (1 + (step - 1) * lr_decay)
         state_sum = state_sums[i].to(dtype) + g * g
-        _store(state_sums[i], state_sum)
-        _store(p, param - clr * (g / (state_sum.sqrt() + eps)))
+        state_sums[i].copy_(state_sum)
+        p.copy_(param - clr * (g / (state_sum.sqrt() + eps)))
 
 
 def adadelta(
@@ -233,6 +229,6 @@ def adadelta(
         std = (square_avg + eps).sqrt()
         delta = (acc_delta + eps).sqrt() / std * g
         acc_delta = acc_delta * rho + (1 - rho) * delta * delta
-        _store(square_avgs[i], square_avg)
-        _store(acc_deltas[i], acc_delta)
-        _store(p, param - lr * delta)
+        square_avgs[i].copy_(square_avg)
+        acc_deltas[i].copy_(acc_delta)
+        p.copy_(param - lr * delta)
