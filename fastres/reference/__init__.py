@@ -4,6 +4,6 @@ They are the oracle of the tests, the baseline of the benchmarks, and the
 path tensors take when no kernel applies (see :func:`fastres.backend_for`).
 """
 
-from . import optim
+from . import nn, optim
 
-__all__ = ["optim"]
+__all__ = ["nn", "optim"]

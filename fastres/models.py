@@ -1,0 +1,69 @@
+"""``fastres.ResNet``: the CIFAR-10 ResNet of the notes built from fused blocks.
+
+A drop-in twin of :class:`fastres.reference.nn.ResNet`: same constructor,
+same state_dict keys. :func:`convert` turns a plain model into a fused one in
+place, keeping its weights.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import functional as F
+from . import nn as fnn
+from ._backend import uses_kernels
+from .reference import nn as ref
+
+__all__ = ["ResNet", "convert", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18_cifar"]
+
+
+class ResNet(ref.ResNet):
+    """``ResNet(block, layers, num_classes=10)``; ``block`` is usually
+    :class:`fastres.nn.ResidualBlock` (the fused stem runs either way)."""
+
+    def __init__(self, block: type[nn.Module] = fnn.ResidualBlock, layers: Sequence[int] = (2, 2, 2),
+                 num_classes: int = 10, widths: Sequence[int] = (16, 32, 64), in_channels: int = 3) -> None:
+        super().__init__(block, layers, num_classes, widths=widths, in_channels=in_channels)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        if not uses_kernels(x):
+            return super().stem(x)
+        return F.conv_bn_relu(x, self.conv, self.bn)
+
+
+_FUSED = {ref.ResNet: ResNet, ref.ResidualBlock: fnn.ResidualBlock, ref.ConvBNReLU: fnn.ConvBNReLU}
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Turn a plain model (instances of :mod:`fastres.reference.nn` classes) into
+    the fused one in place, keeping parameters, buffers and hooks; returns it.
+
+    Only the exact reference classes are converted (subclasses with their own
+    ``forward`` are left alone, since fusing them could change what they do).
+    """
+    for module in model.modules():
+        fused = _FUSED.get(type(module))
+        if fused is not None:
+            module.__class__ = fused
+    return model
+
+
+def _factory(name: str):
+    def make(num_classes: int = 10) -> ResNet:
+        return ref.build(name, num_classes, resnet=ResNet, block=fnn.ResidualBlock)  # type: ignore[return-value]
+
+    make.__name__ = make.__qualname__ = name
+    layers, widths = ref.ARCHITECTURES[name]
+    make.__doc__ = f"Fused {name}: stage widths {widths}, blocks {layers}."
+    return make
+
+
+resnet20 = _factory("resnet20")
+resnet32 = _factory("resnet32")
+resnet44 = _factory("resnet44")
+resnet56 = _factory("resnet56")
+resnet110 = _factory("resnet110")
+resnet18_cifar = _factory("resnet18_cifar")
