@@ -1,14 +1,318 @@
-"""Functional forms of the fused conv + BatchNorm + ReLU ops (filled in by #4)."""
+"""Fused ``conv -> BatchNorm2d -> ReLU`` and the fused residual block.
+
+Functional forms take the plain modules (``nn.Conv2d``, ``nn.BatchNorm2d``,
+the block) so parameters, buffers and their semantics are exactly PyTorch's:
+``conv_bn_relu(x, conv, bn)`` and ``residual_block(x, block)``.
+
+How BatchNorm is split across launches (training; see ``kernels/conv.py``)::
+
+    forward   conv1 (+ BN1 partial stats)   -> finalize BN1 (scale, shift, running stats)
+              conv2 (BN1 + ReLU applied as its operand loads; + BN2 stats) -> finalize BN2
+              [downsample conv (+ stats) -> finalize]
+              tail: relu(BN2(y2) + residual)                    5 launches (7 with downsample)
+    backward  tail: g = dout * relu', BN2 sums                  -> BN2 backward constants
+              conv2 data grad (BN2 backward in its operand loads; ReLU1 mask + BN1 sums in its epilogue)
+              conv2 weight grad (BN2 backward and BN1 + ReLU recomputed in its operand loads) + sum of splits
+              BN1 backward constants; conv1 data grad (+ residual grad in its epilogue); conv1 weight grad
+                                                                9 launches (13 with downsample)
+
+Saved for backward: the block input, the raw conv outputs y1, y2 (and the
+downsample's) and per-channel vectors; the normalised activations and the
+block output are recomputed where needed.
+
+Eval mode folds BatchNorm into each conv's epilogue (scale and shift per
+output channel, computed by one tiny launch per BN from the current running
+statistics, so no cache can go stale when an optimizer writes weights in
+place), with residual and ReLU in the last conv's epilogue. Eval-mode calls
+that need gradients run the reference ops.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
+from ._backend import KERNEL_DTYPES, uses_kernels
+from .launchers import conv as L
+
+__all__ = ["conv_bn_relu", "residual_block"]
+
+
+class _BN(NamedTuple):
+    """What the kernels need of an ``nn.BatchNorm2d`` besides its weight and bias."""
+
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+    num_batches_tracked: Optional[torch.Tensor]
+    momentum: Optional[float]
+    eps: float
+    batch_stats: bool  # training, or no running statistics to use
+    update: bool  # training and tracking: update the running statistics
+
+
+def _bn_config(bn: nn.BatchNorm2d, where: str) -> _BN:
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError(f"{where}: expected an nn.BatchNorm2d, got {type(bn).__name__}")
+    if not bn.affine:
+        raise ValueError(f"{where}: BatchNorm2d(affine=False) is not supported by the fused op")
+    update = bn.training and bn.track_running_stats
+    momentum = bn.momentum
+    if update and bn.num_batches_tracked is None:
+        raise ValueError(f"{where}: a BatchNorm2d that tracks running statistics needs num_batches_tracked")
+    batch_stats = bn.training or bn.running_mean is None
+    return _BN(bn.running_mean if update or not batch_stats else None,
+               bn.running_var if update or not batch_stats else None,
+               bn.num_batches_tracked if update else None, momentum, bn.eps, batch_stats, update)
+
+
+def _conv_config(conv: nn.Conv2d, in_channels: int, where: str) -> tuple[int, int]:
+    """(stride, padding) of a conv the kernels take; a clear error otherwise."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"{where}: expected an nn.Conv2d, got {type(conv).__name__}")
+    if conv.in_channels != in_channels:
+        raise ValueError(f"{where}: the input has {in_channels} channels but the conv expects {conv.in_channels}")
+    problems = []
+    if conv.groups != 1:
+        problems.append(f"groups={conv.groups} (needs 1)")
+    if conv.dilation != (1, 1):
+        problems.append(f"dilation={conv.dilation} (needs 1)")
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        problems.append(f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r} (needs integer zero padding)")
+    if conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:
+        problems.append(f"stride={conv.stride}, padding={conv.padding} (needs the same value for height and width)")
+    if conv.bias is not None:
+        problems.append("bias=True (BatchNorm cancels a conv bias; build the conv with bias=False)")
+    if problems:
+        raise ValueError(f"{where}: unsupported conv: " + "; ".join(problems))
+    return conv.stride[0], conv.padding[0]
+
+
+def _check_input(x: torch.Tensor, where: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: expected a tensor input, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{where}: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: expected a floating-point input, got {x.dtype}")
+    if x.shape[0] == 0 or x.numel() == 0:
+        raise ValueError(f"{where}: got an empty input of shape {tuple(x.shape)}")
+
+
+def _check_devices(where: str, x: torch.Tensor, *modules: nn.Module) -> None:
+    for module in modules:
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if t.device != x.device:
+                raise RuntimeError(f"{where}: input is on {x.device} but {type(module).__name__}.{name} is on {t.device}")
+
+
+def _check_batch(bn: _BN, y_shape: torch.Size) -> None:
+    """The error nn.BatchNorm2d gives when a channel has one value in training."""
+    if bn.batch_stats and y_shape[0] * y_shape[2] * y_shape[3] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {y_shape}")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The activation dtype: autocast's when it is on (as cuDNN convs would run), else x's."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _rows(t: torch.Tensor) -> int:
+    return t.shape[0] * t.shape[2] * t.shape[3]
+
+
+def _conv_stats(x, weight, stride, padding, dtype, bn_weight, bn_bias, bn: _BN, **prologue):
+    """Conv with BN statistics in its epilogue, then the finalize launch."""
+    y, part_mean, part_m2 = L.conv(x, weight, stride, padding, dtype=dtype, epilogue=L.EPI_STATS, **prologue)
+    stats = L.bn_forward_finalize(part_mean, part_m2, _rows(y), bn_weight, bn_bias, bn.running_mean,
+                                  bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps)
+    return y, stats
+
+
+class ConvBNReLUFunction(torch.autograd.Function):
+    """Training-mode ``relu(batch_norm(conv2d(x, weight)))`` with batch statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, stride: int, padding: int, bn: _BN):
+        dtype = x.dtype
+        y, stats = _conv_stats(x, weight, stride, padding, dtype, bn_weight, bn_bias, bn)
+        out = L.bn_relu_apply(y, stats)
+        ctx.save_for_backward(x, weight, bn_weight, y, *stats)
+        ctx.conv = (stride, padding)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bn_weight, y, *stats = ctx.saved_tensors
+        stats = L.BatchStats(*stats)
+        stride, padding = ctx.conv
+        g, part_g, part_gx, _ = L.bn_relu_backward(dout, y, stats)
+        coefs = L.bn_backward_finalize(part_g, part_gx, _rows(y), bn_weight, stats)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx, _, _ = L.conv(g, weight, stride, padding, dtype=x.dtype, transposed=True, out_hw=tuple(x.shape[2:]),
+                              prologue=L.PRO_BN_GRAD, a2=y, pro=coefs.prologue())
+        dweight = L.conv_wgrad(g, x, weight, stride, padding, dy2=y, dy_pro=coefs.prologue())
+        return dx, dweight, coefs.dweight, coefs.dbias, None, None, None
+
+
+class ResidualBlockFunction(torch.autograd.Function):
+    """Training-mode residual block: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + residual)``.
+
+    ``residual`` is ``x`` or ``bnd(convd(x))`` when the downsample weights are given.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, g1, b1, w2, g2, b2, wd, gd, bd, stride: int, bns: tuple[_BN, _BN, Optional[_BN]]):
+        dtype = x.dtype
+        bn1, bn2, bnd = bns
+        y1, s1 = _conv_stats(x, w1, stride, 1, dtype, g1, b1, bn1)
+        y2, s2 = _conv_stats(y1, w2, 1, 1, dtype, g2, b2, bn2, prologue=L.PRO_BN_RELU, pro=L.Affine(s1.scale, s1.shift))
+        if wd is not None:
+            yd, sd = _conv_stats(x, wd, stride, 1, dtype, gd, bd, bnd)
+            out = L.bn_relu_apply(y2, s2, yd, sd)
+            ctx.save_for_backward(x, w1, g1, y1, *s1, w2, g2, y2, *s2, wd, gd, yd, *sd)
+        else:
+            out = L.bn_relu_apply(y2, s2, x)
+            ctx.save_for_backward(x, w1, g1, y1, *s1, w2, g2, y2, *s2)
+        ctx.stride = stride
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        saved = ctx.saved_tensors
+        x, (w1, g1, y1), s1 = saved[0], saved[1:4], L.BatchStats(*saved[4:8])
+        (w2, g2, y2), s2 = saved[8:11], L.BatchStats(*saved[11:15])
+        has_down = len(saved) > 15
+        stride = ctx.stride
+        M1 = _rows(y1)
+        if has_down:
+            (wd, gd, yd), sd = saved[15:18], L.BatchStats(*saved[18:22])
+            g, part_g, part_gx, part_gxd = L.bn_relu_backward(dout, y2, s2, yd, sd)
+            coefs_d = L.bn_backward_finalize(part_g, part_gxd, M1, gd, sd)
+        else:
+            g, part_g, part_gx, _ = L.bn_relu_backward(dout, y2, s2, x)
+        coefs2 = L.bn_backward_finalize(part_g, part_gx, M1, g2, s2)
+        # dL/d(y1) through conv2, BN2 backward on load, ReLU1 mask and BN1's sums in the epilogue.
+        g1_masked, part_g1, part_gx1 = L.conv(
+            g, w2, 1, 1, dtype=x.dtype, transposed=True, out_hw=tuple(y1.shape[2:]),
+            prologue=L.PRO_BN_GRAD, a2=y2, pro=coefs2.prologue(), epilogue=L.EPI_RELU_GRAD, ey=y1, epi=s1)
+        dw2 = L.conv_wgrad(g, y1, w2, 1, 1, dy2=y2, dy_pro=coefs2.prologue(), x_pro=L.Affine(s1.scale, s1.shift))
+        coefs1 = L.bn_backward_finalize(part_g1, part_gx1, M1, g1, s1)
+        dwd = dgd = dbd = None
+        residual_grad = g
+        if has_down:
+            dwd = L.conv_wgrad(g, x, wd, stride, 1, dy2=yd, dy_pro=coefs_d.prologue())
+            dgd, dbd = coefs_d.dweight, coefs_d.dbias
+            residual_grad = None
+            if ctx.needs_input_grad[0]:
+                residual_grad, _, _ = L.conv(g, wd, stride, 1, dtype=x.dtype, transposed=True,
+                                             out_hw=tuple(x.shape[2:]), prologue=L.PRO_BN_GRAD, a2=yd,
+                                             pro=coefs_d.prologue())
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx, _, _ = L.conv(g1_masked, w1, stride, 1, dtype=x.dtype, transposed=True, out_hw=tuple(x.shape[2:]),
+                              prologue=L.PRO_BN_GRAD, a2=y1, pro=coefs1.prologue(), residual=residual_grad)
+        dw1 = L.conv_wgrad(g1_masked, x, w1, stride, 1, dy2=y1, dy_pro=coefs1.prologue())
+        return (dx, dw1, coefs1.dweight, coefs1.dbias, dw2, coefs2.dweight, coefs2.dbias, dwd, dgd, dbd,
+                None, None)
+
+
+def _needs_grad(x: torch.Tensor, *modules: nn.Module) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters()))
+
+
+def _prepare(x: torch.Tensor, where: str) -> tuple[torch.Tensor, bool]:
+    """Cast to the compute dtype; say whether the kernels take it."""
+    _check_input(x, where)
+    dtype = _compute_dtype(x)
+    if dtype not in KERNEL_DTYPES or not uses_kernels(x):
+        return x, False
+    return x.to(dtype), True
+
+
+def _eval_conv(x, conv_weight, stride, padding, bn_module: nn.BatchNorm2d, dtype, **epilogue):
+    affine = L.bn_eval_affine(bn_module.weight, bn_module.bias, bn_module.running_mean, bn_module.running_var,
+                              bn_module.eps)
+    out, _, _ = L.conv(x, conv_weight, stride, padding, dtype=dtype, affine=affine, **epilogue)
+    return out
+
 
 def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    return torch.relu(bn(conv(x)))
+    """``relu(bn(conv(x)))``, fused; exactly ``nn.Conv2d -> nn.BatchNorm2d -> nn.ReLU``
+    (outputs, gradients, running statistics) in training and eval mode.
+
+    Tensors that take no kernel (see :func:`fastres.backend_for`), and eval-mode
+    calls that need gradients, run the PyTorch ops.
+    """
+    where = "conv_bn_relu"
+    x_in = x
+    x, fused = _prepare(x, where)
+    stride, padding = _conv_config(conv, x.shape[1], where)
+    bn_cfg = _bn_config(bn, where)
+    _check_devices(where, x, conv, bn)
+    if not fused or (not bn_cfg.batch_stats and _needs_grad(x, conv, bn)):
+        return torch.relu(bn(conv(x_in)))
+    out_hw = (L.out_size(x.shape[2], conv.kernel_size[0], stride, padding),
+              L.out_size(x.shape[3], conv.kernel_size[1], stride, padding))
+    if not bn_cfg.batch_stats:
+        return _eval_conv(x, conv.weight, stride, padding, bn, x.dtype, relu=True)
+    _check_batch(bn_cfg, torch.Size((x.shape[0], conv.out_channels, *out_hw)))
+    return ConvBNReLUFunction.apply(x, conv.weight, bn.weight, bn.bias, stride, padding, bn_cfg)
 
 
 def residual_block(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
-    return type(block).__mro__[1].forward(block, x)
+    """The notes' residual block (``fastres.nn.ResidualBlock`` or the reference
+    one), fused: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + residual)``."""
+    where = f"{type(block).__name__}"
+    x_in = x
+    x, fused = _prepare(x, where)
+    down = block.downsample
+    if down is not None and not (isinstance(down, nn.Sequential) and len(down) == 2):
+        raise ValueError(f"{where}: downsample must be nn.Sequential(conv, BatchNorm2d), got {down!r}")
+    stride, padding = _conv_config(block.conv1, x.shape[1], f"{where}.conv1")
+    width = block.conv1.out_channels
+    stride2, padding2 = _conv_config(block.conv2, width, f"{where}.conv2")
+    bn1, bn2 = _bn_config(block.bn1, f"{where}.bn1"), _bn_config(block.bn2, f"{where}.bn2")
+    bnd = None
+    if down is not None:
+        if _conv_config(down[0], x.shape[1], f"{where}.downsample.0") != (stride, padding):
+            raise ValueError(f"{where}: the downsample conv must have conv1's stride and padding")
+        bnd = _bn_config(down[1], f"{where}.downsample.1")
+    shapes = (block.conv1.kernel_size, block.conv2.kernel_size, padding, padding2, stride2)
+    if shapes != ((3, 3), (3, 3), 1, 1, 1) or (down is not None and down[0].kernel_size != (3, 3)):
+        raise ValueError(f"{where}: the fused block needs 3x3 convs with padding 1 (conv2 stride 1), got kernel sizes "
+                         f"{block.conv1.kernel_size}, {block.conv2.kernel_size}, paddings {padding}, {padding2}, "
+                         f"conv2 stride {stride2}")
+    if down is None and (stride != 1 or x.shape[1] != width):
+        raise ValueError(f"{where}: an identity residual needs stride 1 and {width} input channels, "
+                         f"got stride {stride} and input shape {tuple(x.shape)}")
+    _check_devices(where, x, block)
+    bns = (bn1, bn2, bnd)
+    if not fused or (not bn1.batch_stats and _needs_grad(x, block)):
+        return _reference_block(block, x_in)
+    if not bn1.batch_stats:
+        if not (bn1.batch_stats == bn2.batch_stats == (bnd.batch_stats if bnd else bn1.batch_stats)):
+            return _reference_block(block, x_in)
+        dtype = x.dtype
+        h1 = _eval_conv(x, block.conv1.weight, stride, 1, block.bn1, dtype, relu=True)
+        residual = x if down is None else _eval_conv(x, down[0].weight, stride, 1, down[1], dtype)
+        return _eval_conv(h1, block.conv2.weight, 1, 1, block.bn2, dtype, residual=residual, relu=True)
+    if not (bn2.batch_stats and (bnd is None or bnd.batch_stats)):
+        return _reference_block(block, x_in)
+    out_hw = L.out_size(x.shape[2], 3, stride, 1), L.out_size(x.shape[3], 3, stride, 1)
+    _check_batch(bn1, torch.Size((x.shape[0], width, *out_hw)))
+    wd, gd, bd = (down[0].weight, down[1].weight, down[1].bias) if down is not None else (None, None, None)
+    return ResidualBlockFunction.apply(x, block.conv1.weight, block.bn1.weight, block.bn1.bias,
+                                       block.conv2.weight, block.bn2.weight, block.bn2.bias, wd, gd, bd, stride, bns)
+
+
+def _reference_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The plain block's forward (the PyTorch ops), for inputs the kernels do not take."""
+    from .reference.nn import ResidualBlock
+
+    return ResidualBlock.forward(block, x)

@@ -1,0 +1,456 @@
+"""Convolution + BatchNorm + ReLU kernels for the residual block.
+
+Tensors are addressed through their (n, c, h, w) strides, so channels_last
+(the fast path: a pixel's channels are contiguous) and contiguous NCHW both
+work without copies. Convolutions are implicit GEMMs: rows are output pixels,
+columns output channels, the reduction runs over (r, s, input channel), and
+``tl.dot`` accumulates in fp32.
+
+BatchNorm is split around the convolutions (see ``fastres/functional.py``):
+
+* ``_conv_kernel`` epilogue ``EPI_STATS`` writes each row tile's per-channel
+  mean and M2 (sum of squared deviations) to its own slot of two partial
+  buffers: deterministic, no atomics, and Chan's combination in
+  ``_bn_forward_finalize_kernel`` avoids the cancellation of sum/sum-of-squares.
+* ``_conv_kernel`` prologue ``PRO_BN_RELU`` applies ``relu(v * scale + shift)``
+  to the operand as it is loaded, so the normalised activation of the first
+  conv is never written to memory.
+* Backward, ``PRO_BN_GRAD`` rebuilds BN's input gradient
+  ``g * coef_g + y * coef_y + coef_c`` from the masked gradient ``g`` and the
+  saved BN input ``y``; ``EPI_RELU_GRAD`` masks a data gradient by the ReLU of
+  the previous BN (recomputed from its saved input) and writes that BN's
+  per-tile backward sums.
+"""
+
+import triton
+import triton.language as tl
+
+from .multi_tensor import to_storage
+
+# What the A operand's loaded value v becomes before the dot product.
+PRO_NONE = 0
+PRO_BN_RELU = 1  # relu(v * scale[c] + shift[c]); zero padding stays zero
+PRO_BN_GRAD = 2  # v * scale[c] + v2 * yscale[c] + shift[c] (v: masked grad, v2: the BN input)
+
+# What the epilogue writes besides the output.
+EPI_NONE = 0
+EPI_STATS = 1  # per-tile mean and M2 of the output, per channel
+EPI_RELU_GRAD = 2  # out = acc * (y * scale + shift > 0); per-tile sum(out), sum(out * (y - mean) * invstd)
+
+# Residual modes of the elementwise kernels.
+RES_NONE = 0
+RES_TENSOR = 1  # + r
+RES_BN = 2  # + r * res_scale[c] + res_shift[c] (the downsample branch's BatchNorm)
+
+
+@triton.jit
+def _pixel_coords(offs, H, W):
+    """Flat pixel index -> (n, h, w) over an N x H x W grid."""
+    hw = H * W
+    n = offs // hw
+    rem = offs - n * hw
+    h = rem // W
+    return n, h, rem - h * W
+
+
+@triton.jit
+def _source_pixels(n, ho, wo, row_mask, r, s, HA, WA, sa_n, sa_h, sa_w,
+                   STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Offsets of the A operand's pixels that tap (r, s) feeds, and which exist.
+
+    Forward: ``ha = ho * STRIDE - PAD + r``. Transposed (the data gradient):
+    ``ha = (ho + PAD - r) / STRIDE`` where that division is exact.
+    """
+    if TRANSPOSED:
+        th = ho + PAD - r
+        tw = wo + PAD - s
+        ha = th // STRIDE
+        wa = tw // STRIDE
+        valid = (th >= 0) & (tw >= 0) & (ha * STRIDE == th) & (wa * STRIDE == tw)
+    else:
+        ha = ho * STRIDE - PAD + r
+        wa = wo * STRIDE - PAD + s
+        valid = (ha >= 0) & (wa >= 0)
+    valid = valid & (ha < HA) & (wa < WA) & row_mask
+    return n.to(tl.int64) * sa_n + ha.to(tl.int64) * sa_h + wa.to(tl.int64) * sa_w, valid
+
+
+@triton.jit
+def _prologue(v_ptrs, v2_ptrs, mask, offs_c, c_mask, scale_ptr, shift_ptr, yscale_ptr, PROLOGUE: tl.constexpr):
+    """Load a 2-D operand tile (channels along ``offs_c``) and apply the prologue; fp32 out."""
+    v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if PROLOGUE == 1:
+        scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)
+        shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)
+        v = tl.where(mask, tl.maximum(v * scale + shift, 0.0), 0.0)
+    elif PROLOGUE == 2:
+        v2 = tl.load(v2_ptrs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)
+        shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)
+        yscale = tl.load(yscale_ptr + offs_c, mask=c_mask, other=0.0)
+        v = tl.where(mask, v * scale + v2 * yscale + shift, 0.0)
+    return v
+
+
+@triton.jit
+def _conv_kernel(
+    a_ptr, a2_ptr, w_ptr, out_ptr, res_ptr, ey_ptr,
+    pro_scale_ptr, pro_shift_ptr, pro_yscale_ptr, aff_scale_ptr, aff_shift_ptr,
+    epi_scale_ptr, epi_shift_ptr, epi_mean_ptr, epi_invstd_ptr,
+    part0_ptr, part1_ptr,
+    HA, WA, CA, HO, WO, CO, M,
+    sa_n, sa_c, sa_h, sa_w,
+    so_n, so_c, so_h, so_w,
+    sr_n, sr_c, sr_h, sr_w,
+    sw_o, sw_a, sw_r, sw_s,
+    R: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr,
+    PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr,
+    HAS_AFFINE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[m, o] = sum over (r, s, a) of A'[source(m, r, s), a] * W[o, a, r, s], then the epilogue.
+
+    A: [N, HA, WA, CA] operand (``a2``: the BN input for ``PRO_BN_GRAD``, same
+    strides). out/ey: [N, HO, WO, CO], M = N * HO * WO rows. ``sw_o``/``sw_a``
+    are the weight strides of the output/operand channel, so the data gradient
+    (``TRANSPOSED``) swaps them. Partial buffers are [cdiv(M, BLOCK_M), CO] fp32.
+    """
+    COMPUTE: tl.constexpr = out_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < M
+    n, ho, wo = _pixel_coords(offs_m, HO, WO)
+    offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_mask = offs_o < CO
+    offs_k = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in tl.static_range(R):
+        for s in tl.static_range(S):
+            a_rows, valid = _source_pixels(n, ho, wo, row_mask, r, s, HA, WA, sa_n, sa_h, sa_w,
+                                           STRIDE, PAD, TRANSPOSED)
+            for k0 in range(0, CA, BLOCK_K):
+                offs_a = k0 + offs_k
+                a_mask_c = offs_a < CA
+                a_mask = valid[:, None] & a_mask_c[None, :]
+                a_offs = a_rows[:, None] + offs_a[None, :].to(tl.int64) * sa_c
+                a = _prologue(a_ptr + a_offs, a2_ptr + a_offs, a_mask, offs_a[None, :], a_mask_c[None, :],
+                              pro_scale_ptr, pro_shift_ptr, pro_yscale_ptr, PROLOGUE)
+                w_mask = a_mask_c[:, None] & o_mask[None, :]
+                w = tl.load(w_ptr + offs_a[:, None] * sw_a + offs_o[None, :] * sw_o + r * sw_r + s * sw_s,
+                            mask=w_mask, other=0.0)
+                if PROLOGUE == 0:
+                    a_op = a.to(COMPUTE)  # already in the compute dtype: exact
+                else:
+                    a_op = to_storage(a, COMPUTE)
+                acc = tl.dot(a_op, to_storage(w.to(tl.float32), COMPUTE), acc, input_precision=DOT_PRECISION)
+
+    mask = row_mask[:, None] & o_mask[None, :]
+    out_offs = (n.to(tl.int64) * so_n + ho.to(tl.int64) * so_h + wo.to(tl.int64) * so_w)[:, None] \
+        + offs_o[None, :].to(tl.int64) * so_c
+    if HAS_AFFINE:
+        acc = acc * tl.load(aff_scale_ptr + offs_o, mask=o_mask, other=0.0)[None, :] \
+            + tl.load(aff_shift_ptr + offs_o, mask=o_mask, other=0.0)[None, :]
+    if HAS_RESIDUAL:
+        res_offs = (n.to(tl.int64) * sr_n + ho.to(tl.int64) * sr_h + wo.to(tl.int64) * sr_w)[:, None] \
+            + offs_o[None, :].to(tl.int64) * sr_c
+        acc += tl.load(res_ptr + res_offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    if EPILOGUE == 1:
+        count = tl.sum(row_mask.to(tl.float32), axis=0)
+        tile_mean = tl.sum(tl.where(mask, acc, 0.0), axis=0) / count
+        dev = tl.where(mask, acc - tile_mean[None, :], 0.0)
+        tl.store(part0_ptr + pid_m.to(tl.int64) * CO + offs_o, tile_mean, mask=o_mask)
+        tl.store(part1_ptr + pid_m.to(tl.int64) * CO + offs_o, tl.sum(dev * dev, axis=0), mask=o_mask)
+    elif EPILOGUE == 2:
+        y = tl.load(ey_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(epi_scale_ptr + offs_o, mask=o_mask, other=0.0)[None, :]
+        shift = tl.load(epi_shift_ptr + offs_o, mask=o_mask, other=0.0)[None, :]
+        mean = tl.load(epi_mean_ptr + offs_o, mask=o_mask, other=0.0)[None, :]
+        invstd = tl.load(epi_invstd_ptr + offs_o, mask=o_mask, other=0.0)[None, :]
+        acc = tl.where(mask & (y * scale + shift > 0.0), acc, 0.0)
+        tl.store(part0_ptr + pid_m.to(tl.int64) * CO + offs_o, tl.sum(acc, axis=0), mask=o_mask)
+        tl.store(part1_ptr + pid_m.to(tl.int64) * CO + offs_o, tl.sum(acc * (y - mean) * invstd, axis=0),
+                 mask=o_mask)
+    tl.store(out_ptr + out_offs, to_storage(acc, COMPUTE), mask=mask)
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+    dy_ptr, dy2_ptr, x_ptr, part_ptr,
+    dy_scale_ptr, dy_shift_ptr, dy_yscale_ptr, x_scale_ptr, x_shift_ptr,
+    H, W, C, P, Q, K, M, ROWS_PER_SPLIT,
+    sd_n, sd_c, sd_h, sd_w,
+    sx_n, sx_c, sx_h, sx_w,
+    R: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    DY_PROLOGUE: tl.constexpr, X_PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One split's share of dW[k, c, r, s] = sum over pixels of dY'[pix, k] * X'[source(pix, r, s), c].
+
+    dY (``dy2``: the BN input for ``PRO_BN_GRAD``, same strides): [N, P, Q, K],
+    M = N * P * Q rows; X: [N, H, W, C]. Program axis 0 walks (r, s, k tile,
+    c tile), axis 1 the splits of the rows; each split writes its own fp32
+    slice of ``part`` [splits, K, C, R, S] (summed by ``_sum_splits_kernel``).
+    """
+    COMPUTE: tl.constexpr = x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_k_tiles = tl.cdiv(K, BLOCK_K)
+    n_c_tiles = tl.cdiv(C, BLOCK_C)
+    rs = pid // (n_k_tiles * n_c_tiles)
+    tile = pid - rs * (n_k_tiles * n_c_tiles)
+    r = rs // S
+    s = rs - r * S
+    offs_k = (tile // n_c_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_c = (tile % n_c_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    k_mask = offs_k < K
+    c_mask = offs_c < C
+    offs_p = tl.arange(0, BLOCK_P)
+
+    acc = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    start = split.to(tl.int64) * ROWS_PER_SPLIT
+    end = tl.minimum(start + ROWS_PER_SPLIT, M)
+    for p0 in range(start, end, BLOCK_P):
+        rows = p0 + offs_p
+        row_mask = rows < end
+        n, ho, wo = _pixel_coords(rows, P, Q)
+        dy_rows = n * sd_n + ho * sd_h + wo * sd_w
+        dy_mask = k_mask[:, None] & row_mask[None, :]
+        dy_offs = offs_k[:, None].to(tl.int64) * sd_c + dy_rows[None, :]
+        dy = _prologue(dy_ptr + dy_offs, dy2_ptr + dy_offs, dy_mask, offs_k[:, None], k_mask[:, None],
+                       dy_scale_ptr, dy_shift_ptr, dy_yscale_ptr, DY_PROLOGUE)
+        x_rows, valid = _source_pixels(n, ho, wo, row_mask, r, s, H, W, sx_n, sx_h, sx_w, STRIDE, PAD, False)
+        x_mask = valid[:, None] & c_mask[None, :]
+        x = _prologue(x_ptr + x_rows[:, None] + offs_c[None, :].to(tl.int64) * sx_c, x_ptr, x_mask,
+                      offs_c[None, :], c_mask[None, :], x_scale_ptr, x_shift_ptr, x_shift_ptr, X_PROLOGUE)
+        acc = tl.dot(to_storage(dy, COMPUTE), to_storage(x, COMPUTE), acc, input_precision=DOT_PRECISION)
+
+    crs = C * R * S
+    offs = split.to(tl.int64) * K * crs + offs_k[:, None].to(tl.int64) * crs + offs_c[None, :] * (R * S) + r * S + s
+    tl.store(part_ptr + offs, acc, mask=k_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, n_splits, numel, BLOCK: tl.constexpr):
+    """out[i] = sum over splits of part[split, i], in split order (deterministic)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(n_splits):
+        acc += tl.load(part_ptr + split * numel + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, to_storage(acc, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_forward_finalize_kernel(
+    part_mean_ptr, part_m2_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr,
+    scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
+    n_tiles, M, C, momentum, eps,
+    TILE_M: tl.constexpr, TRACK: tl.constexpr, CUMULATIVE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Batch mean/variance from the per-tile partials (Chan's combination, tiles in
+    order), then scale = weight * invstd and shift = bias - mean * scale, and
+    nn.BatchNorm2d's running-statistics update (unbiased variance; momentum, or
+    with ``CUMULATIVE`` (momentum=None) the factor 1 / num_batches_tracked).
+
+    ``CUMULATIVE`` runs as one program: every program would read
+    num_batches_tracked while program 0 advances it.
+    """
+    pid = tl.program_id(0)
+    offs_t = tl.arange(0, BLOCK_T)
+    factor = momentum
+    if TRACK:
+        num_batches = tl.load(num_batches_ptr)
+        if CUMULATIVE:
+            factor = 1.0 / (num_batches + 1).to(tl.float32)
+    m_f = tl.cast(M, tl.float32)
+    for c0 in range(pid * BLOCK_C, C, tl.num_programs(0) * BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for t0 in range(0, n_tiles, BLOCK_T):
+            tiles = t0 + offs_t
+            mask = (tiles < n_tiles)[:, None] & c_mask[None, :]
+            count = tl.minimum(TILE_M, M - tiles * TILE_M).to(tl.float32)[:, None]
+            tile_mean = tl.load(part_mean_ptr + tiles[:, None].to(tl.int64) * C + offs_c[None, :], mask=mask, other=0.0)
+            total += tl.sum(count * tile_mean, axis=0)
+        mean = total / m_f
+        m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for t0 in range(0, n_tiles, BLOCK_T):
+            tiles = t0 + offs_t
+            mask = (tiles < n_tiles)[:, None] & c_mask[None, :]
+            count = tl.minimum(TILE_M, M - tiles * TILE_M).to(tl.float32)[:, None]
+            offs = tiles[:, None].to(tl.int64) * C + offs_c[None, :]
+            tile_mean = tl.load(part_mean_ptr + offs, mask=mask, other=0.0)
+            tile_m2 = tl.load(part_m2_ptr + offs, mask=mask, other=0.0)
+            dev = tile_mean - mean[None, :]
+            m2 += tl.sum(tl.where(mask, tile_m2 + count * dev * dev, 0.0), axis=0)
+        var = m2 / m_f
+        invstd = 1.0 / tl.sqrt_rn(var + eps)
+        weight = tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(tl.float32)
+        bias = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        scale = weight * invstd
+        tl.store(scale_ptr + offs_c, scale, mask=c_mask)
+        tl.store(shift_ptr + offs_c, bias - mean * scale, mask=c_mask)
+        tl.store(mean_ptr + offs_c, mean, mask=c_mask)
+        tl.store(invstd_ptr + offs_c, invstd, mask=c_mask)
+        if TRACK:
+            stat_ty = running_mean_ptr.dtype.element_ty
+            running_mean = tl.load(running_mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+            running_var = tl.load(running_var_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+            unbiased = var * (m_f / (m_f - 1.0))
+            tl.store(running_mean_ptr + offs_c, to_storage((1.0 - factor) * running_mean + factor * mean, stat_ty),
+                     mask=c_mask)
+            tl.store(running_var_ptr + offs_c, to_storage((1.0 - factor) * running_var + factor * unbiased, stat_ty),
+                     mask=c_mask)
+    if TRACK:
+        if pid == 0:
+            tl.store(num_batches_ptr, num_batches + 1)
+
+
+@triton.jit
+def _bn_eval_affine_kernel(weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, scale_ptr, shift_ptr, C, eps,
+                           BLOCK_C: tl.constexpr):
+    """Eval-mode BatchNorm as y * scale + shift, for the conv epilogue (BN folded into the conv)."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    running_var = tl.load(running_var_ptr + offs_c, mask=c_mask, other=1.0).to(tl.float32)
+    scale = tl.load(weight_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32) / tl.sqrt_rn(running_var + eps)
+    running_mean = tl.load(running_mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(scale_ptr + offs_c, scale, mask=c_mask)
+    tl.store(shift_ptr + offs_c, tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32) - running_mean * scale,
+             mask=c_mask)
+
+
+@triton.jit
+def _bn_backward_finalize_kernel(
+    part_g_ptr, part_gx_ptr, weight_ptr, mean_ptr, invstd_ptr,
+    dweight_ptr, dbias_ptr, coef_g_ptr, coef_y_ptr, coef_c_ptr,
+    n_tiles, M, C,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """BatchNorm backward's per-channel constants from the per-tile sums.
+
+    With sum_g = sum(g), sum_gx = sum(g * x_hat): dbias = sum_g,
+    dweight = sum_gx, and dy = g * coef_g + y * coef_y + coef_c is
+    ``weight * invstd * (g - sum_g / M - x_hat * sum_gx / M)`` written in y.
+    """
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    offs_t = tl.arange(0, BLOCK_T)
+    sum_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sum_gx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        tiles = t0 + offs_t
+        mask = (tiles < n_tiles)[:, None] & c_mask[None, :]
+        offs = tiles[:, None].to(tl.int64) * C + offs_c[None, :]
+        sum_g += tl.sum(tl.load(part_g_ptr + offs, mask=mask, other=0.0), axis=0)
+        sum_gx += tl.sum(tl.load(part_gx_ptr + offs, mask=mask, other=0.0), axis=0)
+    grad_ty = dweight_ptr.dtype.element_ty
+    tl.store(dweight_ptr + offs_c, to_storage(sum_gx, grad_ty), mask=c_mask)
+    tl.store(dbias_ptr + offs_c, to_storage(sum_g, grad_ty), mask=c_mask)
+    weight = tl.load(weight_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)
+    invstd = tl.load(invstd_ptr + offs_c, mask=c_mask, other=0.0)
+    m_f = tl.cast(M, tl.float32)
+    coef_g = weight * invstd
+    coef_y = -coef_g * invstd * sum_gx / m_f
+    tl.store(coef_g_ptr + offs_c, coef_g, mask=c_mask)
+    tl.store(coef_y_ptr + offs_c, coef_y, mask=c_mask)
+    tl.store(coef_c_ptr + offs_c, -coef_g * sum_g / m_f - coef_y * mean, mask=c_mask)
+
+
+@triton.jit
+def _tile_offsets(N, H, W, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n, h, w = _pixel_coords(offs_m, H, W)
+    mask = (offs_m < N * H * W)[:, None] & (offs_c < C)[None, :]
+    return n, h, w, offs_c, mask
+
+
+@triton.jit
+def _offsets(n, h, w, offs_c, s_n, s_c, s_h, s_w):
+    return (n * s_n + h * s_h + w * s_w)[:, None] + offs_c[None, :].to(tl.int64) * s_c
+
+
+@triton.jit
+def _bn_relu_apply_kernel(
+    y_ptr, res_ptr, out_ptr, scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,
+    N, H, W, C,
+    sy_n, sy_c, sy_h, sy_w,
+    sr_n, sr_c, sr_h, sr_w,
+    RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out = relu(y * scale + shift [+ residual]) over [N, H, W, C]; out has y's strides."""
+    n, h, w, offs_c, mask = _tile_offsets(N, H, W, C, BLOCK_M, BLOCK_C)
+    c_mask = offs_c < C
+    y_offs = _offsets(n, h, w, offs_c, sy_n, sy_c, sy_h, sy_w)
+    y = tl.load(y_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+    shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+    out = y * scale + shift
+    if RESIDUAL != 0:
+        res = tl.load(res_ptr + _offsets(n, h, w, offs_c, sr_n, sr_c, sr_h, sr_w), mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL == 2:
+            res_scale = tl.load(res_scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+            res_shift = tl.load(res_shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+            res = res * res_scale + res_shift
+        out += res
+    tl.store(out_ptr + y_offs, to_storage(tl.maximum(out, 0.0), out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_relu_backward_kernel(
+    dout_ptr, y_ptr, res_ptr, g_ptr,
+    scale_ptr, shift_ptr, mean_ptr, invstd_ptr, res_scale_ptr, res_shift_ptr, res_mean_ptr, res_invstd_ptr,
+    part_g_ptr, part_gx_ptr, part_gxr_ptr,
+    N, H, W, C,
+    sd_n, sd_c, sd_h, sd_w,
+    sy_n, sy_c, sy_h, sy_w,
+    sr_n, sr_c, sr_h, sr_w,
+    RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Backward of ``_bn_relu_apply_kernel`` up to BatchNorm's reductions.
+
+    g = dout * (pre-activation > 0), recomputed from y (and the residual); g is
+    stored with y's strides, and this row tile's sums of g and g * x_hat (and
+    g * x_hat of the residual's BatchNorm for ``RES_BN``) go to the partials
+    [cdiv(N*H*W, BLOCK_M), C].
+    """
+    n, h, w, offs_c, mask = _tile_offsets(N, H, W, C, BLOCK_M, BLOCK_C)
+    c_mask = offs_c < C
+    y_offs = _offsets(n, h, w, offs_c, sy_n, sy_c, sy_h, sy_w)
+    y = tl.load(y_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(dout_ptr + _offsets(n, h, w, offs_c, sd_n, sd_c, sd_h, sd_w), mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+    shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+    pre = y * scale + shift
+    if RESIDUAL != 0:
+        res = tl.load(res_ptr + _offsets(n, h, w, offs_c, sr_n, sr_c, sr_h, sr_w), mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL == 2:
+            res_scale = tl.load(res_scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+            res_shift = tl.load(res_shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+            pre += res * res_scale + res_shift
+        else:
+            pre += res
+    g = tl.where(mask & (pre > 0.0), dout, 0.0)
+    tl.store(g_ptr + y_offs, to_storage(g, g_ptr.dtype.element_ty), mask=mask)
+    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+    invstd = tl.load(invstd_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+    part = tl.program_id(0).to(tl.int64) * C + offs_c
+    tl.store(part_g_ptr + part, tl.sum(g, axis=0), mask=c_mask)
+    tl.store(part_gx_ptr + part, tl.sum(g * (y - mean) * invstd, axis=0), mask=c_mask)
+    if RESIDUAL == 2:
+        res_mean = tl.load(res_mean_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+        res_invstd = tl.load(res_invstd_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+        tl.store(part_gxr_ptr + part, tl.sum(g * (res - res_mean) * res_invstd, axis=0), mask=c_mask)
+
+
+# Called from the kernels above; compiled as part of them.
+DEVICE_FUNCTIONS = ("_pixel_coords", "_source_pixels", "_prologue", "_tile_offsets", "_offsets")
