@@ -454,3 +454,112 @@ def _bn_relu_backward_kernel(
 
 # Called from the kernels above; compiled as part of them.
 DEVICE_FUNCTIONS = ("_pixel_coords", "_source_pixels", "_prologue", "_tile_offsets", "_offsets")
+
+
+# ------------------------------------------------------ ahead-of-time compile specs
+
+_CONV_ARGS = {
+    "a_ptr": "act", "a2_ptr": "act", "w_ptr": "weight", "out_ptr": "act", "res_ptr": "act", "ey_ptr": "act",
+    **{name: "*fp32" for name in ("pro_scale_ptr", "pro_shift_ptr", "pro_yscale_ptr", "aff_scale_ptr",
+                                  "aff_shift_ptr", "epi_scale_ptr", "epi_shift_ptr", "epi_mean_ptr",
+                                  "epi_invstd_ptr", "part0_ptr", "part1_ptr")},
+    **{name: "i32" for name in ("HA", "WA", "CA", "HO", "WO", "CO", "M", "sa_n", "sa_c", "sa_h", "sa_w",
+                                "so_n", "so_c", "so_h", "so_w", "sr_n", "sr_c", "sr_h", "sr_w",
+                                "sw_o", "sw_a", "sw_r", "sw_s")},
+}
+_WGRAD_ARGS = {
+    "dy_ptr": "act", "dy2_ptr": "act", "x_ptr": "act", "part_ptr": "*fp32",
+    **{name: "*fp32" for name in ("dy_scale_ptr", "dy_shift_ptr", "dy_yscale_ptr", "x_scale_ptr", "x_shift_ptr")},
+    **{name: "i32" for name in ("H", "W", "C", "P", "Q", "K", "M", "ROWS_PER_SPLIT", "sd_n", "sd_c", "sd_h", "sd_w",
+                                "sx_n", "sx_c", "sx_h", "sx_w")},
+}
+_ELEMENTWISE_ARGS = {"y_ptr": "act", "res_ptr": "act", "out_ptr": "act", "dout_ptr": "act", "g_ptr": "act"}
+
+
+def _spec(kernel_args, act, constexprs, weight="fp32", num_warps=4, label=""):
+    signature = {}
+    for name, kind in kernel_args.items():
+        signature[name] = {"act": "*" + act, "weight": "*" + weight}.get(kind, kind)
+    signature.update({name: "constexpr" for name in constexprs})
+    return {"signature": signature, "constexprs": constexprs, "num_warps": num_warps, "label": label}
+
+
+def _conv_specs():
+    base = dict(R=3, S=3, STRIDE=1, PAD=1, TRANSPOSED=False, PROLOGUE=PRO_NONE, EPILOGUE=EPI_STATS,
+                HAS_AFFINE=False, HAS_RESIDUAL=False, RELU=False, DOT_PRECISION="ieee",
+                BLOCK_M=64, BLOCK_N=16, BLOCK_K=16)
+    variants = [
+        ("fp32", "conv1 fwd + stats, tf32", dict(DOT_PRECISION="tf32")),
+        ("bf16", "conv1 fwd + stats, stride 2, 64 ch", dict(STRIDE=2, BLOCK_N=64, BLOCK_K=64)),
+        ("fp16", "conv1 fwd + stats", {}),
+        ("bf16", "conv2 fwd: BN+ReLU prologue + stats", dict(PROLOGUE=PRO_BN_RELU, BLOCK_N=64, BLOCK_K=64)),
+        ("bf16", "conv2 dgrad: BN-grad prologue, ReLU-grad epilogue",
+         dict(TRANSPOSED=True, PROLOGUE=PRO_BN_GRAD, EPILOGUE=EPI_RELU_GRAD, BLOCK_N=64, BLOCK_K=64)),
+        ("bf16", "conv1 dgrad stride 2 + residual grad",
+         dict(TRANSPOSED=True, STRIDE=2, PROLOGUE=PRO_BN_GRAD, EPILOGUE=EPI_NONE, HAS_RESIDUAL=True)),
+        ("bf16", "eval conv2: folded BN + residual + ReLU",
+         dict(EPILOGUE=EPI_NONE, HAS_AFFINE=True, HAS_RESIDUAL=True, RELU=True, BLOCK_N=64, BLOCK_K=64)),
+        ("fp32", "eval conv1: folded BN + ReLU, ieee", dict(EPILOGUE=EPI_NONE, HAS_AFFINE=True, RELU=True)),
+    ]
+    return [_spec(_CONV_ARGS, act, {**base, **overrides}, label=label) for act, label, overrides in variants]
+
+
+def _wgrad_specs():
+    base = dict(R=3, S=3, STRIDE=1, PAD=1, DY_PROLOGUE=PRO_BN_GRAD, X_PROLOGUE=PRO_BN_RELU, DOT_PRECISION="ieee",
+                BLOCK_K=64, BLOCK_C=64, BLOCK_P=64)
+    variants = [
+        ("bf16", "conv2 wgrad: BN-grad and BN+ReLU prologues", {}),
+        ("fp32", "conv1 wgrad stride 2, tf32", dict(STRIDE=2, X_PROLOGUE=PRO_NONE, DOT_PRECISION="tf32",
+                                                    BLOCK_K=16, BLOCK_C=16)),
+        ("fp16", "stem wgrad, 16 x 16", dict(X_PROLOGUE=PRO_NONE, BLOCK_K=16, BLOCK_C=16)),
+    ]
+    return [_spec(_WGRAD_ARGS, act, {**base, **overrides}, label=label) for act, label, overrides in variants]
+
+
+def _elementwise_specs(args, residual_modes):
+    specs = []
+    for act, residual in zip(("bf16", "fp32", "fp16"), residual_modes):
+        signature = {name: ("*" + act if name in _ELEMENTWISE_ARGS else "*fp32" if name.endswith("_ptr") else "i32")
+                     for name in args}
+        specs.append(_spec(signature, act, dict(RESIDUAL=residual, BLOCK_M=256, BLOCK_C=16)))
+    return specs
+
+
+_STATS_TYPES = {"weight_ptr": "*fp32", "bias_ptr": "*fp32", "running_mean_ptr": "*fp32", "running_var_ptr": "*fp32"}
+
+AOT_SPECS = {
+    "_conv_kernel": _conv_specs(),
+    "_conv_wgrad_kernel": _wgrad_specs(),
+    "_sum_splits_kernel": [
+        {"signature": {"part_ptr": "*fp32", "out_ptr": "*" + dtype, "n_splits": "i32", "numel": "i32",
+                       "BLOCK": "constexpr"}, "constexprs": {"BLOCK": 1024}, "num_warps": 4}
+        for dtype in ("fp32", "bf16")],
+    "_bn_forward_finalize_kernel": [
+        {"signature": {**{name: "*fp32" for name in ("part_mean_ptr", "part_m2_ptr", "scale_ptr", "shift_ptr",
+                                                     "mean_ptr", "invstd_ptr")},
+                       **_STATS_TYPES, "num_batches_ptr": "*i64", "n_tiles": "i32", "M": "i32", "C": "i32",
+                       "momentum": "fp32", "eps": "fp32",
+                       **{name: "constexpr" for name in ("TILE_M", "TRACK", "CUMULATIVE", "BLOCK_T", "BLOCK_C")}},
+         "constexprs": {"TILE_M": 64, "TRACK": track, "CUMULATIVE": cumulative, "BLOCK_T": 64, "BLOCK_C": 128},
+         "num_warps": 4}
+        for track, cumulative in ((True, False), (True, True), (False, False))],
+    "_bn_eval_affine_kernel": [
+        {"signature": {**_STATS_TYPES, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "C": "i32", "eps": "fp32",
+                       "BLOCK_C": "constexpr"}, "constexprs": {"BLOCK_C": 128}, "num_warps": 4}],
+    "_bn_backward_finalize_kernel": [
+        {"signature": {**{name: "*fp32" for name in ("part_g_ptr", "part_gx_ptr", "weight_ptr", "mean_ptr",
+                                                     "invstd_ptr", "dweight_ptr", "dbias_ptr", "coef_g_ptr",
+                                                     "coef_y_ptr", "coef_c_ptr")},
+                       "n_tiles": "i32", "M": "i32", "C": "i32", "BLOCK_T": "constexpr", "BLOCK_C": "constexpr"},
+         "constexprs": {"BLOCK_T": 64, "BLOCK_C": 128}, "num_warps": 4}],
+    "_bn_relu_apply_kernel": _elementwise_specs(
+        ["y_ptr", "res_ptr", "out_ptr", "scale_ptr", "shift_ptr", "res_scale_ptr", "res_shift_ptr",
+         "N", "H", "W", "C", "sy_n", "sy_c", "sy_h", "sy_w", "sr_n", "sr_c", "sr_h", "sr_w"],
+        (RES_TENSOR, RES_BN, RES_NONE)),
+    "_bn_relu_backward_kernel": _elementwise_specs(
+        ["dout_ptr", "y_ptr", "res_ptr", "g_ptr", "scale_ptr", "shift_ptr", "mean_ptr", "invstd_ptr",
+         "res_scale_ptr", "res_shift_ptr", "res_mean_ptr", "res_invstd_ptr", "part_g_ptr", "part_gx_ptr",
+         "part_gxr_ptr", "N", "H", "W", "C", "sd_n", "sd_c", "sd_h", "sd_w", "sy_n", "sy_c", "sy_h", "sy_w",
+         "sr_n", "sr_c", "sr_h", "sr_w"],
+        (RES_TENSOR, RES_BN, RES_NONE)),
+}
