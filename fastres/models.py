@@ -14,7 +14,6 @@ from torch import nn
 
 from . import functional as F
 from . import nn as fnn
-from ._backend import uses_kernels
 from .reference import nn as ref
 
 __all__ = ["ResNet", "convert", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18_cifar"]
@@ -29,8 +28,6 @@ class ResNet(ref.ResNet):
         super().__init__(block, layers, num_classes, widths=widths, in_channels=in_channels)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        if not uses_kernels(x):
-            return super().stem(x)
         return F.conv_bn_relu(x, self.conv, self.bn)
 
 

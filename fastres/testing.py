@@ -2,6 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import torch
+
 from .launchers.core import count_launches
 
-__all__ = ["count_launches"]
+__all__ = ["count_launches", "saved_tensor_bytes"]
+
+
+def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn()`` runs.
+
+    Each storage counts once, however many ops save it (a ReLU output that
+    the next conv also saves is one activation). Parameters and other
+    leaves that require grad are not counted: they are held anyway.
+    Returns the total; what ``fn`` returns is kept alive until then.
+    """
+    seen: dict[tuple[torch.device, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not (t.is_leaf and t.requires_grad):
+            storage = t.untyped_storage()
+            seen[(t.device, storage.data_ptr())] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    del result
+    return sum(seen.values())

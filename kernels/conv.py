@@ -76,6 +76,20 @@ def _source_pixels(n, ho, wo, row_mask, r, s, HA, WA, sa_n, sa_h, sa_w,
 
 
 @triton.jit
+def _dot_operand(x, COMPUTE: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 ``x`` rounded to the compute dtype for ``tl.dot``.
+
+    ``UPCAST`` (set under the interpreter, whose bf16 ``tl.dot`` returns
+    garbage in triton 3.9) multiplies the rounded values in fp32 instead:
+    the same products and fp32 sums the tensor cores compute.
+    """
+    x = to_storage(x, COMPUTE)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _prologue(v_ptrs, v2_ptrs, mask, offs_c, c_mask, scale_ptr, shift_ptr, yscale_ptr, PROLOGUE: tl.constexpr):
     """Load a 2-D operand tile (channels along ``offs_c``) and apply the prologue; fp32 out."""
     v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -106,7 +120,7 @@ def _conv_kernel(
     R: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr,
     PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr,
     HAS_AFFINE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[m, o] = sum over (r, s, a) of A'[source(m, r, s), a] * W[o, a, r, s], then the epilogue.
@@ -141,11 +155,8 @@ def _conv_kernel(
                 w_mask = a_mask_c[:, None] & o_mask[None, :]
                 w = tl.load(w_ptr + offs_a[:, None] * sw_a + offs_o[None, :] * sw_o + r * sw_r + s * sw_s,
                             mask=w_mask, other=0.0)
-                if PROLOGUE == 0:
-                    a_op = a.to(COMPUTE)  # already in the compute dtype: exact
-                else:
-                    a_op = to_storage(a, COMPUTE)
-                acc = tl.dot(a_op, to_storage(w.to(tl.float32), COMPUTE), acc, input_precision=DOT_PRECISION)
+                w = _dot_operand(w.to(tl.float32), COMPUTE, UPCAST_DOT)
+                acc = tl.dot(_dot_operand(a, COMPUTE, UPCAST_DOT), w, acc, input_precision=DOT_PRECISION)
 
     mask = row_mask[:, None] & o_mask[None, :]
     out_offs = (n.to(tl.int64) * so_n + ho.to(tl.int64) * so_h + wo.to(tl.int64) * so_w)[:, None] \
@@ -186,7 +197,7 @@ def _conv_wgrad_kernel(
     sd_n, sd_c, sd_h, sd_w,
     sx_n, sx_c, sx_h, sx_w,
     R: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-    DY_PROLOGUE: tl.constexpr, X_PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DY_PROLOGUE: tl.constexpr, X_PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """One split's share of dW[k, c, r, s] = sum over pixels of dY'[pix, k] * X'[source(pix, r, s), c].
@@ -227,7 +238,8 @@ def _conv_wgrad_kernel(
         x_mask = valid[:, None] & c_mask[None, :]
         x = _prologue(x_ptr + x_rows[:, None] + offs_c[None, :].to(tl.int64) * sx_c, x_ptr, x_mask,
                       offs_c[None, :], c_mask[None, :], x_scale_ptr, x_shift_ptr, x_shift_ptr, X_PROLOGUE)
-        acc = tl.dot(to_storage(dy, COMPUTE), to_storage(x, COMPUTE), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(_dot_operand(dy, COMPUTE, UPCAST_DOT), _dot_operand(x, COMPUTE, UPCAST_DOT), acc,
+                     input_precision=DOT_PRECISION)
 
     crs = C * R * S
     offs = split.to(tl.int64) * K * crs + offs_k[:, None].to(tl.int64) * crs + offs_c[None, :] * (R * S) + r * S + s
@@ -453,7 +465,7 @@ def _bn_relu_backward_kernel(
 
 
 # Called from the kernels above; compiled as part of them.
-DEVICE_FUNCTIONS = ("_pixel_coords", "_source_pixels", "_prologue", "_tile_offsets", "_offsets")
+DEVICE_FUNCTIONS = ("_dot_operand", "_pixel_coords", "_source_pixels", "_prologue", "_tile_offsets", "_offsets")
 
 
 # ------------------------------------------------------ ahead-of-time compile specs
@@ -486,7 +498,7 @@ def _spec(kernel_args, act, constexprs, weight="fp32", num_warps=4, label=""):
 
 def _conv_specs():
     base = dict(R=3, S=3, STRIDE=1, PAD=1, TRANSPOSED=False, PROLOGUE=PRO_NONE, EPILOGUE=EPI_STATS,
-                HAS_AFFINE=False, HAS_RESIDUAL=False, RELU=False, DOT_PRECISION="ieee",
+                HAS_AFFINE=False, HAS_RESIDUAL=False, RELU=False, DOT_PRECISION="ieee", UPCAST_DOT=False,
                 BLOCK_M=64, BLOCK_N=16, BLOCK_K=16)
     variants = [
         ("fp32", "conv1 fwd + stats, tf32", dict(DOT_PRECISION="tf32")),
@@ -505,7 +517,8 @@ def _conv_specs():
 
 
 def _wgrad_specs():
-    base = dict(R=3, S=3, STRIDE=1, PAD=1, DY_PROLOGUE=PRO_BN_GRAD, X_PROLOGUE=PRO_BN_RELU, DOT_PRECISION="ieee",
+    base = dict(R=3, S=3, STRIDE=1, PAD=1, DY_PROLOGUE=PRO_BN_GRAD, X_PROLOGUE=PRO_BN_RELU,
+                DOT_PRECISION="ieee", UPCAST_DOT=False,
                 BLOCK_K=64, BLOCK_C=64, BLOCK_P=64)
     variants = [
         ("bf16", "conv2 wgrad: BN-grad and BN+ReLU prologues", {}),

@@ -70,6 +70,11 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
+def upcast_dot(dtype: torch.dtype, device: torch.device) -> bool:
+    """The interpreter's bf16 tl.dot is broken (triton 3.9): multiply the bf16 values in fp32 there."""
+    return dtype == torch.bfloat16 and device.type == "cpu"
+
+
 def _block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
@@ -143,7 +148,7 @@ def conv(a: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *, dt
            R=R, S=S, STRIDE=stride, PAD=padding, TRANSPOSED=transposed,
            PROLOGUE=prologue, EPILOGUE=epilogue,
            HAS_AFFINE=affine is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
-           DOT_PRECISION=dot_precision(dtype, device),
+           DOT_PRECISION=dot_precision(dtype, device), UPCAST_DOT=upcast_dot(dtype, device),
            BLOCK_M=CONV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS)
     return out, part0, part1
 
@@ -186,7 +191,7 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: 
            R=R, S=S, STRIDE=stride, PAD=padding,
            DY_PROLOGUE=PRO_BN_GRAD if dy_pro is not None else PRO_NONE,
            X_PROLOGUE=PRO_BN_RELU if x_pro is not None else PRO_NONE,
-           DOT_PRECISION=dot_precision(x.dtype, device),
+           DOT_PRECISION=dot_precision(x.dtype, device), UPCAST_DOT=upcast_dot(x.dtype, device),
            BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=WGRAD_BLOCK_P, num_warps=NUM_WARPS)
     grad = torch.empty(weight.shape, dtype=weight.dtype, device=device)
     numel = grad.numel()

@@ -2,8 +2,8 @@
 
 Same parameters, buffers and attribute names as the plain modules (they
 subclass them), so state_dicts load either way; only ``forward`` differs.
-Tensors that take no kernel (see :func:`fastres.backend_for`) run the plain
-PyTorch forward.
+Inputs are checked (clear errors), then tensors that take no kernel (see
+:func:`fastres.backend_for`) run the plain PyTorch forward.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from .. import functional as F
-from .._backend import uses_kernels
 from ..reference import nn as ref
 
 __all__ = ["ConvBNReLU", "ResidualBlock", "downsample", "conv3x3"]
@@ -24,8 +23,6 @@ class ConvBNReLU(ref.ConvBNReLU):
     """``relu(bn(conv(x)))`` as one fused op (children ``conv`` and ``bn``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not uses_kernels(x):
-            return super().forward(x)
         return F.conv_bn_relu(x, self.conv, self.bn)
 
 
@@ -33,6 +30,4 @@ class ResidualBlock(ref.ResidualBlock):
     """The notes' residual block, fused: ``ResidualBlock(in, out, stride=1, downsample=None)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not uses_kernels(x):
-            return super().forward(x)
         return F.residual_block(x, self)

@@ -1,0 +1,311 @@
+"""Fused conv + BatchNorm + ReLU and the fused residual block against PyTorch.
+
+Every comparison is three-way: the fused module, the plain PyTorch module in
+the same dtype, and the plain module in float64 (the oracle). The rule
+(flash-attention's): the fused error against float64 may be at most twice
+PyTorch's own error in the same dtype, plus ``ATOL[dtype]`` of the value's
+scale, on outputs, every gradient and the running statistics.
+
+Shapes stress tails and strides: batch 1 and 3, 1/3/5 input channels, 8 and
+17 output channels (not multiples of the 16-wide tiles), 7x7 and 8x8, stride
+1 and 2, with and without downsample, both memory formats.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastres
+from fastres.reference import nn as ref
+from fastres.testing import count_launches, saved_tensor_bytes
+
+from optim_cases import DEVICE
+
+# Of the scale (max |float64 value|): fp32 GEMMs in another order, bf16/fp16 rounding of activations.
+ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# On a GPU fp32 convs use TF32 in both torch (cuDNN's default) and fastres.
+if DEVICE.type == "cuda":
+    ATOL[torch.float32] = 4e-3
+
+
+def _randomize_bn(module: nn.Module, generator: torch.Generator) -> None:
+    """BN weights and running statistics away from their 1/0 defaults, so mistakes show."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=generator))
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
+
+
+def _make_block(cin, cout, stride, downsample, seed):
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    proj = ref.downsample(cin, cout, stride) if downsample else None
+    block = ref.ResidualBlock(cin, cout, stride, proj)
+    _randomize_bn(block, generator)
+    return block
+
+
+def _check(name, fused, same_dtype, oracle, dtype):
+    oracle = oracle.double()
+    scale = oracle.abs().max().item() + 1e-30
+    err_fused = (fused.double() - oracle).abs().max().item() / scale
+    err_torch = (same_dtype.double() - oracle).abs().max().item() / scale
+    bound = 2 * err_torch + ATOL[dtype]
+    assert err_fused <= bound, (
+        f"{name}: fused error {err_fused:.3g} (of scale {scale:.3g}) > 2 x torch's {err_torch:.3g} + {ATOL[dtype]:g}; "
+        f"{int(((fused.double() - oracle).abs() > bound * scale).sum())} of {oracle.numel()} elements differ")
+
+
+def _run(model, x, steps, grad_seed, train=True):
+    """Forward/backward ``steps`` times; returns outputs, input grad, param grads (summed), buffers."""
+    model.train(train)
+    x = x.clone().requires_grad_(True)
+    generator = torch.Generator().manual_seed(grad_seed)
+    outs = []
+    for _ in range(steps):
+        out = model(x)
+        dout = torch.randn(out.shape, generator=generator).to(device=out.device, dtype=out.dtype)
+        out.backward(dout)
+        outs.append(out.detach())
+    return (torch.stack(outs), x.grad, {n: p.grad for n, p in model.named_parameters()},
+            dict(model.named_buffers()))
+
+
+def _compare_training(fused_model, plain_model, x, dtype, steps=2, memory_format=torch.contiguous_format):
+    oracle = copy.deepcopy(plain_model).double()
+    plain = copy.deepcopy(plain_model).to(dtype)
+    fused = fastres.convert(copy.deepcopy(plain_model)).to(dtype) if fused_model is None else fused_model.to(dtype)
+    xs = x.to(memory_format=memory_format)
+    results = {"fused": _run(fused, xs.to(dtype), steps, 7), "torch": _run(plain, xs.to(dtype), steps, 7),
+               "oracle": _run(oracle, xs.double(), steps, 7)}
+    (out_f, dx_f, grads_f, bufs_f), (out_t, dx_t, grads_t, bufs_t), (out_o, dx_o, grads_o, bufs_o) = (
+        results["fused"], results["torch"], results["oracle"])
+    _check("output", out_f, out_t, out_o, dtype)
+    _check("input grad", dx_f, dx_t, dx_o, dtype)
+    for name in grads_o:
+        _check(f"{name}.grad", grads_f[name], grads_t[name], grads_o[name], dtype)
+    for name in bufs_o:
+        if name.endswith("num_batches_tracked"):
+            assert bufs_f[name].item() == bufs_o[name].item() == steps, name
+        else:
+            _check(name, bufs_f[name], bufs_t[name], bufs_o[name], dtype)
+    # Eval mode with the running statistics just learned.
+    for m in (fused, plain, oracle):
+        m.eval()
+    with torch.no_grad():
+        _check("eval output", fused(xs.to(dtype)), plain(xs.to(dtype)), oracle(xs.double()), dtype)
+    return fused
+
+
+BLOCKS = [
+    # batch, in, out, size, stride, downsample, memory format
+    pytest.param(3, 5, 17, 7, 2, True, torch.channels_last, id="n3-c5-k17-7x7-s2-down-cl"),
+    pytest.param(1, 8, 8, 8, 1, False, torch.contiguous_format, id="n1-c8-k8-8x8-s1-identity-nchw"),
+    pytest.param(3, 3, 8, 8, 1, True, torch.contiguous_format, id="n3-c3-k8-8x8-s1-down-nchw"),
+    pytest.param(2, 17, 17, 7, 1, False, torch.channels_last, id="n2-c17-k17-7x7-s1-identity-cl"),
+]
+
+
+@pytest.mark.parametrize("n,cin,cout,size,stride,down,memory_format", BLOCKS)
+def test_residual_block_matches_pytorch_fp32(n, cin, cout, size, stride, down, memory_format):
+    block = _make_block(cin, cout, stride, down, seed=cin * 100 + cout)
+    x = torch.randn(n, cin, size, size, generator=torch.Generator().manual_seed(1))
+    _compare_training(None, block.to(DEVICE), x.to(DEVICE), torch.float32, memory_format=memory_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_residual_block_low_precision(dtype):
+    block = _make_block(8, 16, 2, True, seed=3)
+    x = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(2))
+    _compare_training(None, block.to(DEVICE), x.to(DEVICE), dtype, memory_format=torch.channels_last)
+
+
+def test_residual_block_autocast_bf16():
+    """Under autocast the fused block runs in bf16 with fp32 parameters and statistics, as eager does."""
+    block = _make_block(8, 8, 1, False, seed=4).to(DEVICE)
+    fused = fastres.convert(copy.deepcopy(block))
+    x = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(3)).to(DEVICE, memory_format=torch.channels_last)
+    oracle = copy.deepcopy(block).double()
+    outs, grads = [], []
+    for model, inp, autocast in ((fused, x, True), (block, x, True), (oracle, x.double(), False)):
+        inp = inp.clone().requires_grad_(True)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(inp)
+        out.float().sum().backward()
+        outs.append(out)
+        grads.append([inp.grad] + [p.grad for p in model.parameters()])
+    # CUDA's autocast keeps BatchNorm in the input dtype (bf16 out), CPU's runs it in fp32; fused follows CUDA's.
+    assert outs[0].dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in fused.parameters())
+    _check("autocast output", outs[0], outs[1], outs[2], torch.bfloat16)
+    for i, (gf, gt, go) in enumerate(zip(*grads)):
+        _check(f"autocast grad {i}", gf, gt, go, torch.bfloat16)
+    _check("autocast running_var", fused.bn2.running_var, block.bn2.running_var, oracle.bn2.running_var, torch.bfloat16)
+
+
+def test_momentum_none_is_a_cumulative_average():
+    block = _make_block(8, 8, 1, False, seed=5)
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    x = torch.randn(2, 8, 7, 7, generator=torch.Generator().manual_seed(4))
+    _compare_training(None, block.to(DEVICE), x.to(DEVICE), torch.float32, steps=3)
+
+
+STEMS = [
+    pytest.param(2, 3, 16, 8, 1, id="n2-c3-k16-8x8-s1"),
+    pytest.param(1, 1, 17, 7, 2, id="n1-c1-k17-7x7-s2"),
+]
+
+
+@pytest.mark.parametrize("n,cin,cout,size,stride", STEMS)
+def test_conv_bn_relu_matches_pytorch(n, cin, cout, size, stride):
+    torch.manual_seed(cout)
+    plain = ref.ConvBNReLU(cin, cout, stride)
+    _randomize_bn(plain, torch.Generator().manual_seed(cin))
+    x = torch.randn(n, cin, size, size, generator=torch.Generator().manual_seed(5))
+    fused = _compare_training(None, plain.to(DEVICE), x.to(DEVICE), torch.float32)
+    assert type(fused) is fastres.nn.ConvBNReLU
+
+
+def test_functional_conv_bn_relu_without_input_grad():
+    """The stem's input needs no gradient: no data-gradient launch, and the same parameter grads."""
+    torch.manual_seed(0)
+    conv, bn = ref.conv3x3(3, 8).to(DEVICE), nn.BatchNorm2d(8).to(DEVICE)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    out = fastres.functional.conv_bn_relu(x, conv, bn)
+    with count_launches() as launches:
+        out.sum().backward()
+    assert "_conv_kernel" not in launches
+    grads = [conv.weight.grad.clone(), bn.weight.grad.clone()]
+    conv.weight.grad = bn.weight.grad = None
+    bn.running_mean.zero_(), bn.running_var.fill_(1)
+    torch.relu(bn(conv(x))).sum().backward()
+    torch.testing.assert_close(grads[0], conv.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[1], bn.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_non_contiguous_input_is_read_in_place():
+    """A strided view (every other column) is read through its strides, with the same result."""
+    block = _make_block(8, 8, 1, False, seed=6).to(DEVICE)
+    fused = fastres.convert(copy.deepcopy(block))
+    wide = torch.randn(2, 8, 7, 14, device=DEVICE)
+    x = wide[:, :, :, ::2]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fused(x), block(x), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------- launches and memory
+
+
+@pytest.mark.parametrize("down,forward,backward", [(False, 5, 9), (True, 7, 13)], ids=["identity", "downsample"])
+def test_block_launch_counts(down, forward, backward):
+    block = fastres.convert(_make_block(8, 16 if down else 8, 2 if down else 1, down, seed=7)).to(DEVICE)
+    x = torch.randn(2, 8, 8, 8, device=DEVICE, requires_grad=True)
+    with count_launches() as launches:
+        out = block(x)
+    assert sum(launches.values()) == forward, dict(launches)
+    with count_launches() as launches:
+        out.sum().backward()
+    assert sum(launches.values()) == backward, dict(launches)
+    block.eval()
+    with torch.no_grad(), count_launches() as launches:
+        block(x)
+    # One folded-BN launch per BatchNorm and one conv each: BN, residual and ReLU live in the epilogues.
+    assert launches["_conv_kernel"] == (3 if down else 2) and sum(launches.values()) == (6 if down else 4)
+
+
+@pytest.mark.parametrize("down,bound", [(False, 0.61), (True, 0.75)], ids=["identity", "downsample"])
+def test_block_saves_less_for_backward_than_eager(down, bound):
+    """Eager keeps x, y1, relu(bn1(y1)), y2, (yd,) and the output; fused keeps x, y1, y2 (, yd).
+
+    With a stride-2 downsample x is twice an output's size: 7 units against 5.
+    """
+    block = _make_block(8, 16 if down else 8, 2 if down else 1, down, seed=8).to(DEVICE)
+    fused = fastres.convert(copy.deepcopy(block))
+    x0 = torch.randn(2, 8, 8, 8, device=DEVICE, requires_grad=True)
+    eager_bytes = saved_tensor_bytes(lambda: block(x0 * 1))
+    fused_bytes = saved_tensor_bytes(lambda: fused(x0 * 1))
+    assert 0 < fused_bytes <= bound * eager_bytes, (fused_bytes, eager_bytes)
+
+
+# ----------------------------------------------------------------- errors
+
+
+def _stem():
+    return fastres.nn.ConvBNReLU(3, 8).to(DEVICE)
+
+
+def test_wrong_rank_names_the_shape():
+    with pytest.raises(ValueError, match=r"4-D input.*\(3, 8, 8\)"):
+        _stem()(torch.randn(3, 8, 8, device=DEVICE))
+
+
+def test_wrong_channel_count_names_both():
+    with pytest.raises(ValueError, match="input has 5 channels but the conv expects 3"):
+        _stem()(torch.randn(2, 5, 8, 8, device=DEVICE))
+
+
+def test_unsupported_kernel_size_in_block():
+    block = fastres.nn.ResidualBlock(8, 8).to(DEVICE)
+    block.conv2 = nn.Conv2d(8, 8, 5, padding=2, bias=False).to(DEVICE)
+    with pytest.raises(ValueError, match=r"3x3 convs.*\(5, 5\)"):
+        block(torch.randn(2, 8, 8, 8, device=DEVICE))
+
+
+def test_one_value_per_channel_gives_torchs_error():
+    x = torch.randn(1, 3, 1, 1, device=DEVICE)
+    with pytest.raises(ValueError) as fused_error:
+        _stem()(x)
+    with pytest.raises(ValueError) as torch_error:
+        ref.ConvBNReLU(3, 8).to(DEVICE)(x)
+    assert str(fused_error.value) == str(torch_error.value)
+
+
+def test_empty_batch_and_integer_input():
+    with pytest.raises(ValueError, match=r"empty input of shape \(0, 3, 8, 8\)"):
+        _stem()(torch.randn(0, 3, 8, 8, device=DEVICE))
+    with pytest.raises(TypeError, match="floating-point input, got torch.int64"):
+        _stem()(torch.ones(2, 3, 8, 8, dtype=torch.int64, device=DEVICE))
+
+
+def test_mixed_devices():
+    stem = _stem()
+    stem.bn.running_var = torch.ones(8, device="meta")
+    with pytest.raises(RuntimeError, match="running_var is on meta"):
+        stem(torch.randn(2, 3, 8, 8, device=DEVICE))
+
+
+def test_identity_block_needs_matching_shapes():
+    with pytest.raises(ValueError, match="identity residual needs stride 1"):
+        fastres.nn.ResidualBlock(8, 16)
+
+
+# ----------------------------------------------------------------- state dicts
+
+
+def test_state_dicts_load_either_way():
+    plain = ref.ResidualBlock(8, 16, 2, ref.downsample(8, 16, 2))
+    fused = fastres.nn.ResidualBlock(8, 16, 2, fastres.nn.downsample(8, 16, 2))
+    assert list(plain.state_dict()) == list(fused.state_dict())
+    assert [k for k in plain.state_dict() if k.startswith("downsample")] == [
+        "downsample.0.weight", "downsample.1.weight", "downsample.1.bias", "downsample.1.running_mean",
+        "downsample.1.running_var", "downsample.1.num_batches_tracked"]
+    fused.load_state_dict(plain.state_dict())
+    plain.load_state_dict(fused.state_dict())
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="torch.compile of the Triton kernels needs a GPU")
+def test_block_under_torch_compile():
+    block = fastres.convert(_make_block(16, 16, 1, False, seed=9)).to(DEVICE)
+    twin = copy.deepcopy(block)
+    x = torch.randn(4, 16, 8, 8, device=DEVICE).to(memory_format=torch.channels_last)
+    compiled = torch.compile(twin)
+    torch.testing.assert_close(compiled(x), block(x), rtol=1e-3, atol=1e-3)
