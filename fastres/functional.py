@@ -242,6 +242,9 @@ def _eval_conv(x, conv_weight, stride, padding, bn_module: nn.BatchNorm2d, dtype
     return out
 
 
+# torch.compile runs the fused ops as they are (a graph break around each), so
+# compiled models get the same kernels and numbers as eager ones.
+@torch.compiler.disable
 def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """``relu(bn(conv(x)))``, fused; exactly ``nn.Conv2d -> nn.BatchNorm2d -> nn.ReLU``
     (outputs, gradients, running statistics) in training and eval mode.
@@ -265,6 +268,7 @@ def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.
     return ConvBNReLUFunction.apply(x, conv.weight, bn.weight, bn.bias, stride, padding, bn_cfg)
 
 
+@torch.compiler.disable
 def residual_block(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
     """The notes' residual block (``fastres.nn.ResidualBlock`` or the reference
     one), fused: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + residual)``."""

@@ -302,10 +302,20 @@ def test_state_dicts_load_either_way():
     plain.load_state_dict(fused.state_dict())
 
 
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="torch.compile of the Triton kernels needs a GPU")
 def test_block_under_torch_compile():
-    block = fastres.convert(_make_block(16, 16, 1, False, seed=9)).to(DEVICE)
+    """torch.compile runs the fused ops as they are: same numbers, running statistics and grads.
+
+    On CPU the compiled graph uses the "aot_eager" backend (no C++ toolchain needed)."""
+    block = fastres.convert(_make_block(8, 8, 1, False, seed=9)).to(DEVICE)
     twin = copy.deepcopy(block)
-    x = torch.randn(4, 16, 8, 8, device=DEVICE).to(memory_format=torch.channels_last)
-    compiled = torch.compile(twin)
-    torch.testing.assert_close(compiled(x), block(x), rtol=1e-3, atol=1e-3)
+    compiled = torch.compile(twin, backend="inductor" if DEVICE.type == "cuda" else "aot_eager")
+    x = torch.randn(2, 8, 8, 8, device=DEVICE).to(memory_format=torch.channels_last)
+    outs = []
+    for model in (block, compiled):
+        xi = x.clone().requires_grad_(True)
+        out = model(xi)
+        out.square().sum().backward()
+        outs.append((out, xi.grad, block.conv1.weight.grad if model is block else twin.conv1.weight.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(twin.bn2.running_var, block.bn2.running_var)
