@@ -553,9 +553,11 @@ AOT_SPECS = {
                        **_STATS_TYPES, "num_batches_ptr": "*i64", "n_tiles": "i32", "M": "i32", "C": "i32",
                        "momentum": "fp32", "eps": "fp32",
                        **{name: "constexpr" for name in ("TILE_M", "TRACK", "CUMULATIVE", "BLOCK_T", "BLOCK_C")}},
-         "constexprs": {"TILE_M": 64, "TRACK": track, "CUMULATIVE": cumulative, "BLOCK_T": 64, "BLOCK_C": 128},
+         "constexprs": {"TILE_M": 64, "TRACK": track, "CUMULATIVE": cumulative, "BLOCK_T": block_t,
+                        "BLOCK_C": block_c},
          "num_warps": 4}
-        for track, cumulative in ((True, False), (True, True), (False, False))],
+        for track, cumulative, block_t, block_c in ((True, False, 256, 16), (True, True, 32, 128),
+                                                    (False, False, 64, 64))],
     "_bn_eval_affine_kernel": [
         {"signature": {**_STATS_TYPES, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "C": "i32", "eps": "fp32",
                        "BLOCK_C": "constexpr"}, "constexprs": {"BLOCK_C": 128}, "num_warps": 4}],
@@ -564,7 +566,8 @@ AOT_SPECS = {
                                                      "invstd_ptr", "dweight_ptr", "dbias_ptr", "coef_g_ptr",
                                                      "coef_y_ptr", "coef_c_ptr")},
                        "n_tiles": "i32", "M": "i32", "C": "i32", "BLOCK_T": "constexpr", "BLOCK_C": "constexpr"},
-         "constexprs": {"BLOCK_T": 64, "BLOCK_C": 128}, "num_warps": 4}],
+         "constexprs": {"BLOCK_T": block_t, "BLOCK_C": block_c}, "num_warps": 4}
+        for block_t, block_c in ((256, 16), (32, 128))],
     "_bn_relu_apply_kernel": _elementwise_specs(
         ["y_ptr", "res_ptr", "out_ptr", "scale_ptr", "shift_ptr", "res_scale_ptr", "res_shift_ptr",
          "N", "H", "W", "C", "sy_n", "sy_c", "sy_h", "sy_w", "sr_n", "sr_c", "sr_h", "sr_w"],

@@ -22,7 +22,7 @@ RES_NONE, RES_TENSOR, RES_BN = kernels.RES_NONE, kernels.RES_TENSOR, kernels.RES
 CONV_BLOCK_M = 64
 WGRAD_BLOCK_P = 64
 SPLITS_BLOCK = 1024
-FINALIZE_BLOCK_T = 64
+FINALIZE_ELEMENTS = 4096  # per loop iteration of a finalize program: BLOCK_T x BLOCK_C
 NUM_WARPS = 4
 
 
@@ -153,6 +153,13 @@ def conv(a: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *, dt
     return out, part0, part1
 
 
+def _finalize_blocks(C: int, n_tiles: int) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_C): a finalize program walks all tiles for its channels,
+    so few channels get many tiles per iteration (16 channels: 256 tiles)."""
+    block_c = _block(C, 16, 128)
+    return _block(n_tiles, 16, FINALIZE_ELEMENTS // block_c), block_c
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -209,7 +216,7 @@ def bn_forward_finalize(part_mean: torch.Tensor, part_m2: torch.Tensor, M: int, 
     stats = BatchStats(*torch.empty((4, C), dtype=torch.float32, device=device).unbind(0))
     track = running_mean is not None
     cumulative = track and momentum is None
-    block_c = _block(C, 16, 128)
+    block_t, block_c = _finalize_blocks(C, part_mean.shape[0])
     grid = (1,) if cumulative else (triton.cdiv(C, block_c),)
     unused = _unused(device)
     launch(kernels._bn_forward_finalize_kernel, grid,
@@ -218,7 +225,7 @@ def bn_forward_finalize(part_mean: torch.Tensor, part_m2: torch.Tensor, M: int, 
            num_batches_tracked if track else unused,
            *stats, part_mean.shape[0], M, C, 0.0 if momentum is None else float(momentum), float(eps),
            TILE_M=CONV_BLOCK_M, TRACK=track, CUMULATIVE=cumulative,
-           BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=block_c, num_warps=NUM_WARPS)
+           BLOCK_T=block_t, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return stats
 
 
@@ -241,10 +248,10 @@ def bn_backward_finalize(part_g: torch.Tensor, part_gx: torch.Tensor, M: int, bn
     coef_g, coef_y, coef_c = torch.empty((3, C), dtype=torch.float32, device=device).unbind(0)
     dweight = torch.empty(C, dtype=bn_weight.dtype, device=device)
     dbias = torch.empty(C, dtype=bn_weight.dtype, device=device)
-    block_c = _block(C, 16, 128)
+    block_t, block_c = _finalize_blocks(C, part_g.shape[0])
     launch(kernels._bn_backward_finalize_kernel, (triton.cdiv(C, block_c),),
            part_g, part_gx, bn_weight, stats.mean, stats.invstd, dweight, dbias, coef_g, coef_y, coef_c,
-           part_g.shape[0], M, C, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=block_c, num_warps=NUM_WARPS)
+           part_g.shape[0], M, C, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return BackwardCoefs(coef_g, coef_y, coef_c, dweight, dbias)
 
 
