@@ -256,6 +256,8 @@ def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.
     x_in = x
     x, fused = _prepare(x, where)
     stride, padding = _conv_config(conv, x.shape[1], where)
+    if type(bn) is not nn.BatchNorm2d:  # e.g. SyncBatchNorm: its statistics span processes
+        return torch.relu(bn(conv(x_in)))
     bn_cfg = _bn_config(bn, where)
     _check_devices(where, x, conv, bn)
     if not fused or (not bn_cfg.batch_stats and _needs_grad(x, conv, bn)):
@@ -276,6 +278,9 @@ def residual_block(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
     x_in = x
     x, fused = _prepare(x, where)
     down = block.downsample
+    norms = [block.bn1, block.bn2] + ([down[1]] if isinstance(down, nn.Sequential) and len(down) == 2 else [])
+    if any(type(bn) is not nn.BatchNorm2d for bn in norms):  # e.g. SyncBatchNorm: statistics span processes
+        return _reference_block(block, x_in)
     if down is not None and not (isinstance(down, nn.Sequential) and len(down) == 2):
         raise ValueError(f"{where}: downsample must be nn.Sequential(conv, BatchNorm2d), got {down!r}")
     stride, padding = _conv_config(block.conv1, x.shape[1], f"{where}.conv1")
