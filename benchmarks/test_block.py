@@ -281,19 +281,10 @@ def block_factories(group: str, case: BlockCase, dtype: str, device: str) -> dic
 
 def saved_activation_bytes(fn, batch: int, param_shapes: set) -> int:
     """Bytes of the batch-sized tensors autograd saves while ``fn()`` runs (each storage once)."""
-    seen: dict = {}
+    from fastres.testing import saved_tensor_bytes
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if not (t.is_leaf and t.requires_grad) and t.dim() == 4 and t.shape[0] == batch \
-                and tuple(t.shape) not in param_shapes:
-            storage = t.untyped_storage()
-            seen[(t.device, storage.data_ptr())] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = fn()
-    del result
-    return sum(seen.values())
+    return saved_tensor_bytes(
+        fn, keep=lambda t: t.dim() == 4 and t.shape[0] == batch and tuple(t.shape) not in param_shapes)
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,18 +11,19 @@ from .launchers.core import count_launches
 __all__ = ["count_launches", "saved_tensor_bytes"]
 
 
-def saved_tensor_bytes(fn: Callable[[], Any]) -> int:
+def saved_tensor_bytes(fn: Callable[[], Any], keep: Callable[[torch.Tensor], bool] | None = None) -> int:
     """Bytes of the tensors autograd saves for backward while ``fn()`` runs.
 
     Each storage counts once, however many ops save it (a ReLU output that
     the next conv also saves is one activation). Parameters and other
     leaves that require grad are not counted: they are held anyway.
+    ``keep`` narrows the count further (e.g. to batch-sized tensors).
     Returns the total; what ``fn`` returns is kept alive until then.
     """
     seen: dict[tuple[torch.device, int], int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if not (t.is_leaf and t.requires_grad):
+        if not (t.is_leaf and t.requires_grad) and (keep is None or keep(t)):
             storage = t.untyped_storage()
             seen[(t.device, storage.data_ptr())] = storage.nbytes()
         return t

@@ -392,6 +392,27 @@ def _offsets(n, h, w, offs_c, s_n, s_c, s_h, s_w):
 
 
 @triton.jit
+def _tail_pre_activation(y_ptr, res_ptr, scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr, n, h, w, offs_c, mask,
+                         c_mask, sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w, RESIDUAL: tl.constexpr):
+    """The block tail's pre-activation ``y * scale + shift [+ residual]`` (fp32), with y's offsets, y and the residual."""
+    y_offs = _offsets(n, h, w, offs_c, sy_n, sy_c, sy_h, sy_w)
+    y = tl.load(y_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+    shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+    pre = y * scale + shift
+    res = y
+    if RESIDUAL != 0:
+        res = tl.load(res_ptr + _offsets(n, h, w, offs_c, sr_n, sr_c, sr_h, sr_w), mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL == 2:
+            res_scale = tl.load(res_scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+            res_shift = tl.load(res_shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+            pre += res * res_scale + res_shift
+        else:
+            pre += res
+    return y_offs, y, res, pre
+
+
+@triton.jit
 def _bn_relu_apply_kernel(
     y_ptr, res_ptr, out_ptr, scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,
     N, H, W, C,
@@ -401,20 +422,10 @@ def _bn_relu_apply_kernel(
 ):
     """out = relu(y * scale + shift [+ residual]) over [N, H, W, C]; out has y's strides."""
     n, h, w, offs_c, mask = _tile_offsets(N, H, W, C, BLOCK_M, BLOCK_C)
-    c_mask = offs_c < C
-    y_offs = _offsets(n, h, w, offs_c, sy_n, sy_c, sy_h, sy_w)
-    y = tl.load(y_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-    shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-    out = y * scale + shift
-    if RESIDUAL != 0:
-        res = tl.load(res_ptr + _offsets(n, h, w, offs_c, sr_n, sr_c, sr_h, sr_w), mask=mask, other=0.0).to(tl.float32)
-        if RESIDUAL == 2:
-            res_scale = tl.load(res_scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-            res_shift = tl.load(res_shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-            res = res * res_scale + res_shift
-        out += res
-    tl.store(out_ptr + y_offs, to_storage(tl.maximum(out, 0.0), out_ptr.dtype.element_ty), mask=mask)
+    y_offs, y, res, pre = _tail_pre_activation(y_ptr, res_ptr, scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,
+                                               n, h, w, offs_c, mask, offs_c < C, sy_n, sy_c, sy_h, sy_w,
+                                               sr_n, sr_c, sr_h, sr_w, RESIDUAL)
+    tl.store(out_ptr + y_offs, to_storage(tl.maximum(pre, 0.0), out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -437,20 +448,10 @@ def _bn_relu_backward_kernel(
     """
     n, h, w, offs_c, mask = _tile_offsets(N, H, W, C, BLOCK_M, BLOCK_C)
     c_mask = offs_c < C
-    y_offs = _offsets(n, h, w, offs_c, sy_n, sy_c, sy_h, sy_w)
-    y = tl.load(y_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)
+    y_offs, y, res, pre = _tail_pre_activation(y_ptr, res_ptr, scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,
+                                               n, h, w, offs_c, mask, c_mask, sy_n, sy_c, sy_h, sy_w,
+                                               sr_n, sr_c, sr_h, sr_w, RESIDUAL)
     dout = tl.load(dout_ptr + _offsets(n, h, w, offs_c, sd_n, sd_c, sd_h, sd_w), mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-    shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-    pre = y * scale + shift
-    if RESIDUAL != 0:
-        res = tl.load(res_ptr + _offsets(n, h, w, offs_c, sr_n, sr_c, sr_h, sr_w), mask=mask, other=0.0).to(tl.float32)
-        if RESIDUAL == 2:
-            res_scale = tl.load(res_scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-            res_shift = tl.load(res_shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-            pre += res * res_scale + res_shift
-        else:
-            pre += res
     g = tl.where(mask & (pre > 0.0), dout, 0.0)
     tl.store(g_ptr + y_offs, to_storage(g, g_ptr.dtype.element_ty), mask=mask)
     mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
@@ -465,7 +466,8 @@ def _bn_relu_backward_kernel(
 
 
 # Called from the kernels above; compiled as part of them.
-DEVICE_FUNCTIONS = ("_dot_operand", "_pixel_coords", "_source_pixels", "_prologue", "_tile_offsets", "_offsets")
+DEVICE_FUNCTIONS = ("_dot_operand", "_pixel_coords", "_source_pixels", "_prologue", "_tile_offsets", "_offsets",
+                    "_tail_pre_activation")
 
 
 # ------------------------------------------------------ ahead-of-time compile specs
