@@ -110,6 +110,8 @@ BLOCKS = [
     pytest.param(1, 8, 8, 8, 1, False, torch.contiguous_format, id="n1-c8-k8-8x8-s1-identity-nchw"),
     pytest.param(3, 3, 8, 8, 1, True, torch.contiguous_format, id="n3-c3-k8-8x8-s1-down-nchw"),
     pytest.param(2, 17, 17, 7, 1, False, torch.channels_last, id="n2-c17-k17-7x7-s1-identity-cl"),
+    # One output channel: channels_last and contiguous strides differ only in that size-1 dimension.
+    pytest.param(2, 3, 1, 6, 1, True, torch.channels_last, id="n2-c3-k1-6x6-s1-down-cl"),
 ]
 
 

@@ -6,8 +6,6 @@ Interpreter shapes are tiny: a ``[1, 1, 1]`` network with 4/8/16 channels on
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn

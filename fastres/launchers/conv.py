@@ -7,6 +7,7 @@ vectors (scale, shift, mean, invstd, coefficients) are fp32.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -61,6 +62,14 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     if x.shape[1] > 1 and x.stride(1) == 1 and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def check_same_layout(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    """Kernels address ``t`` with ``like``'s strides: they must agree wherever a
+    dimension has more than one element (a size-1 dimension's stride is never used)."""
+    if t.shape != like.shape or any(a != b for a, b, n in zip(t.stride(), like.stride(), t.shape) if n > 1):
+        raise ValueError(f"{name} has shape {tuple(t.shape)} and strides {t.stride()}, "
+                         f"expected {tuple(like.shape)} with strides {like.stride()}")
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -124,11 +133,9 @@ def conv(a: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *, dt
         part1 = torch.empty((n_tiles, CO), dtype=torch.float32, device=device)
     unused = _unused(device)
     a2 = a if a2 is None else a2
-    if a2.stride() != a.stride():
-        raise ValueError(f"conv: the prologue's second operand has strides {a2.stride()}, expected {a.stride()}")
+    check_same_layout("conv: the prologue's second operand", a2, a)
     ey = out if ey is None else ey
-    if ey.stride() != out.stride():
-        ey = ey.contiguous(memory_format=memory_format_of(out))  # the saved activation's layout differs
+    check_same_layout("conv: the epilogue's BN input", ey, out)
     pro = pro or Affine(unused, unused, unused)
     epi = epi or BatchStats(unused, unused, unused, unused)
     res = residual if residual is not None else out
@@ -160,6 +167,7 @@ def _finalize_blocks(C: int, n_tiles: int) -> tuple[int, int]:
     return _block(n_tiles, 16, FINALIZE_ELEMENTS // block_c), block_c
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -185,8 +193,7 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: 
     splits = triton.cdiv(M, rows_per_split)
     part = torch.empty((splits, K, C, R, S), dtype=torch.float32, device=device)
     dy2 = dy if dy2 is None else dy2
-    if dy2.stride() != dy.stride():
-        raise ValueError(f"conv_wgrad: dy2 has strides {dy2.stride()}, expected {dy.stride()}")
+    check_same_layout("conv_wgrad: dy2", dy2, dy)
     dy_pro_args = dy_pro or Affine(unused, unused, unused)
     x_pro_args = x_pro or Affine(unused, unused)
     launch(kernels._conv_wgrad_kernel, (tiles, splits),
