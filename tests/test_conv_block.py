@@ -161,6 +161,15 @@ def test_momentum_none_is_a_cumulative_average():
     _compare_training(None, block.to(DEVICE), x.to(DEVICE), torch.float32, steps=3)
 
 
+def test_batchnorm_without_running_stats_uses_batch_statistics_always():
+    """track_running_stats=False: batch statistics in training and eval, nothing to update."""
+    block = ref.ResidualBlock(8, 8)
+    for name in ("bn1", "bn2"):
+        setattr(block, name, nn.BatchNorm2d(8, track_running_stats=False))
+    x = torch.randn(2, 8, 7, 7, generator=torch.Generator().manual_seed(6))
+    _compare_training(None, block.to(DEVICE), x.to(DEVICE), torch.float32)
+
+
 STEMS = [
     pytest.param(2, 3, 16, 8, 1, id="n2-c3-k16-8x8-s1"),
     pytest.param(1, 1, 17, 7, 2, id="n1-c1-k17-7x7-s2"),
