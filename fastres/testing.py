@@ -6,9 +6,9 @@ from typing import Any, Callable
 
 import torch
 
-from .launchers.core import count_launches
+from .launchers.core import count_launches, observe_launches, stub_launches
 
-__all__ = ["count_launches", "saved_tensor_bytes"]
+__all__ = ["count_launches", "observe_launches", "saved_tensor_bytes", "stub_launches"]
 
 
 def saved_tensor_bytes(fn: Callable[[], Any], keep: Callable[[torch.Tensor], bool] | None = None) -> int:
