@@ -9,9 +9,11 @@ columns output channels, the reduction runs over (r, s, input channel), and
 BatchNorm is split around the convolutions (see ``fastres/functional.py``):
 
 * ``_conv_kernel`` epilogue ``EPI_STATS`` writes each row tile's per-channel
-  mean and M2 (sum of squared deviations) to its own slot of two partial
-  buffers: deterministic, no atomics, and Chan's combination in
-  ``_bn_forward_finalize_kernel`` avoids the cancellation of sum/sum-of-squares.
+  mean and M2 (sum of squared deviations) to its own slot of a partial
+  buffer; the last tile of each channel column to finish (an atomic counter)
+  combines them in tile order (deterministic; Chan's combination avoids the
+  cancellation of sum/sum-of-squares), so statistics, scale/shift and the
+  running statistics are ready when the launch ends.
 * ``_conv_kernel`` prologue ``PRO_BN_RELU`` applies ``relu(v * scale + shift)``
   to the operand as it is loaded, so the normalised activation of the first
   conv is never written to memory.
@@ -531,18 +533,19 @@ DEVICE_FUNCTIONS = ("_dot_operand", "_pixel_coords", "_source_pixels", "_prologu
 
 _CONV_ARGS = {
     "a_ptr": "act", "a2_ptr": "act", "w_ptr": "weight", "out_ptr": "act", "res_ptr": "act", "ey_ptr": "act",
-    **{name: "*fp32" for name in ("pro_scale_ptr", "pro_shift_ptr", "pro_yscale_ptr", "aff_scale_ptr",
-                                  "aff_shift_ptr", "epi_scale_ptr", "epi_shift_ptr", "epi_mean_ptr",
-                                  "epi_invstd_ptr", "part0_ptr", "part1_ptr")},
+    **{name: "*fp32" for name in ("pro_ptr", "bn_weight_ptr", "bn_bias_ptr", "running_mean_ptr", "running_var_ptr",
+                                  "stats_ptr", "coef_ptr", "dweight_ptr", "dbias_ptr", "part_ptr")},
+    "num_batches_ptr": "*i64", "counter_ptr": "*i32",
     **{name: "i32" for name in ("HA", "WA", "CA", "HO", "WO", "CO", "M", "sa_n", "sa_c", "sa_h", "sa_w",
                                 "so_n", "so_c", "so_h", "so_w", "sr_n", "sr_c", "sr_h", "sr_w",
                                 "sw_o", "sw_a", "sw_r", "sw_s")},
+    "momentum": "fp32", "eps": "fp32",
 }
 _WGRAD_ARGS = {
-    "dy_ptr": "act", "dy2_ptr": "act", "x_ptr": "act", "part_ptr": "*fp32",
-    **{name: "*fp32" for name in ("dy_scale_ptr", "dy_shift_ptr", "dy_yscale_ptr", "x_scale_ptr", "x_shift_ptr")},
+    "dy_ptr": "act", "dy2_ptr": "act", "x_ptr": "act", "grad_ptr": "*fp32", "part_ptr": "*fp32", "counter_ptr": "*i32",
+    "dy_pro_ptr": "*fp32", "x_pro_ptr": "*fp32",
     **{name: "i32" for name in ("H", "W", "C", "P", "Q", "K", "M", "ROWS_PER_SPLIT", "sd_n", "sd_c", "sd_h", "sd_w",
-                                "sx_n", "sx_c", "sx_h", "sx_w")},
+                                "sx_n", "sx_c", "sx_h", "sx_w", "sg_k", "sg_c", "sg_r", "sg_s")},
 }
 _ELEMENTWISE_ARGS = {"y_ptr": "act", "res_ptr": "act", "out_ptr": "act", "dout_ptr": "act", "g_ptr": "act"}
 
@@ -557,12 +560,12 @@ def _spec(kernel_args, act, constexprs, weight="fp32", num_warps=4, label=""):
 
 def _conv_specs():
     base = dict(R=3, S=3, STRIDE=1, PAD=1, TRANSPOSED=False, PROLOGUE=PRO_NONE, EPILOGUE=EPI_STATS,
-                HAS_AFFINE=False, HAS_RESIDUAL=False, RELU=False, DOT_PRECISION="ieee", UPCAST_DOT=False,
-                BLOCK_M=64, BLOCK_N=16, BLOCK_K=16)
+                HAS_AFFINE=False, HAS_RESIDUAL=False, RELU=False, TRACK=True, CUMULATIVE=False,
+                DOT_PRECISION="ieee", UPCAST_DOT=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_T=256)
     variants = [
         ("fp32", "conv1 fwd + stats, tf32", dict(DOT_PRECISION="tf32")),
         ("bf16", "conv1 fwd + stats, stride 2, 64 ch", dict(STRIDE=2, BLOCK_N=64, BLOCK_K=64)),
-        ("fp16", "conv1 fwd + stats", {}),
+        ("fp16", "conv1 fwd + stats, momentum=None", dict(CUMULATIVE=True)),
         ("bf16", "conv2 fwd: BN+ReLU prologue + stats", dict(PROLOGUE=PRO_BN_RELU, BLOCK_N=64, BLOCK_K=64)),
         ("bf16", "conv2 dgrad: BN-grad prologue, ReLU-grad epilogue",
          dict(TRANSPOSED=True, PROLOGUE=PRO_BN_GRAD, EPILOGUE=EPI_RELU_GRAD, BLOCK_N=64, BLOCK_K=64)),
@@ -571,6 +574,7 @@ def _conv_specs():
         ("bf16", "eval conv2: folded BN + residual + ReLU",
          dict(EPILOGUE=EPI_NONE, HAS_AFFINE=True, HAS_RESIDUAL=True, RELU=True, BLOCK_N=64, BLOCK_K=64)),
         ("fp32", "eval conv1: folded BN + ReLU, ieee", dict(EPILOGUE=EPI_NONE, HAS_AFFINE=True, RELU=True)),
+        ("fp32", "stem fwd + stats, no running stats", dict(TRACK=False)),
     ]
     return [_spec(_CONV_ARGS, act, {**base, **overrides}, label=label) for act, label, overrides in variants]
 
@@ -588,53 +592,26 @@ def _wgrad_specs():
     return [_spec(_WGRAD_ARGS, act, {**base, **overrides}, label=label) for act, label, overrides in variants]
 
 
-def _elementwise_specs(args, residual_modes):
+def _elementwise_specs(args, residual_modes, extra_constexprs=None):
     specs = []
     for act, residual in zip(("bf16", "fp32", "fp16"), residual_modes):
-        signature = {name: ("*" + act if name in _ELEMENTWISE_ARGS else "*fp32" if name.endswith("_ptr") else "i32")
-                     for name in args}
-        specs.append(_spec(signature, act, dict(RESIDUAL=residual, BLOCK_M=256, BLOCK_C=16)))
+        signature = {name: ("*" + act if name in _ELEMENTWISE_ARGS else "*i32" if name == "counter_ptr"
+                            else "*fp32" if name.endswith("_ptr") else "i32") for name in args}
+        specs.append(_spec(signature, act, dict(RESIDUAL=residual, BLOCK_M=256, BLOCK_C=16, **(extra_constexprs or {}))))
     return specs
 
-
-_STATS_TYPES = {"weight_ptr": "*fp32", "bias_ptr": "*fp32", "running_mean_ptr": "*fp32", "running_var_ptr": "*fp32"}
 
 AOT_SPECS = {
     "_conv_kernel": _conv_specs(),
     "_conv_wgrad_kernel": _wgrad_specs(),
-    "_sum_splits_kernel": [
-        {"signature": {"part_ptr": "*fp32", "out_ptr": "*" + dtype, "n_splits": "i32", "numel": "i32",
-                       "BLOCK": "constexpr"}, "constexprs": {"BLOCK": 1024}, "num_warps": 4}
-        for dtype in ("fp32", "bf16")],
-    "_bn_forward_finalize_kernel": [
-        {"signature": {**{name: "*fp32" for name in ("part_mean_ptr", "part_m2_ptr", "scale_ptr", "shift_ptr",
-                                                     "mean_ptr", "invstd_ptr")},
-                       **_STATS_TYPES, "num_batches_ptr": "*i64", "n_tiles": "i32", "M": "i32", "C": "i32",
-                       "momentum": "fp32", "eps": "fp32",
-                       **{name: "constexpr" for name in ("TILE_M", "TRACK", "CUMULATIVE", "BLOCK_T", "BLOCK_C")}},
-         "constexprs": {"TILE_M": 64, "TRACK": track, "CUMULATIVE": cumulative, "BLOCK_T": block_t,
-                        "BLOCK_C": block_c},
-         "num_warps": 4}
-        for track, cumulative, block_t, block_c in ((True, False, 256, 16), (True, True, 32, 128),
-                                                    (False, False, 64, 64))],
-    "_bn_eval_affine_kernel": [
-        {"signature": {**_STATS_TYPES, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "C": "i32", "eps": "fp32",
-                       "BLOCK_C": "constexpr"}, "constexprs": {"BLOCK_C": 128}, "num_warps": 4}],
-    "_bn_backward_finalize_kernel": [
-        {"signature": {**{name: "*fp32" for name in ("part_g_ptr", "part_gx_ptr", "weight_ptr", "mean_ptr",
-                                                     "invstd_ptr", "dweight_ptr", "dbias_ptr", "coef_g_ptr",
-                                                     "coef_y_ptr", "coef_c_ptr")},
-                       "n_tiles": "i32", "M": "i32", "C": "i32", "BLOCK_T": "constexpr", "BLOCK_C": "constexpr"},
-         "constexprs": {"BLOCK_T": block_t, "BLOCK_C": block_c}, "num_warps": 4}
-        for block_t, block_c in ((256, 16), (32, 128))],
     "_bn_relu_apply_kernel": _elementwise_specs(
-        ["y_ptr", "res_ptr", "out_ptr", "scale_ptr", "shift_ptr", "res_scale_ptr", "res_shift_ptr",
+        ["y_ptr", "res_ptr", "out_ptr", "stats_ptr", "res_stats_ptr",
          "N", "H", "W", "C", "sy_n", "sy_c", "sy_h", "sy_w", "sr_n", "sr_c", "sr_h", "sr_w"],
         (RES_TENSOR, RES_BN, RES_NONE)),
     "_bn_relu_backward_kernel": _elementwise_specs(
-        ["dout_ptr", "y_ptr", "res_ptr", "g_ptr", "scale_ptr", "shift_ptr", "mean_ptr", "invstd_ptr",
-         "res_scale_ptr", "res_shift_ptr", "res_mean_ptr", "res_invstd_ptr", "part_g_ptr", "part_gx_ptr",
-         "part_gxr_ptr", "N", "H", "W", "C", "sd_n", "sd_c", "sd_h", "sd_w", "sy_n", "sy_c", "sy_h", "sy_w",
-         "sr_n", "sr_c", "sr_h", "sr_w"],
-        (RES_TENSOR, RES_BN, RES_NONE)),
+        ["dout_ptr", "y_ptr", "res_ptr", "g_ptr", "stats_ptr", "res_stats_ptr", "bn_weight_ptr", "coef_ptr",
+         "dweight_ptr", "dbias_ptr", "res_bn_weight_ptr", "res_coef_ptr", "res_dweight_ptr", "res_dbias_ptr",
+         "part_ptr", "counter_ptr", "N", "H", "W", "C", "sd_n", "sd_c", "sd_h", "sd_w", "sy_n", "sy_c", "sy_h",
+         "sy_w", "sr_n", "sr_c", "sr_h", "sr_w"],
+        (RES_TENSOR, RES_BN, RES_NONE), extra_constexprs={"BLOCK_T": 64}),
 }
