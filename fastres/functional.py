@@ -55,14 +55,17 @@ class _BN(NamedTuple):
 def _bn_config(bn: nn.BatchNorm2d, where: str) -> _BN:
     if not bn.affine:
         raise ValueError(f"{where}: BatchNorm2d(affine=False) is not supported by the fused op")
+    # Read the dicts behind nn.Module.__getattr__ directly: this runs on every call.
+    params, buffers = bn._parameters, bn._buffers
     update = bn.training and bn.track_running_stats
-    if update and bn.num_batches_tracked is None:
+    running_mean = buffers.get("running_mean")
+    if update and buffers.get("num_batches_tracked") is None:
         raise ValueError(f"{where}: a BatchNorm2d that tracks running statistics needs num_batches_tracked")
-    batch_stats = bn.training or bn.running_mean is None
+    batch_stats = bn.training or running_mean is None
     keep_running = update or not batch_stats
-    args = L.BatchNormArgs(bn.weight, bn.bias, bn.running_mean if keep_running else None,
-                           bn.running_var if keep_running else None,
-                           bn.num_batches_tracked if update else None, bn.momentum, bn.eps)
+    args = L.BatchNormArgs(params["weight"], params["bias"], running_mean if keep_running else None,
+                           buffers["running_var"] if keep_running else None,
+                           buffers["num_batches_tracked"] if update else None, bn.momentum, bn.eps)
     return _BN(args, batch_stats, update)
 
 
@@ -81,7 +84,7 @@ def _conv_config(conv: nn.Conv2d, in_channels: int, where: str) -> tuple[int, in
         problems.append(f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r} (needs integer zero padding)")
     if conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:
         problems.append(f"stride={conv.stride}, padding={conv.padding} (needs the same value for height and width)")
-    if conv.bias is not None:
+    if conv._parameters.get("bias") is not None:
         problems.append("bias=True (BatchNorm cancels a conv bias; build the conv with bias=False)")
     if problems:
         raise ValueError(f"{where}: unsupported conv: " + "; ".join(problems))
@@ -261,47 +264,51 @@ def residual_block(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
     where = f"{type(block).__name__}"
     x_in = x
     x, fused = _prepare(x, where)
-    down = block.downsample
-    norms = [block.bn1, block.bn2] + ([down[1]] if isinstance(down, nn.Sequential) and len(down) == 2 else [])
+    children = block._modules  # not nn.Module.__getattr__: this runs on every call
+    conv1, bn1_module, conv2, bn2_module = children["conv1"], children["bn1"], children["conv2"], children["bn2"]
+    down = children.get("downsample")
+    norms = [bn1_module, bn2_module] + ([down[1]] if isinstance(down, nn.Sequential) and len(down) == 2 else [])
     if any(type(bn) is not nn.BatchNorm2d for bn in norms):  # e.g. SyncBatchNorm: statistics span processes
         return _reference_block(block, x_in)
     if down is not None and not (isinstance(down, nn.Sequential) and len(down) == 2):
         raise ValueError(f"{where}: downsample must be nn.Sequential(conv, BatchNorm2d), got {down!r}")
-    stride, padding = _conv_config(block.conv1, x.shape[1], f"{where}.conv1")
-    width = block.conv1.out_channels
-    stride2, padding2 = _conv_config(block.conv2, width, f"{where}.conv2")
-    bn1, bn2 = _bn_config(block.bn1, f"{where}.bn1"), _bn_config(block.bn2, f"{where}.bn2")
+    stride, padding = _conv_config(conv1, x.shape[1], f"{where}.conv1")
+    width = conv1.out_channels
+    stride2, padding2 = _conv_config(conv2, width, f"{where}.conv2")
+    bn1, bn2 = _bn_config(bn1_module, f"{where}.bn1"), _bn_config(bn2_module, f"{where}.bn2")
     bnd = None
     if down is not None:
         if _conv_config(down[0], x.shape[1], f"{where}.downsample.0") != (stride, padding):
             raise ValueError(f"{where}: the downsample conv must have conv1's stride and padding")
         bnd = _bn_config(down[1], f"{where}.downsample.1")
-    shapes = (block.conv1.kernel_size, block.conv2.kernel_size, padding, padding2, stride2)
+    shapes = (conv1.kernel_size, conv2.kernel_size, padding, padding2, stride2)
     if shapes != ((3, 3), (3, 3), 1, 1, 1) or (down is not None and down[0].kernel_size != (3, 3)):
         raise ValueError(f"{where}: the fused block needs 3x3 convs with padding 1 (conv2 stride 1), got kernel sizes "
-                         f"{block.conv1.kernel_size}, {block.conv2.kernel_size}, paddings {padding}, {padding2}, "
+                         f"{conv1.kernel_size}, {conv2.kernel_size}, paddings {padding}, {padding2}, "
                          f"conv2 stride {stride2}")
     if down is None and (stride != 1 or x.shape[1] != width):
         raise ValueError(f"{where}: an identity residual needs stride 1 and {width} input channels, "
                          f"got stride {stride} and input shape {tuple(x.shape)}")
-    _check_devices(where, x, block)
+    _check_devices(where, x, conv1, bn1_module, conv2, bn2_module, *(down if down is not None else ()))
     if not fused or (not bn1.batch_stats and _needs_grad(x, block)):
         return _reference_block(block, x_in)
     if not bn1.batch_stats:
         if not (bn1.batch_stats == bn2.batch_stats == (bnd.batch_stats if bnd else bn1.batch_stats)):
             return _reference_block(block, x_in)
         dtype = x.dtype
-        h1 = _eval_conv(x, block.conv1.weight, stride, 1, bn1, dtype, relu=True)
-        residual = x if down is None else _eval_conv(x, down[0].weight, stride, 1, bnd, dtype)
-        return _eval_conv(h1, block.conv2.weight, 1, 1, bn2, dtype, residual=residual, relu=True)
+        h1 = _eval_conv(x, conv1._parameters["weight"], stride, 1, bn1, dtype, relu=True)
+        residual = x if down is None else _eval_conv(x, down[0]._parameters["weight"], stride, 1, bnd, dtype)
+        return _eval_conv(h1, conv2._parameters["weight"], 1, 1, bn2, dtype, residual=residual, relu=True)
     if not (bn2.batch_stats and (bnd is None or bnd.batch_stats)):
         return _reference_block(block, x_in)
     out_hw = L.out_size(x.shape[2], 3, stride, 1), L.out_size(x.shape[3], 3, stride, 1)
     _check_batch(bn1, torch.Size((x.shape[0], width, *out_hw)))
-    wd, gd, bd = (down[0].weight, down[1].weight, down[1].bias) if down is not None else (None, None, None)
+    wd, gd, bd = ((down[0]._parameters["weight"], bnd.args.weight, bnd.args.bias) if down is not None
+                  else (None, None, None))
     bns = (bn1.args, bn2.args, bnd.args if bnd is not None else None)
-    return ResidualBlockFunction.apply(x, block.conv1.weight, block.bn1.weight, block.bn1.bias,
-                                       block.conv2.weight, block.bn2.weight, block.bn2.bias, wd, gd, bd, stride, bns)
+    return ResidualBlockFunction.apply(x, conv1._parameters["weight"], bn1.args.weight, bn1.args.bias,
+                                       conv2._parameters["weight"], bn2.args.weight, bn2.args.bias, wd, gd, bd,
+                                       stride, bns)
 
 
 def _reference_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
