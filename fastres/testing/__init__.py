@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-from .launchers.core import count_launches, observe_launches, stub_launches
+from ..launchers.core import count_launches, observe_launches, stub_launches
 
 __all__ = ["count_launches", "observe_launches", "saved_tensor_bytes", "stub_launches"]
 
