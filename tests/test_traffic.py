@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastres import _backend
-from fastres.models import ResNet, resnet20
+from fastres.models import resnet20
 from fastres.optim import SGD
 from fastres.reference import nn as ref
 from fastres.testing import stub_launches
@@ -97,21 +97,12 @@ def test_roles_predict_every_launch_of_a_resnet20_step_exactly(roles):
     for i, record in enumerate(records):
         assert record.unattributed == 0, f"launch {i} {record.kernel}"
         assert roles.bytes_of(record.launch) == (record.read, record.written), f"launch {i} {record.kernel}"
-    assert sum(r.read for r in records) > sum(r.written for r in records) > 0
-
-
-@needs_interpreter
-def test_roles_carry_over_sizes_and_batch(roles):
-    """The cheap version of the test above: the learning net itself at another size."""
-    torch.manual_seed(2)
-    model = ResNet(layers=(1, 1, 1)).to(memory_format=CL)
-    optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x, y = torch.randn(3, 3, 5, 5).to(memory_format=CL), torch.randint(0, 10, (3,))
-    with stub_launches():
-        T._train_step(model, optimizer, x, y, None)
-    with T.record_launches() as records:
-        T._train_step(model, optimizer, x, y, None)
-    assert [roles.bytes_of(r.launch) for r in records] == [(r.read, r.written) for r in records]
+    # the recording itself, against the optimizer's documented traffic: SGD with
+    # momentum reads param, grad and buffer and writes param and buffer (fp32)
+    n = sum(p.numel() for p in model.parameters())
+    (sgd,) = [r for r in records if r.kernel == "_sgd_kernel"]
+    assert sgd.written == 8 * n
+    assert 12 * n < sgd.read < 12 * n + 8192  # + its two int64 tables
 
 
 def test_recording_compiled_kernels_is_refused():
