@@ -59,11 +59,11 @@ def test_op_traffic_counts_distinct_bytes_per_op():
 
 def test_fake_eager_step_counts_what_a_real_step_does():
     """FakeTensorMode runs none of the arithmetic but dispatches the same ops and sizes."""
-    fake = T.eager_step_traffic(4, 32, None)
+    fake = T.eager_step_traffic(2, 8, None)
     torch.manual_seed(0)
     model = ref.resnet20().to(memory_format=CL)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=True)
-    x, y = torch.randn(4, 3, 32, 32).to(memory_format=CL), torch.randint(0, 10, (4,))
+    x, y = torch.randn(2, 3, 8, 8).to(memory_format=CL), torch.randint(0, 10, (2,))
     real = T.training_step_traffic(model, optimizer, x, y)
     assert fake.components == real.components
     assert all(t.ops and t.bytes for t in real.components.values())
@@ -90,9 +90,9 @@ def test_roles_predict_every_launch_of_a_resnet20_step_exactly(roles):
     optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = torch.randn(3, 3, 6, 6).to(memory_format=CL), torch.randint(0, 10, (3,))
     with stub_launches():  # the optimizer's first step is special: record a later one
-        T._train_step(model, optimizer, x, y, None)
+        T.train_step(model, optimizer, x, y, None)
     with T.record_launches() as records:
-        T._train_step(model, optimizer, x, y, None)
+        T.train_step(model, optimizer, x, y, None)
     assert {r.kernel for r in records} >= {"_conv_kernel", "_conv_wgrad_kernel", "_sgd_kernel"}
     for i, record in enumerate(records):
         assert record.unattributed == 0, f"launch {i} {record.kernel}"

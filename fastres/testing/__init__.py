@@ -1,4 +1,8 @@
-"""Helpers for tests of fastres and of code built on it."""
+"""Helpers for tests of fastres and of code built on it.
+
+:mod:`fastres.testing.traffic` models the memory traffic of launches and aten
+ops (``python -m fastres.testing.traffic`` prints the ResNet-20 report).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,9 @@ from typing import Any, Callable
 import torch
 
 from ..launchers.core import count_launches, observe_launches, stub_launches
+from . import traffic
 
-__all__ = ["count_launches", "observe_launches", "saved_tensor_bytes", "stub_launches"]
+__all__ = ["count_launches", "observe_launches", "saved_tensor_bytes", "stub_launches", "traffic"]
 
 
 def saved_tensor_bytes(fn: Callable[[], Any], keep: Callable[[torch.Tensor], bool] | None = None) -> int:

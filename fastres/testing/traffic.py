@@ -42,7 +42,7 @@ from ..launchers.core import kernel_name, observe_launches, stub_launches
 
 __all__ = [
     "LaunchRecord", "LaunchRoles", "OpTraffic", "Traffic", "TrafficMeter", "TrafficUnavailable",
-    "learn_launch_roles", "record_launches", "training_step_traffic",
+    "learn_launch_roles", "record_launches", "train_step", "training_step_traffic",
 ]
 
 
@@ -492,8 +492,7 @@ class TrafficMeter:
         self._current: Optional[Traffic] = None
 
     def __enter__(self) -> "TrafficMeter":
-        if self.roles is not None:
-            self._stack.enter_context(observe_launches(self._observe))
+        self._stack.enter_context(observe_launches(self._observe))
         self._stack.enter_context(self.ops)
         self.ops.paused += 1
         return self
@@ -504,6 +503,9 @@ class TrafficMeter:
     def _observe(self, kernel: Any, grid: tuple, args: tuple, meta: dict) -> None:
         if self._current is None:
             return
+        if self.roles is None:
+            raise ValueError(f"TrafficMeter: {kernel_name(kernel)} was launched but no roles were given to count "
+                             "launches; pass roles=learn_launch_roles()")
         self.ops.paused += 1  # the role lookup's own tensor reads are not the step's
         try:
             read, written = self.roles.predict(kernel, args, meta)
@@ -532,8 +534,10 @@ class TrafficMeter:
 COMPONENTS = ("forward", "backward", "optimizer step")
 
 
-def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                autocast: Optional[torch.dtype], meter: Optional[TrafficMeter] = None) -> None:
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               autocast: Optional[torch.dtype] = None, meter: Optional[TrafficMeter] = None) -> None:
+    """Cross-entropy forward (under ``autocast`` when given), backward, ``optimizer.step()``
+    and ``zero_grad``, each part inside ``meter.component`` when a meter is given."""
     part = meter.component if meter is not None else (lambda name: contextlib.nullcontext())
     cast = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with part(COMPONENTS[0]), cast:
@@ -554,9 +558,9 @@ def training_step_traffic(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     :func:`~fastres.testing.stub_launches` for full-size fastres models and
     under ``FakeTensorMode`` for eager ones to skip the arithmetic."""
     for _ in range(warmup):
-        _train_step(model, optimizer, x, y, autocast)
+        train_step(model, optimizer, x, y, autocast)
     with TrafficMeter(roles) as meter:
-        _train_step(model, optimizer, x, y, autocast, meter)
+        train_step(model, optimizer, x, y, autocast, meter)
     return meter
 
 
@@ -577,10 +581,10 @@ def learn_launch_roles(autocast: Sequence[Optional[torch.dtype]] = (None,), batc
         x = torch.randn(batch, 3, size, size).to(memory_format=memory_format)
         y = torch.randint(0, 10, (batch,))
         with stub_launches():  # the optimizer's first step differs (no momentum read): learn a later one
-            _train_step(model, optimizer, x, y, dtype)
+            train_step(model, optimizer, x, y, dtype)
         # The stubbed step left uninitialised buffers; their values do not move a byte.
         with record_launches() as records, np.errstate(invalid="ignore", over="ignore"):
-            _train_step(model, optimizer, x, y, dtype)
+            train_step(model, optimizer, x, y, dtype)
         roles.learn(records)
     return roles
 
