@@ -11,9 +11,10 @@ from typing import Any, Callable
 import torch
 
 from ..launchers.core import count_launches, observe_launches, stub_launches
-from . import traffic
 
-__all__ = ["count_launches", "observe_launches", "saved_tensor_bytes", "stub_launches", "traffic"]
+# fastres.testing.traffic is imported on demand: `python -m fastres.testing.traffic`
+# must find it unimported.
+__all__ = ["count_launches", "observe_launches", "saved_tensor_bytes", "stub_launches"]
 
 
 def saved_tensor_bytes(fn: Callable[[], Any], keep: Callable[[torch.Tensor], bool] | None = None) -> int:
