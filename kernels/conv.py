@@ -359,13 +359,13 @@ def _conv_wgrad_kernel(
     sg_k, sg_c, sg_r, sg_s,
     R: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     DY_PROLOGUE: tl.constexpr, X_PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """dW[k, c, r, s] = sum over pixels of dY'[pix, k] * X'[source(pix, r, s), c], split over the pixels.
 
     dY (``dy2``: the BN input for ``PRO_BN_GRAD``, same strides): [N, P, Q, K],
     M = N * P * Q rows; X: [N, H, W, C]. Program axis 0 walks (r, s, k tile,
-    c tile), axis 1 the splits of the rows. With one split the tile goes
+    c tile), axis 1 the splits of the rows. Without ``SPLIT`` (one split) the tile goes
     straight to ``grad`` (in the weight's own strides ``sg_*``, so autograd
     never copies it into the parameter's memory format); with more, each
     split writes its fp32 slice of ``part`` [splits, K, C, R, S] and the last
@@ -409,7 +409,7 @@ def _conv_wgrad_kernel(
     mask = k_mask[:, None] & c_mask[None, :]
     grad_offs = offs_k[:, None].to(tl.int64) * sg_k + offs_c[None, :] * sg_c + r * sg_r + s * sg_s
     grad_ty = grad_ptr.dtype.element_ty
-    if n_splits == 1:
+    if not SPLIT:
         tl.store(grad_ptr + grad_offs, to_storage(acc, grad_ty), mask=mask)
     else:
         kcrs = K * C * R * S
@@ -581,10 +581,10 @@ def _conv_specs():
 
 def _wgrad_specs():
     base = dict(R=3, S=3, STRIDE=1, PAD=1, DY_PROLOGUE=PRO_BN_GRAD, X_PROLOGUE=PRO_BN_RELU,
-                DOT_PRECISION="ieee", UPCAST_DOT=False,
+                DOT_PRECISION="ieee", UPCAST_DOT=False, SPLIT=True,
                 BLOCK_K=64, BLOCK_C=64, BLOCK_P=64)
     variants = [
-        ("bf16", "conv2 wgrad: BN-grad and BN+ReLU prologues", {}),
+        ("bf16", "conv2 wgrad: BN-grad and BN+ReLU prologues, unsplit", dict(SPLIT=False)),
         ("fp32", "conv1 wgrad stride 2, tf32", dict(STRIDE=2, X_PROLOGUE=PRO_NONE, DOT_PRECISION="tf32",
                                                     BLOCK_K=16, BLOCK_C=16)),
         ("fp16", "stem wgrad, 16 x 16", dict(X_PROLOGUE=PRO_NONE, BLOCK_K=16, BLOCK_C=16)),

@@ -125,18 +125,20 @@ class _Workspace:
         self._outgrown: list[torch.Tensor] = []
 
     def partials(self, numel: int) -> torch.Tensor:
+        """``numel`` fp32 values (exactly: a launch's arguments say what it touches)."""
         if self.scratch.numel() < numel:
             self._outgrown.append(self.scratch)
             self.scratch = torch.empty(max(numel, 2 * self.scratch.numel(), 1 << 16), dtype=torch.float32,
                                        device=self.device)
-        return self.scratch
+        return self.scratch[:numel]
 
     def counters(self, numel: int) -> torch.Tensor:
+        """``numel`` int32 counters, all zero."""
         if self.counter.numel() < numel:
             self._outgrown.append(self.counter)
             self.counter = torch.zeros(max(numel, 2 * self.counter.numel(), 4096), dtype=torch.int32,
                                        device=self.device)
-        return self.counter
+        return self.counter[:numel]
 
 
 _workspaces: dict[tuple, _Workspace] = {}
@@ -302,7 +304,7 @@ def _plan_wgrad(dy_shape, dy_stride, x_shape, x_stride, w_shape, g_stride, strid
     ints = (H, W, C, P, Q, K, M, rows_per_split, *dy_stride, *x_stride, *g_stride)
     meta = dict(R=R, S=S, STRIDE=stride, PAD=padding, DY_PROLOGUE=dy_prologue, X_PROLOGUE=x_prologue,
                 DOT_PRECISION="tf32" if tf32 else "ieee", UPCAST_DOT=_upcast_dot(dtype, device_type),
-                BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=WGRAD_BLOCK_P, num_warps=NUM_WARPS)
+                SPLIT=splits > 1, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=WGRAD_BLOCK_P, num_warps=NUM_WARPS)
     return _WgradPlan((tiles, splits), ints, splits * K * C * R * S if splits > 1 else 0, meta)
 
 

@@ -564,28 +564,38 @@ def training_step_traffic(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     return meter
 
 
-def learn_launch_roles(autocast: Sequence[Optional[torch.dtype]] = (None,), batch: int = 2, size: int = 4,
+def learn_launch_roles(autocast: Sequence[Optional[torch.dtype]] = (None,), batch: int = 2, size: int = 6,
                        memory_format: torch.memory_format = torch.channels_last) -> LaunchRoles:
     """Roles of every launch of a fused CIFAR ResNet's training step, learned from
-    one interpreted step (per ``autocast`` dtype) of the smallest such network:
-    one block per stage, so an identity block and two downsampling blocks, at
-    ``batch`` images of ``size`` x ``size``. Takes tens of seconds."""
+    interpreted steps (per ``autocast`` dtype) of the smallest such network: one
+    block per stage, so an identity block and two downsampling blocks, at
+    ``batch`` images of ``size`` x ``size``; and of a downsampling block
+    followed by an identity block, on twice that size and on that size. The
+    defaults give every variant a full-size step launches: reductions over one
+    and several row tiles, weight gradients unsplit and split, for stride 1 and
+    2 and both prologues. Takes tens of seconds."""
     from ..models import ResNet
+    from ..nn import ResidualBlock, downsample
     from ..optim import SGD
 
     roles = LaunchRoles()
     for dtype in autocast:
         torch.manual_seed(0)
-        model = ResNet(layers=(1, 1, 1)).to(memory_format=memory_format)
-        optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9)
-        x = torch.randn(batch, 3, size, size).to(memory_format=memory_format)
-        y = torch.randint(0, 10, (batch,))
-        with stub_launches():  # the optimizer's first step differs (no momentum read): learn a later one
-            train_step(model, optimizer, x, y, dtype)
-        # The stubbed step left uninitialised buffers; their values do not move a byte.
-        with record_launches() as records, np.errstate(invalid="ignore", over="ignore"):
-            train_step(model, optimizer, x, y, dtype)
-        roles.learn(records)
+        stage = torch.nn.Sequential(ResidualBlock(16, 32, 2, downsample(16, 32, 2)), ResidualBlock(32, 32),
+                                    torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
+        cases = [(ResNet(layers=(1, 1, 1)), torch.randn(batch, 3, size, size)),
+                 (stage, torch.randn(batch, 16, 2 * size, 2 * size)), (stage, torch.randn(batch, 16, size, size))]
+        for model, x in cases:
+            model = model.to(memory_format=memory_format)
+            x = x.to(memory_format=memory_format)
+            optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9)
+            y = torch.randint(0, 10, (batch,))
+            with stub_launches():  # the optimizer's first step differs (no momentum read): learn a later one
+                train_step(model, optimizer, x, y, dtype)
+            # The stubbed step left uninitialised buffers; their values do not move a byte.
+            with record_launches() as records, np.errstate(invalid="ignore", over="ignore"):
+                train_step(model, optimizer, x, y, dtype)
+            roles.learn(records)
     return roles
 
 
