@@ -134,7 +134,7 @@ def stage_items(cfg, key: str, out: Path, deadline: float) -> list:
 
     return {"3a": lambda: li.optim_checks(cfg), "3b": lambda: li.block_checks(cfg),
             "4a": lambda: li.optim_rows(cfg, str(out)), "4b": lambda: li.train_rows(cfg),
-            "4c": lambda: li.block_rows(cfg, lambda: deadline)}[key]()
+            "4c": lambda: li.block_rows(cfg, lambda: deadline, str(out))}[key]()
 
 
 def cuda_broken() -> bool:
@@ -172,8 +172,8 @@ def run_items(cfg, key: str, out: Path, deadline: float) -> int:
             status = "pass" if item.kind == "check" else "ok"
         except AssertionError as exc:
             status, detail = "fail", tail(str(exc) or traceback.format_exc())
-        except li.Skip as exc:
-            status, detail = "skipped", str(exc)
+        except li.SKIPS as exc:
+            status, detail = "skipped", str(getattr(exc, "msg", None) or exc)
         except Exception:
             status, detail = "error", tail(traceback.format_exc())
         seconds = time.time() - start

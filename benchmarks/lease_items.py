@@ -49,6 +49,9 @@ class Skip(Exception):
     """An item (or a variant of a row) that cannot run here, with the reason."""
 
 
+SKIPS = (Skip, pytest.skip.Exception)  # the suites' helpers skip with pytest.skip (a BaseException)
+
+
 @dataclasses.dataclass
 class Item:
     name: str
@@ -454,7 +457,20 @@ def big_tensor(cfg: Config) -> dict:
 
 
 def optim_checks(cfg: Config) -> list:
-    items = []
+    """The step counter, CUDA graphs and the >2^31 tensor first (one each), then parity on every set and dtype."""
+    numel, steps = cfg.counter
+    items = [Item("optim step counter Adam", "check", functools.partial(step_counter, cfg),
+                  functools.partial(warm_optim, cfg, "Adam", {"lr": 1e-4}, [(numel,), (3,), ()], FP32),
+                  cfg.scaled(f"{steps} steps, {-(-numel // CHUNK)} programs per tensor"))]
+    for name in ("SGD", "Adam", "RMSprop", "Adadelta")[:1 if cfg.dry else 4]:
+        opts = {"momentum": 0.9} if name == "SGD" else {"capturable": True}
+        items.append(Item(f"optim CUDA graph {name}", "check", functools.partial(graph_step, cfg, name),
+                          functools.partial(warm_optim, cfg, name, dict(opts, lr=1e-2), shapes_of(cfg, "resnet20"),
+                                            FP32, lr_tensor=True),
+                          cfg.scaled("no CUDA graph on a CPU: the eager step stands in for the replay")))
+    items.append(Item("optim >2^31 elements SGD", "check", functools.partial(big_tensor, cfg),
+                      functools.partial(warm_optim, cfg, "SGD", {"lr": 0.5}, [(cfg.big_numel,)], FP32),
+                      cfg.scaled(f"{cfg.big_numel} elements, not 2^31 + 4099")))
     names = optim_cases.OPTIMIZERS
     combos = [(n, s, d) for d in (FP32, BF16) for s in cfg.optim_sets for n in names]
     if cfg.dry:  # every optimizer once in fp32 and the bf16 rounding path once, on one tiny set
@@ -467,19 +483,6 @@ def optim_checks(cfg: Config) -> list:
             functools.partial(warm_optim, cfg, name, optim_cases.FULL_STATE_OPTIONS[name], shapes_of(cfg, set_name), dtype),
             cfg.scaled(f"{set_name} -> {cfg.optim_sets[set_name]} params, {cfg.optim_steps} steps"),
             group=f"optim {set_name} {dt}", label=name))
-    numel, steps = cfg.counter
-    items.append(Item("optim step counter Adam", "check", functools.partial(step_counter, cfg),
-                      functools.partial(warm_optim, cfg, "Adam", {"lr": 1e-4}, [(numel,), (3,), ()], FP32),
-                      cfg.scaled(f"{steps} steps, {-(-numel // CHUNK)} programs per tensor")))
-    for name in ("SGD", "Adam", "RMSprop", "Adadelta")[:1 if cfg.dry else 4]:
-        opts = {"momentum": 0.9} if name == "SGD" else {"capturable": True}
-        items.append(Item(f"optim CUDA graph {name}", "check", functools.partial(graph_step, cfg, name),
-                          functools.partial(warm_optim, cfg, name, dict(opts, lr=1e-2), shapes_of(cfg, "resnet20"),
-                                            FP32, lr_tensor=True),
-                          cfg.scaled("no CUDA graph on a CPU: the eager step stands in for the replay")))
-    items.append(Item("optim >2^31 elements SGD", "check", functools.partial(big_tensor, cfg),
-                      functools.partial(warm_optim, cfg, "SGD", {"lr": 0.5}, [(cfg.big_numel,)], FP32),
-                      cfg.scaled(f"{cfg.big_numel} elements, not 2^31 + 4099")))
     return items
 
 
@@ -634,7 +637,7 @@ def time_variants(cfg: Config, factories: dict) -> tuple:
                 medians[variant] = (time.perf_counter() - start) * 1e3
             else:
                 medians[variant] = harness.median_ms(fn, cfg.device, cfg.min_runs, warmed=True)
-        except (Skip, pytest.skip.Exception) as exc:
+        except SKIPS as exc:
             errors[variant] = f"skipped: {getattr(exc, 'msg', None) or exc}"
         except Exception as exc:  # this variant's failure is part of the row; the others go on
             errors[variant] = short(exc)
@@ -662,7 +665,7 @@ def ratio(medians: dict, subject: str, baseline, goal: Optional[float] = None, n
 
 
 def read_ceilings(out_dir: Optional[str]) -> dict:
-    """The ceilings stage 1 measured (from results.jsonl), else measured here."""
+    """The ceilings stage 1 recorded in OUT/results.jsonl ({} when it recorded none: GB/s rows then lack a fraction)."""
     import json
     import os
 
@@ -779,7 +782,7 @@ def train_rows(cfg: Config) -> list:
 BLOCK_ROW_VARIANTS = ["fastres", "eager channels_last", "eager", "torch.compile"]
 
 
-def block_row(cfg: Config, case, dtype: str, variants: list) -> dict:
+def block_row(cfg: Config, ceiling: Callable[[], dict], case, dtype: str, variants: list) -> dict:
     """One block's forward + backward: fastres against eager (cudnn.benchmark; both layouts) and torch.compile,
     with GB/s (the fused design's traffic, test_block's count) and saved-activation bytes against eager."""
     group = f"lease/block/{case.name}/{dtype}"
@@ -804,10 +807,13 @@ def block_row(cfg: Config, case, dtype: str, variants: list) -> dict:
                        "goal": lim["saved"], "met": saved_ratio <= lim["saved"]})
     elem = test_block.DTYPES[dtype].itemsize
     ms = medians.get("fastres")
+    gbps = harness.gbps(test_block.fused_elements(case) * elem, ms)
+    tflops = test_block.conv_flops(case) / (ms * 1e-3) / 1e12 if ms else None
+    c = ceiling()
     return {"medians_ms": medians, "errors": errors, "launches": launches, "ratios": ratios, "saved": saved,
-            "saved_activation_ratio": saved_ratio, "batch": case.batch,
-            "gbps": harness.gbps(test_block.fused_elements(case) * elem, ms),
-            "tflops": test_block.conv_flops(case) / (ms * 1e-3) / 1e12 if ms else None}
+            "saved_activation_ratio": saved_ratio, "batch": case.batch, "gbps": gbps, "tflops": tflops,
+            "fraction_of_copy": gbps / c["copy_gbps"] if gbps and c.get("copy_gbps") else None,
+            "fraction_of_bf16_matmul": tflops / c["matmul_bf16_tflops"] if tflops and c.get("matmul_bf16_tflops") else None}
 
 
 def warm_block_row(cfg: Config, case, dtype: str) -> None:
@@ -820,24 +826,26 @@ def warm_block_row(cfg: Config, case, dtype: str) -> None:
         test_block.block_inputs.cache_clear()
 
 
-def max_autotune_row(cfg: Config, case, dtype: str, deadline: Callable[[], float]) -> dict:
+def max_autotune_row(cfg: Config, ceiling: Callable[[], dict], case, dtype: str, deadline: Callable[[], float]) -> dict:
     """torch.compile max-autotune against fastres, only while time remains (its compiles take minutes)."""
     if cfg.device != "cuda":
         raise Skip(resnet_bench.COMPILE_CPU_SKIP)
     if deadline() - time.time() < 120:
         raise Skip("less than 120 s left in the stage: max-autotune rows need minutes of compiles")
-    return block_row(cfg, case, dtype, ["fastres", "torch.compile max-autotune"])
+    return block_row(cfg, ceiling, case, dtype, ["fastres", "torch.compile max-autotune"])
 
 
-def block_rows(cfg: Config, deadline: Callable[[], float] = lambda: math.inf) -> list:
+def block_rows(cfg: Config, deadline: Callable[[], float] = lambda: math.inf, out_dir: Optional[str] = None) -> list:
+    ceiling = functools.lru_cache(maxsize=1)(lambda: read_ceilings(out_dir))
     cases = cfg.block_cases[:1] if cfg.dry else cfg.block_cases
     dtypes = ["bf16"] if cfg.dry else ["bf16", "fp32"]
     items = [Item(f"block {c.net} {c.name}{batch_suffix(c)} {d}", "ratio",
-                  functools.partial(block_row, cfg, c, d, BLOCK_ROW_VARIANTS),
+                  functools.partial(block_row, cfg, ceiling, c, d, BLOCK_ROW_VARIANTS),
                   functools.partial(warm_block_row, cfg, c, d),
                   cfg.scaled(f"batch {c.batch}; torch.compile skipped on the CPU"), warm_first=not cfg.dry)
              for d in dtypes for c in cases]
     items += [Item(f"block {c.net} {c.name}{batch_suffix(c)} bf16 max-autotune", "ratio",
-                   functools.partial(max_autotune_row, cfg, c, "bf16", deadline), None, cfg.scaled("skipped on the CPU"))
+                   functools.partial(max_autotune_row, cfg, ceiling, c, "bf16", deadline), None,
+                   cfg.scaled("skipped on the CPU"))
               for c in cases]
     return items
