@@ -6,14 +6,15 @@
 Stages, in order, each under its own time budget (GPU / dry run, seconds), so that a slow, hanging or
 crashing stage never starves the next; what a stage measured is in OUT even when it is cut:
 
-  1   environment and ceilings   30 / 20   device, driver, versions, git revision; D2D copy GB/s, bf16 TFLOP/s
-  2   compile warm-up           100 / 30   every fastres kernel variant and torch.compile graph of stages 3-4,
-                                           built in parallel processes (one per core, at most 16) at the same
-                                           shapes, so Triton's and inductor's on-disk caches hit later
-  3a  correctness: optimizers    45 / 25   lease_items.optim_checks: NaN-poisoned, at full size
-  3b  correctness: models+blocks 75 / 35   lease_items.block_checks
+  1   environment and ceilings   30 / 15   device, driver, versions, git revision; D2D copy GB/s, bf16 TFLOP/s
+  2   compile warm-up           100 / 30   every fastres kernel variant of stages 3-4 and the torch.compile graphs
+                                           of the training rows and bf16 block rows, built in parallel processes
+                                           (one per core, at most 16) at the same shapes and dtypes, so Triton's
+                                           and inductor's on-disk caches hit later
+  3a  correctness: optimizers    45 / 30   lease_items.optim_checks: NaN-poisoned, at full size
+  3b  correctness: models+blocks 75 / 25   lease_items.block_checks
   4a  ratios: optimizer steps    35 / 15   lease_items.optim_rows
-  4b  ratios: training steps     60 / 35   lease_items.train_rows
+  4b  ratios: training steps     60 / 40   lease_items.train_rows
   4c  ratios: residual block     60 / 25   lease_items.block_rows (max-autotune only while time remains)
   5   test suite                 the rest  pytest tests (-n with pytest-xdist on the GPU; --timeout with
                                            pytest-timeout), interrupted cleanly before the total budget ends
@@ -281,7 +282,7 @@ def warmup_stage(dry: bool, out: Path, deadline: float) -> int:
     import multiprocessing
 
     workers = 2 if dry else max(1, min(16, os.cpu_count() or 1))
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # one core per worker: the pool is the parallelism
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "2")  # the pool is the parallelism (16 x 2 threads)
     start = time.time()
     pool = multiprocessing.get_context("spawn").Pool(workers, _warm_init, (dry, str(out)))
     finished, work_s, tasks = set(), 0.0, []

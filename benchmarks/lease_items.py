@@ -518,17 +518,15 @@ def block_check(cfg: Config, case, mode: str) -> dict:
     return {"steps": cfg.block_steps, "batch": case.batch, "fp32_atol": atol if dtype == FP32 else None}
 
 
-def fused_block(case, device: str) -> torch.nn.Module:
+def warm_block(cfg: Config, case, dtype: torch.dtype, use_tf32: bool, row: bool) -> None:
+    """The fused block's forward, backward and eval forward at ``case``, with the layouts and dtypes the check
+    (``row=False``: weights in ``dtype``, contiguous, as test_conv_block makes them) or the ratio row (``row=True``:
+    fp32 channels_last weights under bf16 autocast, as test_block.block_step makes them) runs it with."""
     proj = fastres.nn.downsample(case.cin, case.cout, case.stride) if case.downsample else None
-    return fastres.nn.ResidualBlock(case.cin, case.cout, case.stride, proj).to(device, memory_format=torch.channels_last)
-
-
-def warm_block(cfg: Config, case, dtype: torch.dtype, use_tf32: bool, autocast: bool) -> None:
-    """The fused block's forward, backward and eval forward at ``case`` (channels_last), as the checks/rows run it."""
+    block = fastres.nn.ResidualBlock(case.cin, case.cout, case.stride, proj).to(cfg.device)
+    block = block.to(memory_format=torch.channels_last) if row else block.to(dtype)
+    autocast = row and dtype == BF16
     with tf32(use_tf32):
-        block = fused_block(case, cfg.device)
-        if not autocast:
-            block = block.to(dtype)
         x = torch.randn(case.batch, case.cin, case.hw, case.hw, device=cfg.device, dtype=dtype)
         x = x.to(memory_format=torch.channels_last).requires_grad_()
         with torch.autocast(cfg.device, dtype=BF16, enabled=autocast):
@@ -609,7 +607,7 @@ def block_checks(cfg: Config) -> list:
         dtype, use_tf32 = BLOCK_MODES[mode]
         items.append(Item(f"block {case.net} {case.name}{batch_suffix(case)} {mode}", "check",
                           functools.partial(block_check, cfg, case, mode),
-                          functools.partial(warm_block, cfg, case, dtype, use_tf32, False),
+                          functools.partial(warm_block, cfg, case, dtype, use_tf32, row=False),
                           cfg.scaled(f"batch {case.batch}, {cfg.block_steps} step"),
                           group=f"block {case.net} {case.name}{batch_suffix(case)}", label=mode))
     return items
@@ -817,8 +815,10 @@ def block_row(cfg: Config, ceiling: Callable[[], dict], case, dtype: str, varian
 
 
 def warm_block_row(cfg: Config, case, dtype: str) -> None:
-    warm_block(cfg, case, test_block.DTYPES[dtype], True, autocast=dtype == "bf16")
-    if cfg.device == "cuda":  # torch.compile (inductor): compiled here, found in its on-disk cache in stage 4
+    warm_block(cfg, case, test_block.DTYPES[dtype], True, row=True)
+    # torch.compile (inductor) of the bf16 rows, the ones stage 4 reaches first: compiled here, found in the
+    # on-disk cache there. (All 24 would be ~12 CPU-minutes of compiles: too much for stage 2's budget.)
+    if cfg.device == "cuda" and dtype == "bf16":
         group = f"lease/block/{case.name}/{dtype}"
         with cudnn_benchmark():
             test_block.block_factories(group, case, dtype, cfg.device)["torch.compile"]()
@@ -842,7 +842,7 @@ def block_rows(cfg: Config, deadline: Callable[[], float] = lambda: math.inf, ou
     items = [Item(f"block {c.net} {c.name}{batch_suffix(c)} {d}", "ratio",
                   functools.partial(block_row, cfg, ceiling, c, d, BLOCK_ROW_VARIANTS),
                   functools.partial(warm_block_row, cfg, c, d),
-                  cfg.scaled(f"batch {c.batch}; torch.compile skipped on the CPU"), warm_first=not cfg.dry)
+                  cfg.scaled(f"batch {c.batch}; torch.compile skipped on the CPU"), warm_first=d == "bf16" and not cfg.dry)
              for d in dtypes for c in cases]
     items += [Item(f"block {c.net} {c.name}{batch_suffix(c)} bf16 max-autotune", "ratio",
                    functools.partial(max_autotune_row, cfg, ceiling, c, "bf16", deadline), None,

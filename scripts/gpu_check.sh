@@ -23,4 +23,4 @@ if [ ${#dry[@]} -eq 0 ]; then
     # The machine's own torch/triton stay: no dependencies, no build isolation, nothing downloaded.
     "$python" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -n 3
 fi
-exec "$python" benchmarks/lease.py "${dry[@]}" "$out" "$@"
+exec "$python" benchmarks/lease.py ${dry[@]+"${dry[@]}"} "$out" "$@"
