@@ -33,7 +33,8 @@ errored, or a test failed; else 0.
 
 Options for testing the runner itself: ``--stages 1,3a`` (a subset), ``--budget 1=5`` (override a
 stage's budget), ``--inject-failure`` (the first optimizer check gets a wrong element, which must fail),
-``--inject-hang KEY`` (stage KEY sleeps until it is cut).
+``--inject-hang KEY`` (stage KEY sleeps until it is cut), ``--inject-crash KEY`` (part KEY's process aborts in
+its first item, which must be recorded as an error, and the part resumes after it).
 """
 
 from __future__ import annotations
@@ -151,11 +152,15 @@ def cuda_broken() -> bool:
         return True
 
 
-def run_items(cfg, key: str, out: Path, deadline: float) -> int:
-    """Run the stage's items in order, each recorded as it ends; skip those an earlier attempt recorded."""
+def run_items(cfg, key: str, out: Path, deadline: float, crash: bool = False) -> int:
+    """Run the part's items in order, each recorded as it ends; skip those an earlier process recorded.
+
+    ``crash`` (--inject-crash): the process aborts in its first item, if no item of the part ran yet.
+    """
     import lease_items as li
 
     done = {r["name"] for r in read_records(out) if r.get("type") == "item" and r.get("stage") == key}
+    crash = crash and not done
     min_left = 2.0 if cfg.dry else 5.0
     for item in stage_items(cfg, key, out, deadline):
         if item.name in done:
@@ -166,6 +171,9 @@ def run_items(cfg, key: str, out: Path, deadline: float) -> int:
             append(out, dict(base, status="not run", detail="the stage's budget ran out before this item"))
             continue
         append(out, {"type": "begin", "stage": key, "name": item.name})
+        if crash:
+            print(f"[{key}] --inject-crash: aborting in {item.name}", flush=True)
+            os.abort()  # as a CUDA error that kills the process would
         start = time.time()
         fields, detail = {}, ""
         try:
@@ -358,7 +366,7 @@ def stage_main(args: argparse.Namespace) -> int:
                 import lease_items as li
 
                 cfg = li.Config(dry=args.dry_run, inject_failure=args.inject_failure)
-                rc = run_items(cfg, key, out, deadline)
+                rc = run_items(cfg, key, out, deadline, crash=args.inject_crash == key)
         if rc:
             return rc
         not_run = any(r.get("status") == "not run" for r in read_records(out) if r.get("stage") == key)
@@ -407,6 +415,8 @@ class Runner:
             cmd.append("--inject-failure")
         if self.args.inject_hang:
             cmd += ["--inject-hang", self.args.inject_hang]
+        if self.args.inject_crash:
+            cmd += ["--inject-crash", self.args.inject_crash]
         return cmd + [str(self.out)]
 
     def run_stage(self, parts: list) -> None:
@@ -690,7 +700,8 @@ def render(data: dict) -> str:
         if r["status"] in ("fail", "error"):
             lines.append(f"  !! {r['name']}: " + (r.get("detail") or "").strip().splitlines()[-1][:200]
                          if r.get("detail") else f"  !! {r['name']}")
-    lines.append("ratios (fastres time / baseline time; < 1: fastres faster; goals from the issue):")
+    if data["ratios"]:
+        lines.append("ratios (fastres time / baseline time; < 1: fastres faster; goals from the issue):")
     folded: dict = {}  # rows that did not run, by status and reason: one line each
     for r in data["ratios"]:
         med = r.get("medians_ms") or {}
@@ -735,6 +746,7 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument("--total", type=float, default=0.0, help="total budget in seconds (default 450 GPU / 200 dry)")
     p.add_argument("--inject-failure", action="store_true", help="make the first optimizer check fail (tests)")
     p.add_argument("--inject-hang", default="", metavar="KEY", help="make stage KEY hang until cut (tests)")
+    p.add_argument("--inject-crash", default="", metavar="KEY", help="abort the process in part KEY's first item (tests)")
     p.add_argument("--stage", default="", help=argparse.SUPPRESS)  # inside a stage process
     p.add_argument("--parts", default="", help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
