@@ -143,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC memory format")
     g.add_argument("--compile", nargs="?", const="default", metavar="MODE",
                    help="torch.compile the model (optional mode, e.g. max-autotune)")
-    g.add_argument("--cuda-graph", action="store_true",
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
                    help="capture the whole training step (forward, backward, optimizer step) in one CUDA graph "
-                        "replayed on static input buffers (CUDA only)")
+                        "replayed on static input buffers (CUDA only; the fast recipe's default on one GPU, so "
+                        "the step never waits on Python)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic CUDA kernels (torch.use_deterministic_algorithms, no cudnn benchmark)")
     g.add_argument("--sync-bn", action="store_true",
@@ -172,8 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def graph_by_default(cfg: dict[str, Any], device: torch.device, world_size: int) -> bool:
+    """The fast recipe captures its step in a CUDA graph wherever that is supported (see check_config)."""
+    return (cfg["recipe"] == "fast" and device.type == "cuda" and world_size == 1 and cfg["amp"] != "fp16"
+            and not cfg["compile"] and cfg["optimizer"] != "adagrad")
+
+
 def resolve_config(parser: argparse.ArgumentParser, given: dict[str, Any], saved: dict[str, Any] | None,
-                   device: torch.device) -> dict[str, Any]:
+                   device: torch.device, world_size: int = 1) -> dict[str, Any]:
     """Flags given > the checkpoint's settings (when resuming) > the recipe's."""
     if saved is not None:
         changed = [k for k in LOCKED_ON_RESUME if k in given and given[k] != saved.get(k)]
@@ -212,6 +219,8 @@ def resolve_config(parser: argparse.ArgumentParser, given: dict[str, Any], saved
         parser.error(f"--momentum applies to sgd and rmsprop, not {cfg['optimizer']}")
     if "amp" not in given and cfg["amp"] != "none" and device.type != "cuda":
         cfg["amp"] = "none"  # the recipe's autocast is for GPUs; on a CPU it would only be slower
+    if "cuda_graph" not in given:
+        cfg["cuda_graph"] = graph_by_default(cfg, device, world_size)
     return cfg
 
 
@@ -698,7 +707,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"{out} already holds a run ({CHECKPOINT}); continue it with --resume {out}, "
                          "or pick another --out")
     given = {k: v for k, v in args.items() if k in CONFIG_KEYS}
-    cfg = resolve_config(parser, given, saved["config"] if saved else None, device)
+    cfg = resolve_config(parser, given, saved["config"] if saved else None, device, dist.world_size)
     check_config(parser, cfg, device, dist.world_size)
 
     dist.init(device)

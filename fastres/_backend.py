@@ -66,5 +66,9 @@ def backend_for(tensor: torch.Tensor) -> Backend:
 
 
 def uses_kernels(tensor: torch.Tensor) -> bool:
-    """True when ``tensor`` takes the Triton kernels (compiled or interpreted)."""
-    return backend_for(tensor).name != "torch"
+    """True when ``tensor`` takes the Triton kernels (compiled or interpreted): ``backend_for``'s
+    decision without building its reason (this runs on every fused call)."""
+    if tensor.dtype not in KERNEL_DTYPES or not HAS_TRITON:
+        return False
+    device = tensor.device.type
+    return (device == "cuda" and not INTERPRET) or (device == "cpu" and INTERPRET)

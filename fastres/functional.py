@@ -4,27 +4,30 @@ Functional forms take the plain modules (``nn.Conv2d``, ``nn.BatchNorm2d``,
 the block) so parameters, buffers and their semantics are exactly PyTorch's:
 ``conv_bn_relu(x, conv, bn)`` and ``residual_block(x, block)``.
 
-How BatchNorm is split across launches (training; see ``kernels/conv.py``)::
+How BatchNorm is split across launches (training; see ``kernels/conv.py``).
+A reduction across programs (BatchNorm's statistics, a weight gradient's
+splits) is finished in the same launch by the last program to arrive::
 
-    forward   conv1 (+ BN1 partial stats)   -> finalize BN1 (scale, shift, running stats)
-              conv2 (BN1 + ReLU applied as its operand loads; + BN2 stats) -> finalize BN2
-              [downsample conv (+ stats) -> finalize]
-              tail: relu(BN2(y2) + residual)                    5 launches (7 with downsample)
-    backward  tail: g = dout * relu', BN2 sums                  -> BN2 backward constants
-              conv2 data grad (BN2 backward in its operand loads; ReLU1 mask + BN1 sums in its epilogue)
-              conv2 weight grad (BN2 backward and BN1 + ReLU recomputed in its operand loads) + sum of splits
-              BN1 backward constants; conv1 data grad (+ residual grad in its epilogue); conv1 weight grad
-                                                                9 launches (13 with downsample)
+    forward   conv1 (+ BN1 statistics and running statistics)
+              conv2 (BN1 + ReLU applied as its operand loads; + BN2 statistics)
+              [downsample conv (+ its BN's statistics)]
+              tail: relu(BN2(y2) + residual)                    3 launches (4 with downsample)
+    backward  tail: g = dout * relu', BN2's (and BNd's) backward coefficients and parameter grads
+              conv2 data grad (BN2 backward in its operand loads; ReLU1 mask and BN1's backward in its epilogue)
+              conv2 weight grad (BN2 backward and BN1 + ReLU recomputed in its operand loads)
+              conv1 data grad (+ residual grad in its epilogue); conv1 weight grad
+                                                                5 launches (7 with downsample)
 
 Saved for backward: the block input, the raw conv outputs y1, y2 (and the
 downsample's) and per-channel vectors; the normalised activations and the
-block output are recomputed where needed.
+block output are recomputed where needed. Weight gradients are written in the
+weight's own memory format, so autograd never copies them.
 
 Eval mode folds BatchNorm into each conv's epilogue (scale and shift per
-output channel, computed by one tiny launch per BN from the current running
-statistics, so no cache can go stale when an optimizer writes weights in
-place), with residual and ReLU in the last conv's epilogue. Eval-mode calls
-that need gradients run the reference ops.
+output channel computed inside the conv from the current running statistics,
+so nothing can go stale when an optimizer writes weights in place), with
+residual and ReLU in the last conv's epilogue. Eval-mode calls that need
+gradients run the reference ops.
 """
 
 from __future__ import annotations
@@ -42,13 +45,9 @@ __all__ = ["conv_bn_relu", "residual_block"]
 
 
 class _BN(NamedTuple):
-    """What the kernels need of an ``nn.BatchNorm2d`` besides its weight and bias."""
+    """How a BatchNorm2d takes part: its kernel arguments and mode."""
 
-    running_mean: Optional[torch.Tensor]
-    running_var: Optional[torch.Tensor]
-    num_batches_tracked: Optional[torch.Tensor]
-    momentum: Optional[float]
-    eps: float
+    args: L.BatchNormArgs
     batch_stats: bool  # training, or no running statistics to use
     update: bool  # training and tracking: update the running statistics
 
@@ -56,14 +55,18 @@ class _BN(NamedTuple):
 def _bn_config(bn: nn.BatchNorm2d, where: str) -> _BN:
     if not bn.affine:
         raise ValueError(f"{where}: BatchNorm2d(affine=False) is not supported by the fused op")
+    # Read the dicts behind nn.Module.__getattr__ directly: this runs on every call.
+    params, buffers = bn._parameters, bn._buffers
     update = bn.training and bn.track_running_stats
-    momentum = bn.momentum
-    if update and bn.num_batches_tracked is None:
+    running_mean = buffers.get("running_mean")
+    if update and buffers.get("num_batches_tracked") is None:
         raise ValueError(f"{where}: a BatchNorm2d that tracks running statistics needs num_batches_tracked")
-    batch_stats = bn.training or bn.running_mean is None
-    return _BN(bn.running_mean if update or not batch_stats else None,
-               bn.running_var if update or not batch_stats else None,
-               bn.num_batches_tracked if update else None, momentum, bn.eps, batch_stats, update)
+    batch_stats = bn.training or running_mean is None
+    keep_running = update or not batch_stats
+    args = L.BatchNormArgs(params["weight"], params["bias"], running_mean if keep_running else None,
+                           buffers["running_var"] if keep_running else None,
+                           buffers["num_batches_tracked"] if update else None, bn.momentum, bn.eps)
+    return _BN(args, batch_stats, update)
 
 
 def _conv_config(conv: nn.Conv2d, in_channels: int, where: str) -> tuple[int, int]:
@@ -81,7 +84,7 @@ def _conv_config(conv: nn.Conv2d, in_channels: int, where: str) -> tuple[int, in
         problems.append(f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r} (needs integer zero padding)")
     if conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:
         problems.append(f"stride={conv.stride}, padding={conv.padding} (needs the same value for height and width)")
-    if conv.bias is not None:
+    if conv._parameters.get("bias") is not None:
         problems.append("bias=True (BatchNorm cancels a conv bias; build the conv with bias=False)")
     if problems:
         raise ValueError(f"{where}: unsupported conv: " + "; ".join(problems))
@@ -100,10 +103,15 @@ def _check_input(x: torch.Tensor, where: str) -> None:
 
 
 def _check_devices(where: str, x: torch.Tensor, *modules: nn.Module) -> None:
+    """Every parameter and buffer the kernels read is on x's device (a clear error otherwise)."""
+    device = x.device
     for module in modules:
-        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            if t.device != x.device:
-                raise RuntimeError(f"{where}: input is on {x.device} but {type(module).__name__}.{name} is on {t.device}")
+        for name, t in module._parameters.items():
+            if t is not None and t.device != device:
+                raise RuntimeError(f"{where}: input is on {device} but {type(module).__name__}.{name} is on {t.device}")
+        for name, t in module._buffers.items():
+            if t is not None and t.device != device:
+                raise RuntimeError(f"{where}: input is on {device} but {type(module).__name__}.{name} is on {t.device}")
 
 
 def _check_batch(bn: _BN, y_shape: torch.Size) -> None:
@@ -120,42 +128,27 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _rows(t: torch.Tensor) -> int:
-    return t.shape[0] * t.shape[2] * t.shape[3]
-
-
-def _conv_stats(x, weight, stride, padding, dtype, bn_weight, bn_bias, bn: _BN, **prologue):
-    """Conv with BN statistics in its epilogue, then the finalize launch."""
-    y, part_mean, part_m2 = L.conv(x, weight, stride, padding, dtype=dtype, epilogue=L.EPI_STATS, **prologue)
-    stats = L.bn_forward_finalize(part_mean, part_m2, _rows(y), bn_weight, bn_bias, bn.running_mean,
-                                  bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps)
-    return y, stats
-
-
 class ConvBNReLUFunction(torch.autograd.Function):
     """Training-mode ``relu(batch_norm(conv2d(x, weight)))`` with batch statistics."""
 
     @staticmethod
-    def forward(ctx, x, weight, bn_weight, bn_bias, stride: int, padding: int, bn: _BN):
-        dtype = x.dtype
-        y, stats = _conv_stats(x, weight, stride, padding, dtype, bn_weight, bn_bias, bn)
+    def forward(ctx, x, weight, bn_weight, bn_bias, stride: int, padding: int, bn: L.BatchNormArgs):
+        y, stats = L.conv(x, weight, stride, padding, dtype=x.dtype, epilogue=L.EPI_STATS, bn=bn)
         out = L.bn_relu_apply(y, stats)
-        ctx.save_for_backward(x, weight, bn_weight, y, *stats)
+        ctx.save_for_backward(x, weight, bn_weight, y, stats)
         ctx.conv = (stride, padding)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight, bn_weight, y, *stats = ctx.saved_tensors
-        stats = L.BatchStats(*stats)
+        x, weight, bn_weight, y, stats = ctx.saved_tensors
         stride, padding = ctx.conv
-        g, part_g, part_gx, _ = L.bn_relu_backward(dout, y, stats)
-        coefs = L.bn_backward_finalize(part_g, part_gx, _rows(y), bn_weight, stats)
+        g, coefs, _ = L.bn_relu_backward(dout, y, stats, bn_weight)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx, _, _ = L.conv(g, weight, stride, padding, dtype=x.dtype, transposed=True, out_hw=tuple(x.shape[2:]),
-                              prologue=L.PRO_BN_GRAD, a2=y, pro=coefs.prologue())
-        dweight = L.conv_wgrad(g, x, weight, stride, padding, dy2=y, dy_pro=coefs.prologue())
+            dx, _ = L.conv(g, weight, stride, padding, dtype=x.dtype, transposed=True, out_hw=tuple(x.shape[2:]),
+                           prologue=L.PRO_BN_GRAD, a2=y, pro=coefs.packed)
+        dweight = L.conv_wgrad(g, x, weight, stride, padding, dy2=y, dy_pro=coefs.packed)
         return dx, dweight, coefs.dweight, coefs.dbias, None, None, None
 
 
@@ -166,57 +159,54 @@ class ResidualBlockFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w1, g1, b1, w2, g2, b2, wd, gd, bd, stride: int, bns: tuple[_BN, _BN, Optional[_BN]]):
+    def forward(ctx, x, w1, g1, b1, w2, g2, b2, wd, gd, bd, stride: int,
+                bns: tuple[L.BatchNormArgs, L.BatchNormArgs, Optional[L.BatchNormArgs]]):
         dtype = x.dtype
         bn1, bn2, bnd = bns
-        y1, s1 = _conv_stats(x, w1, stride, 1, dtype, g1, b1, bn1)
-        y2, s2 = _conv_stats(y1, w2, 1, 1, dtype, g2, b2, bn2, prologue=L.PRO_BN_RELU, pro=L.Affine(s1.scale, s1.shift))
+        y1, s1 = L.conv(x, w1, stride, 1, dtype=dtype, epilogue=L.EPI_STATS, bn=bn1)
+        y2, s2 = L.conv(y1, w2, 1, 1, dtype=dtype, prologue=L.PRO_BN_RELU, pro=s1, epilogue=L.EPI_STATS, bn=bn2)
         if wd is not None:
-            yd, sd = _conv_stats(x, wd, stride, 1, dtype, gd, bd, bnd)
+            yd, sd = L.conv(x, wd, stride, 1, dtype=dtype, epilogue=L.EPI_STATS, bn=bnd)
             out = L.bn_relu_apply(y2, s2, yd, sd)
-            ctx.save_for_backward(x, w1, g1, y1, *s1, w2, g2, y2, *s2, wd, gd, yd, *sd)
+            ctx.save_for_backward(x, w1, g1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd)
         else:
             out = L.bn_relu_apply(y2, s2, x)
-            ctx.save_for_backward(x, w1, g1, y1, *s1, w2, g2, y2, *s2)
+            ctx.save_for_backward(x, w1, g1, y1, s1, w2, g2, y2, s2)
         ctx.stride = stride
+        ctx.bn1 = bn1
         return out
 
     @staticmethod
     def backward(ctx, dout):
         saved = ctx.saved_tensors
-        x, (w1, g1, y1), s1 = saved[0], saved[1:4], L.BatchStats(*saved[4:8])
-        (w2, g2, y2), s2 = saved[8:11], L.BatchStats(*saved[11:15])
-        has_down = len(saved) > 15
+        x, w1, g1, y1, s1, w2, g2, y2, s2 = saved[:9]
+        has_down = len(saved) > 9
         stride = ctx.stride
-        M1 = _rows(y1)
+        dtype = x.dtype
         if has_down:
-            (wd, gd, yd), sd = saved[15:18], L.BatchStats(*saved[18:22])
-            g, part_g, part_gx, part_gxd = L.bn_relu_backward(dout, y2, s2, yd, sd)
-            coefs_d = L.bn_backward_finalize(part_g, part_gxd, M1, gd, sd)
+            wd, gd, yd, sd = saved[9:]
+            g, coefs2, coefs_d = L.bn_relu_backward(dout, y2, s2, g2, yd, sd, gd)
         else:
-            g, part_g, part_gx, _ = L.bn_relu_backward(dout, y2, s2, x)
-        coefs2 = L.bn_backward_finalize(part_g, part_gx, M1, g2, s2)
-        # dL/d(y1) through conv2, BN2 backward on load, ReLU1 mask and BN1's sums in the epilogue.
-        g1_masked, part_g1, part_gx1 = L.conv(
-            g, w2, 1, 1, dtype=x.dtype, transposed=True, out_hw=tuple(y1.shape[2:]),
-            prologue=L.PRO_BN_GRAD, a2=y2, pro=coefs2.prologue(), epilogue=L.EPI_RELU_GRAD, ey=y1, epi=s1)
-        dw2 = L.conv_wgrad(g, y1, w2, 1, 1, dy2=y2, dy_pro=coefs2.prologue(), x_pro=L.Affine(s1.scale, s1.shift))
-        coefs1 = L.bn_backward_finalize(part_g1, part_gx1, M1, g1, s1)
+            g, coefs2, _ = L.bn_relu_backward(dout, y2, s2, g2, x)
+        # dL/d(y1) through conv2: BN2 backward on load, ReLU1 mask and BN1's backward in the epilogue.
+        g1_masked, coefs1 = L.conv(g, w2, 1, 1, dtype=dtype, transposed=True, out_hw=tuple(y1.shape[2:]),
+                                   prologue=L.PRO_BN_GRAD, a2=y2, pro=coefs2.packed, epilogue=L.EPI_RELU_GRAD,
+                                   ey=y1, bn=ctx.bn1, stats=s1)
+        dw2 = L.conv_wgrad(g, y1, w2, 1, 1, dy2=y2, dy_pro=coefs2.packed, x_pro=s1)
         dwd = dgd = dbd = None
         residual_grad = g
         if has_down:
-            dwd = L.conv_wgrad(g, x, wd, stride, 1, dy2=yd, dy_pro=coefs_d.prologue())
+            dwd = L.conv_wgrad(g, x, wd, stride, 1, dy2=yd, dy_pro=coefs_d.packed)
             dgd, dbd = coefs_d.dweight, coefs_d.dbias
             residual_grad = None
             if ctx.needs_input_grad[0]:
-                residual_grad, _, _ = L.conv(g, wd, stride, 1, dtype=x.dtype, transposed=True,
-                                             out_hw=tuple(x.shape[2:]), prologue=L.PRO_BN_GRAD, a2=yd,
-                                             pro=coefs_d.prologue())
+                residual_grad, _ = L.conv(g, wd, stride, 1, dtype=dtype, transposed=True, out_hw=tuple(x.shape[2:]),
+                                          prologue=L.PRO_BN_GRAD, a2=yd, pro=coefs_d.packed)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx, _, _ = L.conv(g1_masked, w1, stride, 1, dtype=x.dtype, transposed=True, out_hw=tuple(x.shape[2:]),
-                              prologue=L.PRO_BN_GRAD, a2=y1, pro=coefs1.prologue(), residual=residual_grad)
-        dw1 = L.conv_wgrad(g1_masked, x, w1, stride, 1, dy2=y1, dy_pro=coefs1.prologue())
+            dx, _ = L.conv(g1_masked, w1, stride, 1, dtype=dtype, transposed=True, out_hw=tuple(x.shape[2:]),
+                           prologue=L.PRO_BN_GRAD, a2=y1, pro=coefs1.packed, residual=residual_grad)
+        dw1 = L.conv_wgrad(g1_masked, x, w1, stride, 1, dy2=y1, dy_pro=coefs1.packed)
         return (dx, dw1, coefs1.dweight, coefs1.dbias, dw2, coefs2.dweight, coefs2.dbias, dwd, dgd, dbd,
                 None, None)
 
@@ -234,10 +224,8 @@ def _prepare(x: torch.Tensor, where: str) -> tuple[torch.Tensor, bool]:
     return x.to(dtype), True
 
 
-def _eval_conv(x, conv_weight, stride, padding, bn_module: nn.BatchNorm2d, dtype, **epilogue):
-    affine = L.bn_eval_affine(bn_module.weight, bn_module.bias, bn_module.running_mean, bn_module.running_var,
-                              bn_module.eps)
-    out, _, _ = L.conv(x, conv_weight, stride, padding, dtype=dtype, affine=affine, **epilogue)
+def _eval_conv(x, conv_weight, stride, padding, bn: _BN, dtype, **epilogue):
+    out, _ = L.conv(x, conv_weight, stride, padding, dtype=dtype, affine=bn.args, **epilogue)
     return out
 
 
@@ -264,9 +252,9 @@ def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.
     out_hw = (L.out_size(x.shape[2], conv.kernel_size[0], stride, padding),
               L.out_size(x.shape[3], conv.kernel_size[1], stride, padding))
     if not bn_cfg.batch_stats:
-        return _eval_conv(x, conv.weight, stride, padding, bn, x.dtype, relu=True)
+        return _eval_conv(x, conv.weight, stride, padding, bn_cfg, x.dtype, relu=True)
     _check_batch(bn_cfg, torch.Size((x.shape[0], conv.out_channels, *out_hw)))
-    return ConvBNReLUFunction.apply(x, conv.weight, bn.weight, bn.bias, stride, padding, bn_cfg)
+    return ConvBNReLUFunction.apply(x, conv.weight, bn.weight, bn.bias, stride, padding, bn_cfg.args)
 
 
 @torch.compiler.disable
@@ -276,47 +264,51 @@ def residual_block(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
     where = f"{type(block).__name__}"
     x_in = x
     x, fused = _prepare(x, where)
-    down = block.downsample
-    norms = [block.bn1, block.bn2] + ([down[1]] if isinstance(down, nn.Sequential) and len(down) == 2 else [])
+    children = block._modules  # not nn.Module.__getattr__: this runs on every call
+    conv1, bn1_module, conv2, bn2_module = children["conv1"], children["bn1"], children["conv2"], children["bn2"]
+    down = children.get("downsample")
+    norms = [bn1_module, bn2_module] + ([down[1]] if isinstance(down, nn.Sequential) and len(down) == 2 else [])
     if any(type(bn) is not nn.BatchNorm2d for bn in norms):  # e.g. SyncBatchNorm: statistics span processes
         return _reference_block(block, x_in)
     if down is not None and not (isinstance(down, nn.Sequential) and len(down) == 2):
         raise ValueError(f"{where}: downsample must be nn.Sequential(conv, BatchNorm2d), got {down!r}")
-    stride, padding = _conv_config(block.conv1, x.shape[1], f"{where}.conv1")
-    width = block.conv1.out_channels
-    stride2, padding2 = _conv_config(block.conv2, width, f"{where}.conv2")
-    bn1, bn2 = _bn_config(block.bn1, f"{where}.bn1"), _bn_config(block.bn2, f"{where}.bn2")
+    stride, padding = _conv_config(conv1, x.shape[1], f"{where}.conv1")
+    width = conv1.out_channels
+    stride2, padding2 = _conv_config(conv2, width, f"{where}.conv2")
+    bn1, bn2 = _bn_config(bn1_module, f"{where}.bn1"), _bn_config(bn2_module, f"{where}.bn2")
     bnd = None
     if down is not None:
         if _conv_config(down[0], x.shape[1], f"{where}.downsample.0") != (stride, padding):
             raise ValueError(f"{where}: the downsample conv must have conv1's stride and padding")
         bnd = _bn_config(down[1], f"{where}.downsample.1")
-    shapes = (block.conv1.kernel_size, block.conv2.kernel_size, padding, padding2, stride2)
+    shapes = (conv1.kernel_size, conv2.kernel_size, padding, padding2, stride2)
     if shapes != ((3, 3), (3, 3), 1, 1, 1) or (down is not None and down[0].kernel_size != (3, 3)):
         raise ValueError(f"{where}: the fused block needs 3x3 convs with padding 1 (conv2 stride 1), got kernel sizes "
-                         f"{block.conv1.kernel_size}, {block.conv2.kernel_size}, paddings {padding}, {padding2}, "
+                         f"{conv1.kernel_size}, {conv2.kernel_size}, paddings {padding}, {padding2}, "
                          f"conv2 stride {stride2}")
     if down is None and (stride != 1 or x.shape[1] != width):
         raise ValueError(f"{where}: an identity residual needs stride 1 and {width} input channels, "
                          f"got stride {stride} and input shape {tuple(x.shape)}")
-    _check_devices(where, x, block)
-    bns = (bn1, bn2, bnd)
+    _check_devices(where, x, conv1, bn1_module, conv2, bn2_module, *(down if down is not None else ()))
     if not fused or (not bn1.batch_stats and _needs_grad(x, block)):
         return _reference_block(block, x_in)
     if not bn1.batch_stats:
         if not (bn1.batch_stats == bn2.batch_stats == (bnd.batch_stats if bnd else bn1.batch_stats)):
             return _reference_block(block, x_in)
         dtype = x.dtype
-        h1 = _eval_conv(x, block.conv1.weight, stride, 1, block.bn1, dtype, relu=True)
-        residual = x if down is None else _eval_conv(x, down[0].weight, stride, 1, down[1], dtype)
-        return _eval_conv(h1, block.conv2.weight, 1, 1, block.bn2, dtype, residual=residual, relu=True)
+        h1 = _eval_conv(x, conv1._parameters["weight"], stride, 1, bn1, dtype, relu=True)
+        residual = x if down is None else _eval_conv(x, down[0]._parameters["weight"], stride, 1, bnd, dtype)
+        return _eval_conv(h1, conv2._parameters["weight"], 1, 1, bn2, dtype, residual=residual, relu=True)
     if not (bn2.batch_stats and (bnd is None or bnd.batch_stats)):
         return _reference_block(block, x_in)
     out_hw = L.out_size(x.shape[2], 3, stride, 1), L.out_size(x.shape[3], 3, stride, 1)
     _check_batch(bn1, torch.Size((x.shape[0], width, *out_hw)))
-    wd, gd, bd = (down[0].weight, down[1].weight, down[1].bias) if down is not None else (None, None, None)
-    return ResidualBlockFunction.apply(x, block.conv1.weight, block.bn1.weight, block.bn1.bias,
-                                       block.conv2.weight, block.bn2.weight, block.bn2.bias, wd, gd, bd, stride, bns)
+    wd, gd, bd = ((down[0]._parameters["weight"], bnd.args.weight, bnd.args.bias) if down is not None
+                  else (None, None, None))
+    bns = (bn1.args, bn2.args, bnd.args if bnd is not None else None)
+    return ResidualBlockFunction.apply(x, conv1._parameters["weight"], bn1.args.weight, bn1.args.bias,
+                                       conv2._parameters["weight"], bn2.args.weight, bn2.args.bias, wd, gd, bd,
+                                       stride, bns)
 
 
 def _reference_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

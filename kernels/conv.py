@@ -9,9 +9,11 @@ columns output channels, the reduction runs over (r, s, input channel), and
 BatchNorm is split around the convolutions (see ``fastres/functional.py``):
 
 * ``_conv_kernel`` epilogue ``EPI_STATS`` writes each row tile's per-channel
-  mean and M2 (sum of squared deviations) to its own slot of two partial
-  buffers: deterministic, no atomics, and Chan's combination in
-  ``_bn_forward_finalize_kernel`` avoids the cancellation of sum/sum-of-squares.
+  mean and M2 (sum of squared deviations) to its own slot of a partial
+  buffer; the last tile of each channel column to finish (an atomic counter)
+  combines them in tile order (deterministic; Chan's combination avoids the
+  cancellation of sum/sum-of-squares), so statistics, scale/shift and the
+  running statistics are ready when the launch ends.
 * ``_conv_kernel`` prologue ``PRO_BN_RELU`` applies ``relu(v * scale + shift)``
   to the operand as it is loaded, so the normalised activation of the first
   conv is never written to memory.
@@ -90,45 +92,191 @@ def _dot_operand(x, COMPUTE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _prologue(v_ptrs, v2_ptrs, mask, offs_c, c_mask, scale_ptr, shift_ptr, yscale_ptr, PROLOGUE: tl.constexpr):
-    """Load a 2-D operand tile (channels along ``offs_c``) and apply the prologue; fp32 out."""
+def _prologue(v_ptrs, v2_ptrs, mask, offs_c, c_mask, pro_ptr, C, PROLOGUE: tl.constexpr):
+    """Load a 2-D operand tile (channels along ``offs_c``) and apply the prologue; fp32 out.
+
+    ``pro_ptr`` holds the per-channel rows [scale, shift(, yscale)] of ``C``
+    values each: BatchNorm's packed statistics for ``PRO_BN_RELU``, its packed
+    backward coefficients for ``PRO_BN_GRAD``.
+    """
     v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
     if PROLOGUE == 1:
-        scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)
-        shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)
+        scale = tl.load(pro_ptr + offs_c, mask=c_mask, other=0.0)
+        shift = tl.load(pro_ptr + C + offs_c, mask=c_mask, other=0.0)
         v = tl.where(mask, tl.maximum(v * scale + shift, 0.0), 0.0)
     elif PROLOGUE == 2:
         v2 = tl.load(v2_ptrs, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)
-        shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)
-        yscale = tl.load(yscale_ptr + offs_c, mask=c_mask, other=0.0)
+        scale = tl.load(pro_ptr + offs_c, mask=c_mask, other=0.0)
+        shift = tl.load(pro_ptr + C + offs_c, mask=c_mask, other=0.0)
+        yscale = tl.load(pro_ptr + 2 * C + offs_c, mask=c_mask, other=0.0)
         v = tl.where(mask, v * scale + v2 * yscale + shift, 0.0)
     return v
 
 
 @triton.jit
+def _arrived_last(counter_ptr, n_programs):
+    """True in the last of ``n_programs`` programs to arrive at ``counter_ptr`` (which it resets to 0).
+
+    Each program stores its partials first; the barrier makes every thread's
+    stores happen before the acq_rel atomic, so the last program sees them all.
+    It then combines them in a fixed order: results stay deterministic.
+    """
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1)
+    last = arrived == n_programs - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0)
+    return last
+
+
+@triton.jit
+def _bn_forward_finalize(part_ptr, stats_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
+                         offs_c, c_mask, n_tiles, M, C, factor, eps,
+                         TILE_M: tl.constexpr, TRACK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Batch mean/variance of channels ``offs_c`` from the per-tile partials
+    ``part`` [2, n_tiles, C] (mean, M2; Chan's combination, tiles in order),
+    then packed stats [4, C] = (weight * invstd, bias - mean * scale, mean,
+    invstd), and nn.BatchNorm2d's running-statistics update with ``factor``
+    (momentum, or 1 / num_batches_tracked) and the unbiased variance.
+
+    Partials are read through L2 (``.cg``): other programs wrote them in this launch.
+    """
+    offs_t = tl.arange(0, BLOCK_T)
+    m_f = tl.cast(M, tl.float32)
+    part_m2_ptr = part_ptr + n_tiles.to(tl.int64) * C
+    total = tl.zeros(offs_c.shape, dtype=tl.float32)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        tiles = t0 + offs_t
+        mask = (tiles < n_tiles)[:, None] & c_mask[None, :]
+        count = tl.minimum(TILE_M, M - tiles * TILE_M).to(tl.float32)[:, None]
+        tile_mean = tl.load(part_ptr + tiles[:, None].to(tl.int64) * C + offs_c[None, :], mask=mask, other=0.0,
+                            cache_modifier=".cg")
+        total += tl.sum(count * tile_mean, axis=0)
+    mean = total / m_f
+    m2 = tl.zeros(offs_c.shape, dtype=tl.float32)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        tiles = t0 + offs_t
+        mask = (tiles < n_tiles)[:, None] & c_mask[None, :]
+        count = tl.minimum(TILE_M, M - tiles * TILE_M).to(tl.float32)[:, None]
+        offs = tiles[:, None].to(tl.int64) * C + offs_c[None, :]
+        tile_mean = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tile_m2 = tl.load(part_m2_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        dev = tile_mean - mean[None, :]
+        m2 += tl.sum(tl.where(mask, tile_m2 + count * dev * dev, 0.0), axis=0)
+    var = m2 / m_f
+    invstd = 1.0 / tl.sqrt_rn(var + eps)
+    weight = tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(tl.float32)
+    bias = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    scale = weight * invstd
+    tl.store(stats_ptr + offs_c, scale, mask=c_mask)
+    tl.store(stats_ptr + C + offs_c, bias - mean * scale, mask=c_mask)
+    tl.store(stats_ptr + 2 * C + offs_c, mean, mask=c_mask)
+    tl.store(stats_ptr + 3 * C + offs_c, invstd, mask=c_mask)
+    if TRACK:
+        stat_ty = running_mean_ptr.dtype.element_ty
+        running_mean = tl.load(running_mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        running_var = tl.load(running_var_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        unbiased = var * (m_f / (m_f - 1.0))
+        tl.store(running_mean_ptr + offs_c, to_storage((1.0 - factor) * running_mean + factor * mean, stat_ty),
+                 mask=c_mask)
+        tl.store(running_var_ptr + offs_c, to_storage((1.0 - factor) * running_var + factor * unbiased, stat_ty),
+                 mask=c_mask)
+
+
+@triton.jit
+def _bn_forward_finalize_last(part_ptr, counter_ptr, stats_ptr, weight_ptr, bias_ptr, running_mean_ptr,
+                              running_var_ptr, num_batches_ptr, offs_c, c_mask, col, n_cols, n_tiles, M, C,
+                              momentum, eps, TILE_M: tl.constexpr, TRACK: tl.constexpr, CUMULATIVE: tl.constexpr,
+                              BLOCK_T: tl.constexpr):
+    """The forward finalize, run by the last of the ``n_tiles`` programs of channel column ``col``.
+
+    ``counter`` has ``n_cols + 1`` slots: one per column, then one that the
+    columns' finalizers arrive at after reading num_batches_tracked, so that
+    the last of them advances it (momentum=None averages with its old value).
+    """
+    if _arrived_last(counter_ptr + col, n_tiles):
+        factor = momentum
+        if TRACK:
+            num_batches = tl.load(num_batches_ptr, cache_modifier=".cg")
+            if CUMULATIVE:
+                factor = 1.0 / (num_batches + 1).to(tl.float32)
+        _bn_forward_finalize(part_ptr, stats_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
+                             offs_c, c_mask, n_tiles, M, C, factor, eps, TILE_M, TRACK, BLOCK_T)
+        if TRACK:
+            if _arrived_last(counter_ptr + n_cols, n_cols):
+                tl.store(num_batches_ptr, num_batches + 1)
+
+
+@triton.jit
+def _bn_backward_finalize(part_g_ptr, part_gx_ptr, weight_ptr, stats_ptr, coef_ptr, dweight_ptr, dbias_ptr,
+                          offs_c, c_mask, n_tiles, M, C, BLOCK_T: tl.constexpr):
+    """BatchNorm backward's per-channel constants from the per-tile sums of channels ``offs_c``.
+
+    With sum_g = sum(g), sum_gx = sum(g * x_hat): dbias = sum_g,
+    dweight = sum_gx, and dy = g * coef_g + y * coef_y + coef_c is
+    ``weight * invstd * (g - sum_g / M - x_hat * sum_gx / M)`` written in y.
+    ``coef`` is packed [3, C] as (coef_g, coef_c, coef_y), the ``PRO_BN_GRAD``
+    prologue's (scale, shift, yscale); ``stats`` is the forward's packed [4, C].
+    """
+    offs_t = tl.arange(0, BLOCK_T)
+    sum_g = tl.zeros(offs_c.shape, dtype=tl.float32)
+    sum_gx = tl.zeros(offs_c.shape, dtype=tl.float32)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        tiles = t0 + offs_t
+        mask = (tiles < n_tiles)[:, None] & c_mask[None, :]
+        offs = tiles[:, None].to(tl.int64) * C + offs_c[None, :]
+        sum_g += tl.sum(tl.load(part_g_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+        sum_gx += tl.sum(tl.load(part_gx_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+    grad_ty = dweight_ptr.dtype.element_ty
+    tl.store(dweight_ptr + offs_c, to_storage(sum_gx, grad_ty), mask=c_mask)
+    tl.store(dbias_ptr + offs_c, to_storage(sum_g, grad_ty), mask=c_mask)
+    weight = tl.load(weight_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    mean = tl.load(stats_ptr + 2 * C + offs_c, mask=c_mask, other=0.0)
+    invstd = tl.load(stats_ptr + 3 * C + offs_c, mask=c_mask, other=0.0)
+    m_f = tl.cast(M, tl.float32)
+    coef_g = weight * invstd
+    coef_y = -coef_g * invstd * sum_gx / m_f
+    tl.store(coef_ptr + offs_c, coef_g, mask=c_mask)
+    tl.store(coef_ptr + C + offs_c, -coef_g * sum_g / m_f - coef_y * mean, mask=c_mask)
+    tl.store(coef_ptr + 2 * C + offs_c, coef_y, mask=c_mask)
+
+
+@triton.jit
 def _conv_kernel(
-    a_ptr, a2_ptr, w_ptr, out_ptr, res_ptr, ey_ptr,
-    pro_scale_ptr, pro_shift_ptr, pro_yscale_ptr, aff_scale_ptr, aff_shift_ptr,
-    epi_scale_ptr, epi_shift_ptr, epi_mean_ptr, epi_invstd_ptr,
-    part0_ptr, part1_ptr,
+    a_ptr, a2_ptr, w_ptr, out_ptr, res_ptr, ey_ptr, pro_ptr,
+    bn_weight_ptr, bn_bias_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr,
+    stats_ptr, coef_ptr, dweight_ptr, dbias_ptr, part_ptr, counter_ptr,
     HA, WA, CA, HO, WO, CO, M,
     sa_n, sa_c, sa_h, sa_w,
     so_n, so_c, so_h, so_w,
     sr_n, sr_c, sr_h, sr_w,
     sw_o, sw_a, sw_r, sw_s,
+    momentum, eps,
     R: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr,
     PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr,
     HAS_AFFINE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    TRACK: tl.constexpr, CUMULATIVE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """out[m, o] = sum over (r, s, a) of A'[source(m, r, s), a] * W[o, a, r, s], then the epilogue.
 
     A: [N, HA, WA, CA] operand (``a2``: the BN input for ``PRO_BN_GRAD``, same
-    strides). out/ey: [N, HO, WO, CO], M = N * HO * WO rows. ``sw_o``/``sw_a``
-    are the weight strides of the output/operand channel, so the data gradient
-    (``TRANSPOSED``) swaps them. Partial buffers are [cdiv(M, BLOCK_M), CO] fp32.
+    strides; ``pro``: the prologue's packed per-channel rows). out/ey:
+    [N, HO, WO, CO], M = N * HO * WO rows. ``sw_o``/``sw_a`` are the weight
+    strides of the output/operand channel, so the data gradient
+    (``TRANSPOSED``) swaps them.
+
+    Epilogues, each finished inside this launch by the last row tile of every
+    channel column (the partials go to ``part`` [2, cdiv(M, BLOCK_M), CO]):
+
+    * ``EPI_STATS``: BatchNorm's forward on the output: packed ``stats`` and
+      the running statistics of the BN given by ``bn_*``.
+    * ``EPI_RELU_GRAD``: out = acc * relu'(previous BN's pre-activation,
+      recomputed from ``ey`` and that BN's ``stats``), then that BN's backward
+      coefficients (``coef``) and parameter gradients.
+    * ``HAS_AFFINE``: eval-mode BatchNorm folded in, its scale and shift
+      computed here from the running statistics.
     """
     COMPUTE: tl.constexpr = out_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
@@ -151,7 +299,7 @@ def _conv_kernel(
                 a_mask = valid[:, None] & a_mask_c[None, :]
                 a_offs = a_rows[:, None] + offs_a[None, :].to(tl.int64) * sa_c
                 a = _prologue(a_ptr + a_offs, a2_ptr + a_offs, a_mask, offs_a[None, :], a_mask_c[None, :],
-                              pro_scale_ptr, pro_shift_ptr, pro_yscale_ptr, PROLOGUE)
+                              pro_ptr, CA, PROLOGUE)
                 w_mask = a_mask_c[:, None] & o_mask[None, :]
                 w = tl.load(w_ptr + offs_a[:, None] * sw_a + offs_o[None, :] * sw_o + r * sw_r + s * sw_s,
                             mask=w_mask, other=0.0)
@@ -162,54 +310,71 @@ def _conv_kernel(
     out_offs = (n.to(tl.int64) * so_n + ho.to(tl.int64) * so_h + wo.to(tl.int64) * so_w)[:, None] \
         + offs_o[None, :].to(tl.int64) * so_c
     if HAS_AFFINE:
-        acc = acc * tl.load(aff_scale_ptr + offs_o, mask=o_mask, other=0.0)[None, :] \
-            + tl.load(aff_shift_ptr + offs_o, mask=o_mask, other=0.0)[None, :]
+        running_var = tl.load(running_var_ptr + offs_o, mask=o_mask, other=1.0).to(tl.float32)
+        scale = tl.load(bn_weight_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32) / tl.sqrt_rn(running_var + eps)
+        shift = tl.load(bn_bias_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32) \
+            - tl.load(running_mean_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32) * scale
+        acc = acc * scale[None, :] + shift[None, :]
     if HAS_RESIDUAL:
         res_offs = (n.to(tl.int64) * sr_n + ho.to(tl.int64) * sr_h + wo.to(tl.int64) * sr_w)[:, None] \
             + offs_o[None, :].to(tl.int64) * sr_c
         acc += tl.load(res_ptr + res_offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.maximum(acc, 0.0)
+    n_tiles = tl.num_programs(0)
+    part0_ptr = part_ptr + pid_m.to(tl.int64) * CO + offs_o
+    part1_ptr = part0_ptr + n_tiles.to(tl.int64) * CO
     if EPILOGUE == 1:
         count = tl.sum(row_mask.to(tl.float32), axis=0)
         tile_mean = tl.sum(tl.where(mask, acc, 0.0), axis=0) / count
         dev = tl.where(mask, acc - tile_mean[None, :], 0.0)
-        tl.store(part0_ptr + pid_m.to(tl.int64) * CO + offs_o, tile_mean, mask=o_mask)
-        tl.store(part1_ptr + pid_m.to(tl.int64) * CO + offs_o, tl.sum(dev * dev, axis=0), mask=o_mask)
+        tl.store(part0_ptr, tile_mean, mask=o_mask)
+        tl.store(part1_ptr, tl.sum(dev * dev, axis=0), mask=o_mask)
     elif EPILOGUE == 2:
         y = tl.load(ey_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(epi_scale_ptr + offs_o, mask=o_mask, other=0.0)[None, :]
-        shift = tl.load(epi_shift_ptr + offs_o, mask=o_mask, other=0.0)[None, :]
-        mean = tl.load(epi_mean_ptr + offs_o, mask=o_mask, other=0.0)[None, :]
-        invstd = tl.load(epi_invstd_ptr + offs_o, mask=o_mask, other=0.0)[None, :]
+        scale = tl.load(stats_ptr + offs_o, mask=o_mask, other=0.0)[None, :]
+        shift = tl.load(stats_ptr + CO + offs_o, mask=o_mask, other=0.0)[None, :]
+        mean = tl.load(stats_ptr + 2 * CO + offs_o, mask=o_mask, other=0.0)[None, :]
+        invstd = tl.load(stats_ptr + 3 * CO + offs_o, mask=o_mask, other=0.0)[None, :]
         acc = tl.where(mask & (y * scale + shift > 0.0), acc, 0.0)
-        tl.store(part0_ptr + pid_m.to(tl.int64) * CO + offs_o, tl.sum(acc, axis=0), mask=o_mask)
-        tl.store(part1_ptr + pid_m.to(tl.int64) * CO + offs_o, tl.sum(acc * (y - mean) * invstd, axis=0),
-                 mask=o_mask)
+        tl.store(part0_ptr, tl.sum(acc, axis=0), mask=o_mask)
+        tl.store(part1_ptr, tl.sum(acc * (y - mean) * invstd, axis=0), mask=o_mask)
     tl.store(out_ptr + out_offs, to_storage(acc, COMPUTE), mask=mask)
+    if EPILOGUE == 1:
+        _bn_forward_finalize_last(part_ptr, counter_ptr, stats_ptr, bn_weight_ptr, bn_bias_ptr, running_mean_ptr,
+                                  running_var_ptr, num_batches_ptr, offs_o, o_mask, pid_n, tl.num_programs(1),
+                                  n_tiles, M, CO, momentum, eps, BLOCK_M, TRACK, CUMULATIVE, BLOCK_T)
+    elif EPILOGUE == 2:
+        if _arrived_last(counter_ptr + pid_n, n_tiles):
+            _bn_backward_finalize(part_ptr, part_ptr + n_tiles.to(tl.int64) * CO, bn_weight_ptr, stats_ptr,
+                                  coef_ptr, dweight_ptr, dbias_ptr, offs_o, o_mask, n_tiles, M, CO, BLOCK_T)
 
 
 @triton.jit
 def _conv_wgrad_kernel(
-    dy_ptr, dy2_ptr, x_ptr, part_ptr,
-    dy_scale_ptr, dy_shift_ptr, dy_yscale_ptr, x_scale_ptr, x_shift_ptr,
+    dy_ptr, dy2_ptr, x_ptr, grad_ptr, part_ptr, counter_ptr, dy_pro_ptr, x_pro_ptr,
     H, W, C, P, Q, K, M, ROWS_PER_SPLIT,
     sd_n, sd_c, sd_h, sd_w,
     sx_n, sx_c, sx_h, sx_w,
+    sg_k, sg_c, sg_r, sg_s,
     R: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     DY_PROLOGUE: tl.constexpr, X_PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """One split's share of dW[k, c, r, s] = sum over pixels of dY'[pix, k] * X'[source(pix, r, s), c].
+    """dW[k, c, r, s] = sum over pixels of dY'[pix, k] * X'[source(pix, r, s), c], split over the pixels.
 
     dY (``dy2``: the BN input for ``PRO_BN_GRAD``, same strides): [N, P, Q, K],
     M = N * P * Q rows; X: [N, H, W, C]. Program axis 0 walks (r, s, k tile,
-    c tile), axis 1 the splits of the rows; each split writes its own fp32
-    slice of ``part`` [splits, K, C, R, S] (summed by ``_sum_splits_kernel``).
+    c tile), axis 1 the splits of the rows. Without ``SPLIT`` (one split) the tile goes
+    straight to ``grad`` (in the weight's own strides ``sg_*``, so autograd
+    never copies it into the parameter's memory format); with more, each
+    split writes its fp32 slice of ``part`` [splits, K, C, R, S] and the last
+    split of the tile to arrive sums them in split order (deterministic).
     """
     COMPUTE: tl.constexpr = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
     n_k_tiles = tl.cdiv(K, BLOCK_K)
     n_c_tiles = tl.cdiv(C, BLOCK_C)
     rs = pid // (n_k_tiles * n_c_tiles)
@@ -233,148 +398,28 @@ def _conv_wgrad_kernel(
         dy_mask = k_mask[:, None] & row_mask[None, :]
         dy_offs = offs_k[:, None].to(tl.int64) * sd_c + dy_rows[None, :]
         dy = _prologue(dy_ptr + dy_offs, dy2_ptr + dy_offs, dy_mask, offs_k[:, None], k_mask[:, None],
-                       dy_scale_ptr, dy_shift_ptr, dy_yscale_ptr, DY_PROLOGUE)
+                       dy_pro_ptr, K, DY_PROLOGUE)
         x_rows, valid = _source_pixels(n, ho, wo, row_mask, r, s, H, W, sx_n, sx_h, sx_w, STRIDE, PAD, False)
         x_mask = valid[:, None] & c_mask[None, :]
         x = _prologue(x_ptr + x_rows[:, None] + offs_c[None, :].to(tl.int64) * sx_c, x_ptr, x_mask,
-                      offs_c[None, :], c_mask[None, :], x_scale_ptr, x_shift_ptr, x_shift_ptr, X_PROLOGUE)
+                      offs_c[None, :], c_mask[None, :], x_pro_ptr, C, X_PROLOGUE)
         acc = tl.dot(_dot_operand(dy, COMPUTE, UPCAST_DOT), _dot_operand(x, COMPUTE, UPCAST_DOT), acc,
                      input_precision=DOT_PRECISION)
 
-    crs = C * R * S
-    offs = split.to(tl.int64) * K * crs + offs_k[:, None].to(tl.int64) * crs + offs_c[None, :] * (R * S) + r * S + s
-    tl.store(part_ptr + offs, acc, mask=k_mask[:, None] & c_mask[None, :])
-
-
-@triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, n_splits, numel, BLOCK: tl.constexpr):
-    """out[i] = sum over splits of part[split, i], in split order (deterministic)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for split in range(n_splits):
-        acc += tl.load(part_ptr + split * numel + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, to_storage(acc, out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _bn_forward_finalize_kernel(
-    part_mean_ptr, part_m2_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr,
-    scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
-    n_tiles, M, C, momentum, eps,
-    TILE_M: tl.constexpr, TRACK: tl.constexpr, CUMULATIVE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Batch mean/variance from the per-tile partials (Chan's combination, tiles in
-    order), then scale = weight * invstd and shift = bias - mean * scale, and
-    nn.BatchNorm2d's running-statistics update (unbiased variance; momentum, or
-    with ``CUMULATIVE`` (momentum=None) the factor 1 / num_batches_tracked).
-
-    ``CUMULATIVE`` runs as one program: every program would read
-    num_batches_tracked while program 0 advances it.
-    """
-    pid = tl.program_id(0)
-    offs_t = tl.arange(0, BLOCK_T)
-    factor = momentum
-    if TRACK:
-        num_batches = tl.load(num_batches_ptr)
-        if CUMULATIVE:
-            factor = 1.0 / (num_batches + 1).to(tl.float32)
-    m_f = tl.cast(M, tl.float32)
-    for c0 in range(pid * BLOCK_C, C, tl.num_programs(0) * BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_mask = offs_c < C
-        total = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for t0 in range(0, n_tiles, BLOCK_T):
-            tiles = t0 + offs_t
-            mask = (tiles < n_tiles)[:, None] & c_mask[None, :]
-            count = tl.minimum(TILE_M, M - tiles * TILE_M).to(tl.float32)[:, None]
-            tile_mean = tl.load(part_mean_ptr + tiles[:, None].to(tl.int64) * C + offs_c[None, :], mask=mask, other=0.0)
-            total += tl.sum(count * tile_mean, axis=0)
-        mean = total / m_f
-        m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for t0 in range(0, n_tiles, BLOCK_T):
-            tiles = t0 + offs_t
-            mask = (tiles < n_tiles)[:, None] & c_mask[None, :]
-            count = tl.minimum(TILE_M, M - tiles * TILE_M).to(tl.float32)[:, None]
-            offs = tiles[:, None].to(tl.int64) * C + offs_c[None, :]
-            tile_mean = tl.load(part_mean_ptr + offs, mask=mask, other=0.0)
-            tile_m2 = tl.load(part_m2_ptr + offs, mask=mask, other=0.0)
-            dev = tile_mean - mean[None, :]
-            m2 += tl.sum(tl.where(mask, tile_m2 + count * dev * dev, 0.0), axis=0)
-        var = m2 / m_f
-        invstd = 1.0 / tl.sqrt_rn(var + eps)
-        weight = tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(tl.float32)
-        bias = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-        scale = weight * invstd
-        tl.store(scale_ptr + offs_c, scale, mask=c_mask)
-        tl.store(shift_ptr + offs_c, bias - mean * scale, mask=c_mask)
-        tl.store(mean_ptr + offs_c, mean, mask=c_mask)
-        tl.store(invstd_ptr + offs_c, invstd, mask=c_mask)
-        if TRACK:
-            stat_ty = running_mean_ptr.dtype.element_ty
-            running_mean = tl.load(running_mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-            running_var = tl.load(running_var_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-            unbiased = var * (m_f / (m_f - 1.0))
-            tl.store(running_mean_ptr + offs_c, to_storage((1.0 - factor) * running_mean + factor * mean, stat_ty),
-                     mask=c_mask)
-            tl.store(running_var_ptr + offs_c, to_storage((1.0 - factor) * running_var + factor * unbiased, stat_ty),
-                     mask=c_mask)
-    if TRACK:
-        if pid == 0:
-            tl.store(num_batches_ptr, num_batches + 1)
-
-
-@triton.jit
-def _bn_eval_affine_kernel(weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr, scale_ptr, shift_ptr, C, eps,
-                           BLOCK_C: tl.constexpr):
-    """Eval-mode BatchNorm as y * scale + shift, for the conv epilogue (BN folded into the conv)."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < C
-    running_var = tl.load(running_var_ptr + offs_c, mask=c_mask, other=1.0).to(tl.float32)
-    scale = tl.load(weight_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32) / tl.sqrt_rn(running_var + eps)
-    running_mean = tl.load(running_mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-    tl.store(scale_ptr + offs_c, scale, mask=c_mask)
-    tl.store(shift_ptr + offs_c, tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32) - running_mean * scale,
-             mask=c_mask)
-
-
-@triton.jit
-def _bn_backward_finalize_kernel(
-    part_g_ptr, part_gx_ptr, weight_ptr, mean_ptr, invstd_ptr,
-    dweight_ptr, dbias_ptr, coef_g_ptr, coef_y_ptr, coef_c_ptr,
-    n_tiles, M, C,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """BatchNorm backward's per-channel constants from the per-tile sums.
-
-    With sum_g = sum(g), sum_gx = sum(g * x_hat): dbias = sum_g,
-    dweight = sum_gx, and dy = g * coef_g + y * coef_y + coef_c is
-    ``weight * invstd * (g - sum_g / M - x_hat * sum_gx / M)`` written in y.
-    """
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < C
-    offs_t = tl.arange(0, BLOCK_T)
-    sum_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    sum_gx = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, n_tiles, BLOCK_T):
-        tiles = t0 + offs_t
-        mask = (tiles < n_tiles)[:, None] & c_mask[None, :]
-        offs = tiles[:, None].to(tl.int64) * C + offs_c[None, :]
-        sum_g += tl.sum(tl.load(part_g_ptr + offs, mask=mask, other=0.0), axis=0)
-        sum_gx += tl.sum(tl.load(part_gx_ptr + offs, mask=mask, other=0.0), axis=0)
-    grad_ty = dweight_ptr.dtype.element_ty
-    tl.store(dweight_ptr + offs_c, to_storage(sum_gx, grad_ty), mask=c_mask)
-    tl.store(dbias_ptr + offs_c, to_storage(sum_g, grad_ty), mask=c_mask)
-    weight = tl.load(weight_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)
-    invstd = tl.load(invstd_ptr + offs_c, mask=c_mask, other=0.0)
-    m_f = tl.cast(M, tl.float32)
-    coef_g = weight * invstd
-    coef_y = -coef_g * invstd * sum_gx / m_f
-    tl.store(coef_g_ptr + offs_c, coef_g, mask=c_mask)
-    tl.store(coef_y_ptr + offs_c, coef_y, mask=c_mask)
-    tl.store(coef_c_ptr + offs_c, -coef_g * sum_g / m_f - coef_y * mean, mask=c_mask)
+    mask = k_mask[:, None] & c_mask[None, :]
+    grad_offs = offs_k[:, None].to(tl.int64) * sg_k + offs_c[None, :] * sg_c + r * sg_r + s * sg_s
+    grad_ty = grad_ptr.dtype.element_ty
+    if not SPLIT:
+        tl.store(grad_ptr + grad_offs, to_storage(acc, grad_ty), mask=mask)
+    else:
+        kcrs = K * C * R * S
+        part_offs = offs_k[:, None].to(tl.int64) * (C * R * S) + offs_c[None, :] * (R * S) + r * S + s
+        tl.store(part_ptr + split.to(tl.int64) * kcrs + part_offs, acc, mask=mask)
+        if _arrived_last(counter_ptr + pid, n_splits):
+            total = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+            for i in range(n_splits):
+                total += tl.load(part_ptr + i * kcrs + part_offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(grad_ptr + grad_offs, to_storage(total, grad_ty), mask=mask)
 
 
 @triton.jit
@@ -392,20 +437,23 @@ def _offsets(n, h, w, offs_c, s_n, s_c, s_h, s_w):
 
 
 @triton.jit
-def _tail_pre_activation(y_ptr, res_ptr, scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr, n, h, w, offs_c, mask,
-                         c_mask, sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w, RESIDUAL: tl.constexpr):
-    """The block tail's pre-activation ``y * scale + shift [+ residual]`` (fp32), with y's offsets, y and the residual."""
+def _tail_pre_activation(y_ptr, res_ptr, stats_ptr, res_stats_ptr, n, h, w, offs_c, mask, c_mask, C,
+                         sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w, RESIDUAL: tl.constexpr):
+    """The block tail's pre-activation ``y * scale + shift [+ residual]`` (fp32), with y's offsets, y and the residual.
+
+    ``stats``/``res_stats``: packed BatchNorm statistics [4, C] (scale, shift, mean, invstd).
+    """
     y_offs = _offsets(n, h, w, offs_c, sy_n, sy_c, sy_h, sy_w)
     y = tl.load(y_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-    shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+    scale = tl.load(stats_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+    shift = tl.load(stats_ptr + C + offs_c, mask=c_mask, other=0.0)[None, :]
     pre = y * scale + shift
     res = y
     if RESIDUAL != 0:
         res = tl.load(res_ptr + _offsets(n, h, w, offs_c, sr_n, sr_c, sr_h, sr_w), mask=mask, other=0.0).to(tl.float32)
         if RESIDUAL == 2:
-            res_scale = tl.load(res_scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-            res_shift = tl.load(res_shift_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+            res_scale = tl.load(res_stats_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
+            res_shift = tl.load(res_stats_ptr + C + offs_c, mask=c_mask, other=0.0)[None, :]
             pre += res * res_scale + res_shift
         else:
             pre += res
@@ -414,7 +462,7 @@ def _tail_pre_activation(y_ptr, res_ptr, scale_ptr, shift_ptr, res_scale_ptr, re
 
 @triton.jit
 def _bn_relu_apply_kernel(
-    y_ptr, res_ptr, out_ptr, scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,
+    y_ptr, res_ptr, out_ptr, stats_ptr, res_stats_ptr,
     N, H, W, C,
     sy_n, sy_c, sy_h, sy_w,
     sr_n, sr_c, sr_h, sr_w,
@@ -422,70 +470,82 @@ def _bn_relu_apply_kernel(
 ):
     """out = relu(y * scale + shift [+ residual]) over [N, H, W, C]; out has y's strides."""
     n, h, w, offs_c, mask = _tile_offsets(N, H, W, C, BLOCK_M, BLOCK_C)
-    y_offs, y, res, pre = _tail_pre_activation(y_ptr, res_ptr, scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,
-                                               n, h, w, offs_c, mask, offs_c < C, sy_n, sy_c, sy_h, sy_w,
-                                               sr_n, sr_c, sr_h, sr_w, RESIDUAL)
+    y_offs, y, res, pre = _tail_pre_activation(y_ptr, res_ptr, stats_ptr, res_stats_ptr, n, h, w, offs_c, mask,
+                                               offs_c < C, C, sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w,
+                                               RESIDUAL)
     tl.store(out_ptr + y_offs, to_storage(tl.maximum(pre, 0.0), out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bn_relu_backward_kernel(
-    dout_ptr, y_ptr, res_ptr, g_ptr,
-    scale_ptr, shift_ptr, mean_ptr, invstd_ptr, res_scale_ptr, res_shift_ptr, res_mean_ptr, res_invstd_ptr,
-    part_g_ptr, part_gx_ptr, part_gxr_ptr,
+    dout_ptr, y_ptr, res_ptr, g_ptr, stats_ptr, res_stats_ptr,
+    bn_weight_ptr, coef_ptr, dweight_ptr, dbias_ptr,
+    res_bn_weight_ptr, res_coef_ptr, res_dweight_ptr, res_dbias_ptr,
+    part_ptr, counter_ptr,
     N, H, W, C,
     sd_n, sd_c, sd_h, sd_w,
     sy_n, sy_c, sy_h, sy_w,
     sr_n, sr_c, sr_h, sr_w,
-    RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Backward of ``_bn_relu_apply_kernel`` up to BatchNorm's reductions.
+    """Backward of ``_bn_relu_apply_kernel`` and of its BatchNorm(s).
 
-    g = dout * (pre-activation > 0), recomputed from y (and the residual); g is
-    stored with y's strides, and this row tile's sums of g and g * x_hat (and
-    g * x_hat of the residual's BatchNorm for ``RES_BN``) go to the partials
-    [cdiv(N*H*W, BLOCK_M), C].
+    g = dout * (pre-activation > 0), recomputed from y (and the residual), is
+    stored with y's strides; each row tile's sums of g and g * x_hat (and
+    g * x_hat of the residual's BatchNorm for ``RES_BN``) go to ``part``
+    [3, n_tiles, C], and the last row tile of each channel column turns them
+    into the BatchNorms' packed backward coefficients and parameter gradients.
     """
     n, h, w, offs_c, mask = _tile_offsets(N, H, W, C, BLOCK_M, BLOCK_C)
     c_mask = offs_c < C
-    y_offs, y, res, pre = _tail_pre_activation(y_ptr, res_ptr, scale_ptr, shift_ptr, res_scale_ptr, res_shift_ptr,
-                                               n, h, w, offs_c, mask, c_mask, sy_n, sy_c, sy_h, sy_w,
-                                               sr_n, sr_c, sr_h, sr_w, RESIDUAL)
+    y_offs, y, res, pre = _tail_pre_activation(y_ptr, res_ptr, stats_ptr, res_stats_ptr, n, h, w, offs_c, mask,
+                                               c_mask, C, sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w, RESIDUAL)
     dout = tl.load(dout_ptr + _offsets(n, h, w, offs_c, sd_n, sd_c, sd_h, sd_w), mask=mask, other=0.0).to(tl.float32)
     g = tl.where(mask & (pre > 0.0), dout, 0.0)
     tl.store(g_ptr + y_offs, to_storage(g, g_ptr.dtype.element_ty), mask=mask)
-    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-    invstd = tl.load(invstd_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-    part = tl.program_id(0).to(tl.int64) * C + offs_c
-    tl.store(part_g_ptr + part, tl.sum(g, axis=0), mask=c_mask)
-    tl.store(part_gx_ptr + part, tl.sum(g * (y - mean) * invstd, axis=0), mask=c_mask)
+    mean = tl.load(stats_ptr + 2 * C + offs_c, mask=c_mask, other=0.0)[None, :]
+    invstd = tl.load(stats_ptr + 3 * C + offs_c, mask=c_mask, other=0.0)[None, :]
+    n_tiles = tl.num_programs(0)
+    plane = n_tiles.to(tl.int64) * C
+    part = part_ptr + tl.program_id(0).to(tl.int64) * C + offs_c
+    tl.store(part, tl.sum(g, axis=0), mask=c_mask)
+    tl.store(part + plane, tl.sum(g * (y - mean) * invstd, axis=0), mask=c_mask)
     if RESIDUAL == 2:
-        res_mean = tl.load(res_mean_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-        res_invstd = tl.load(res_invstd_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
-        tl.store(part_gxr_ptr + part, tl.sum(g * (res - res_mean) * res_invstd, axis=0), mask=c_mask)
+        res_mean = tl.load(res_stats_ptr + 2 * C + offs_c, mask=c_mask, other=0.0)[None, :]
+        res_invstd = tl.load(res_stats_ptr + 3 * C + offs_c, mask=c_mask, other=0.0)[None, :]
+        tl.store(part + 2 * plane, tl.sum(g * (res - res_mean) * res_invstd, axis=0), mask=c_mask)
+    if _arrived_last(counter_ptr + tl.program_id(1), n_tiles):
+        M = N * H * W
+        _bn_backward_finalize(part_ptr, part_ptr + plane, bn_weight_ptr, stats_ptr, coef_ptr, dweight_ptr, dbias_ptr,
+                              offs_c, c_mask, n_tiles, M, C, BLOCK_T)
+        if RESIDUAL == 2:
+            _bn_backward_finalize(part_ptr, part_ptr + 2 * plane, res_bn_weight_ptr, res_stats_ptr, res_coef_ptr,
+                                  res_dweight_ptr, res_dbias_ptr, offs_c, c_mask, n_tiles, M, C, BLOCK_T)
 
 
 # Called from the kernels above; compiled as part of them.
 DEVICE_FUNCTIONS = ("_dot_operand", "_pixel_coords", "_source_pixels", "_prologue", "_tile_offsets", "_offsets",
-                    "_tail_pre_activation")
+                    "_tail_pre_activation", "_arrived_last", "_bn_forward_finalize", "_bn_forward_finalize_last",
+                    "_bn_backward_finalize")
 
 
 # ------------------------------------------------------ ahead-of-time compile specs
 
 _CONV_ARGS = {
     "a_ptr": "act", "a2_ptr": "act", "w_ptr": "weight", "out_ptr": "act", "res_ptr": "act", "ey_ptr": "act",
-    **{name: "*fp32" for name in ("pro_scale_ptr", "pro_shift_ptr", "pro_yscale_ptr", "aff_scale_ptr",
-                                  "aff_shift_ptr", "epi_scale_ptr", "epi_shift_ptr", "epi_mean_ptr",
-                                  "epi_invstd_ptr", "part0_ptr", "part1_ptr")},
+    **{name: "*fp32" for name in ("pro_ptr", "bn_weight_ptr", "bn_bias_ptr", "running_mean_ptr", "running_var_ptr",
+                                  "stats_ptr", "coef_ptr", "dweight_ptr", "dbias_ptr", "part_ptr")},
+    "num_batches_ptr": "*i64", "counter_ptr": "*i32",
     **{name: "i32" for name in ("HA", "WA", "CA", "HO", "WO", "CO", "M", "sa_n", "sa_c", "sa_h", "sa_w",
                                 "so_n", "so_c", "so_h", "so_w", "sr_n", "sr_c", "sr_h", "sr_w",
                                 "sw_o", "sw_a", "sw_r", "sw_s")},
+    "momentum": "fp32", "eps": "fp32",
 }
 _WGRAD_ARGS = {
-    "dy_ptr": "act", "dy2_ptr": "act", "x_ptr": "act", "part_ptr": "*fp32",
-    **{name: "*fp32" for name in ("dy_scale_ptr", "dy_shift_ptr", "dy_yscale_ptr", "x_scale_ptr", "x_shift_ptr")},
+    "dy_ptr": "act", "dy2_ptr": "act", "x_ptr": "act", "grad_ptr": "*fp32", "part_ptr": "*fp32", "counter_ptr": "*i32",
+    "dy_pro_ptr": "*fp32", "x_pro_ptr": "*fp32",
     **{name: "i32" for name in ("H", "W", "C", "P", "Q", "K", "M", "ROWS_PER_SPLIT", "sd_n", "sd_c", "sd_h", "sd_w",
-                                "sx_n", "sx_c", "sx_h", "sx_w")},
+                                "sx_n", "sx_c", "sx_h", "sx_w", "sg_k", "sg_c", "sg_r", "sg_s")},
 }
 _ELEMENTWISE_ARGS = {"y_ptr": "act", "res_ptr": "act", "out_ptr": "act", "dout_ptr": "act", "g_ptr": "act"}
 
@@ -500,12 +560,12 @@ def _spec(kernel_args, act, constexprs, weight="fp32", num_warps=4, label=""):
 
 def _conv_specs():
     base = dict(R=3, S=3, STRIDE=1, PAD=1, TRANSPOSED=False, PROLOGUE=PRO_NONE, EPILOGUE=EPI_STATS,
-                HAS_AFFINE=False, HAS_RESIDUAL=False, RELU=False, DOT_PRECISION="ieee", UPCAST_DOT=False,
-                BLOCK_M=64, BLOCK_N=16, BLOCK_K=16)
+                HAS_AFFINE=False, HAS_RESIDUAL=False, RELU=False, TRACK=True, CUMULATIVE=False,
+                DOT_PRECISION="ieee", UPCAST_DOT=False, BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_T=256)
     variants = [
         ("fp32", "conv1 fwd + stats, tf32", dict(DOT_PRECISION="tf32")),
         ("bf16", "conv1 fwd + stats, stride 2, 64 ch", dict(STRIDE=2, BLOCK_N=64, BLOCK_K=64)),
-        ("fp16", "conv1 fwd + stats", {}),
+        ("fp16", "conv1 fwd + stats, momentum=None", dict(CUMULATIVE=True)),
         ("bf16", "conv2 fwd: BN+ReLU prologue + stats", dict(PROLOGUE=PRO_BN_RELU, BLOCK_N=64, BLOCK_K=64)),
         ("bf16", "conv2 dgrad: BN-grad prologue, ReLU-grad epilogue",
          dict(TRANSPOSED=True, PROLOGUE=PRO_BN_GRAD, EPILOGUE=EPI_RELU_GRAD, BLOCK_N=64, BLOCK_K=64)),
@@ -514,16 +574,17 @@ def _conv_specs():
         ("bf16", "eval conv2: folded BN + residual + ReLU",
          dict(EPILOGUE=EPI_NONE, HAS_AFFINE=True, HAS_RESIDUAL=True, RELU=True, BLOCK_N=64, BLOCK_K=64)),
         ("fp32", "eval conv1: folded BN + ReLU, ieee", dict(EPILOGUE=EPI_NONE, HAS_AFFINE=True, RELU=True)),
+        ("fp32", "stem fwd + stats, no running stats", dict(TRACK=False)),
     ]
     return [_spec(_CONV_ARGS, act, {**base, **overrides}, label=label) for act, label, overrides in variants]
 
 
 def _wgrad_specs():
     base = dict(R=3, S=3, STRIDE=1, PAD=1, DY_PROLOGUE=PRO_BN_GRAD, X_PROLOGUE=PRO_BN_RELU,
-                DOT_PRECISION="ieee", UPCAST_DOT=False,
+                DOT_PRECISION="ieee", UPCAST_DOT=False, SPLIT=True,
                 BLOCK_K=64, BLOCK_C=64, BLOCK_P=64)
     variants = [
-        ("bf16", "conv2 wgrad: BN-grad and BN+ReLU prologues", {}),
+        ("bf16", "conv2 wgrad: BN-grad and BN+ReLU prologues, unsplit", dict(SPLIT=False)),
         ("fp32", "conv1 wgrad stride 2, tf32", dict(STRIDE=2, X_PROLOGUE=PRO_NONE, DOT_PRECISION="tf32",
                                                     BLOCK_K=16, BLOCK_C=16)),
         ("fp16", "stem wgrad, 16 x 16", dict(X_PROLOGUE=PRO_NONE, BLOCK_K=16, BLOCK_C=16)),
@@ -531,53 +592,26 @@ def _wgrad_specs():
     return [_spec(_WGRAD_ARGS, act, {**base, **overrides}, label=label) for act, label, overrides in variants]
 
 
-def _elementwise_specs(args, residual_modes):
+def _elementwise_specs(args, residual_modes, extra_constexprs=None):
     specs = []
     for act, residual in zip(("bf16", "fp32", "fp16"), residual_modes):
-        signature = {name: ("*" + act if name in _ELEMENTWISE_ARGS else "*fp32" if name.endswith("_ptr") else "i32")
-                     for name in args}
-        specs.append(_spec(signature, act, dict(RESIDUAL=residual, BLOCK_M=256, BLOCK_C=16)))
+        signature = {name: ("*" + act if name in _ELEMENTWISE_ARGS else "*i32" if name == "counter_ptr"
+                            else "*fp32" if name.endswith("_ptr") else "i32") for name in args}
+        specs.append(_spec(signature, act, dict(RESIDUAL=residual, BLOCK_M=256, BLOCK_C=16, **(extra_constexprs or {}))))
     return specs
 
-
-_STATS_TYPES = {"weight_ptr": "*fp32", "bias_ptr": "*fp32", "running_mean_ptr": "*fp32", "running_var_ptr": "*fp32"}
 
 AOT_SPECS = {
     "_conv_kernel": _conv_specs(),
     "_conv_wgrad_kernel": _wgrad_specs(),
-    "_sum_splits_kernel": [
-        {"signature": {"part_ptr": "*fp32", "out_ptr": "*" + dtype, "n_splits": "i32", "numel": "i32",
-                       "BLOCK": "constexpr"}, "constexprs": {"BLOCK": 1024}, "num_warps": 4}
-        for dtype in ("fp32", "bf16")],
-    "_bn_forward_finalize_kernel": [
-        {"signature": {**{name: "*fp32" for name in ("part_mean_ptr", "part_m2_ptr", "scale_ptr", "shift_ptr",
-                                                     "mean_ptr", "invstd_ptr")},
-                       **_STATS_TYPES, "num_batches_ptr": "*i64", "n_tiles": "i32", "M": "i32", "C": "i32",
-                       "momentum": "fp32", "eps": "fp32",
-                       **{name: "constexpr" for name in ("TILE_M", "TRACK", "CUMULATIVE", "BLOCK_T", "BLOCK_C")}},
-         "constexprs": {"TILE_M": 64, "TRACK": track, "CUMULATIVE": cumulative, "BLOCK_T": block_t,
-                        "BLOCK_C": block_c},
-         "num_warps": 4}
-        for track, cumulative, block_t, block_c in ((True, False, 256, 16), (True, True, 32, 128),
-                                                    (False, False, 64, 64))],
-    "_bn_eval_affine_kernel": [
-        {"signature": {**_STATS_TYPES, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "C": "i32", "eps": "fp32",
-                       "BLOCK_C": "constexpr"}, "constexprs": {"BLOCK_C": 128}, "num_warps": 4}],
-    "_bn_backward_finalize_kernel": [
-        {"signature": {**{name: "*fp32" for name in ("part_g_ptr", "part_gx_ptr", "weight_ptr", "mean_ptr",
-                                                     "invstd_ptr", "dweight_ptr", "dbias_ptr", "coef_g_ptr",
-                                                     "coef_y_ptr", "coef_c_ptr")},
-                       "n_tiles": "i32", "M": "i32", "C": "i32", "BLOCK_T": "constexpr", "BLOCK_C": "constexpr"},
-         "constexprs": {"BLOCK_T": block_t, "BLOCK_C": block_c}, "num_warps": 4}
-        for block_t, block_c in ((256, 16), (32, 128))],
     "_bn_relu_apply_kernel": _elementwise_specs(
-        ["y_ptr", "res_ptr", "out_ptr", "scale_ptr", "shift_ptr", "res_scale_ptr", "res_shift_ptr",
+        ["y_ptr", "res_ptr", "out_ptr", "stats_ptr", "res_stats_ptr",
          "N", "H", "W", "C", "sy_n", "sy_c", "sy_h", "sy_w", "sr_n", "sr_c", "sr_h", "sr_w"],
         (RES_TENSOR, RES_BN, RES_NONE)),
     "_bn_relu_backward_kernel": _elementwise_specs(
-        ["dout_ptr", "y_ptr", "res_ptr", "g_ptr", "scale_ptr", "shift_ptr", "mean_ptr", "invstd_ptr",
-         "res_scale_ptr", "res_shift_ptr", "res_mean_ptr", "res_invstd_ptr", "part_g_ptr", "part_gx_ptr",
-         "part_gxr_ptr", "N", "H", "W", "C", "sd_n", "sd_c", "sd_h", "sd_w", "sy_n", "sy_c", "sy_h", "sy_w",
-         "sr_n", "sr_c", "sr_h", "sr_w"],
-        (RES_TENSOR, RES_BN, RES_NONE)),
+        ["dout_ptr", "y_ptr", "res_ptr", "g_ptr", "stats_ptr", "res_stats_ptr", "bn_weight_ptr", "coef_ptr",
+         "dweight_ptr", "dbias_ptr", "res_bn_weight_ptr", "res_coef_ptr", "res_dweight_ptr", "res_dbias_ptr",
+         "part_ptr", "counter_ptr", "N", "H", "W", "C", "sd_n", "sd_c", "sd_h", "sd_w", "sy_n", "sy_c", "sy_h",
+         "sy_w", "sr_n", "sr_c", "sr_h", "sr_w"],
+        (RES_TENSOR, RES_BN, RES_NONE), extra_constexprs={"BLOCK_T": 64}),
 }

@@ -458,3 +458,21 @@ def test_params_without_grads_get_no_state_and_no_launch():
     for p in run.fr_params[1]:
         assert not run.fr_opt.state.get(p)
     assert all(sum(c.values()) == 1 for c in run.launches)
+
+
+def test_new_grad_addresses_upload_only_the_tensor_table():
+    """zero_grad(set_to_none=True) gives new grads each step: only the address table is
+    rebuilt; the chunk table and the (always zero) counters are kept; a new size rebuilds all."""
+    from fastres.launchers.multi_tensor import TableCache
+
+    cache = TableCache()
+    params = [torch.randn(5, device=DEVICE), torch.randn(300, device=DEVICE)]
+    first = cache.tables([params, [torch.randn_like(p) for p in params]], None, None, 128)
+    grads = [torch.randn_like(p) for p in params]
+    second = cache.tables([params, grads], None, None, 128)
+    assert second.tensor_table is not first.tensor_table
+    assert second.chunk_table is first.chunk_table and second.counters is first.counters
+    assert second.tensor_table[:, 1].tolist() == [g.data_ptr() for g in grads]
+    assert cache.tables([params, grads], None, None, 128) is second
+    third = cache.tables([params[:1], grads[:1]], None, None, 128)
+    assert third.chunk_table is not first.chunk_table and third.n_programs == 1

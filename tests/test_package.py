@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
 import torch
 
 import fastres
@@ -63,3 +64,13 @@ def test_version_and_typing_marker():
 
     assert fastres.__version__ == metadata.version("fastres")
     assert resources.files("fastres").joinpath("py.typed").is_file()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int32])
+@pytest.mark.parametrize("device", ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_uses_kernels_agrees_with_backend_for(dtype, device):
+    """The per-call fast check and the reported decision are one decision."""
+    from fastres._backend import uses_kernels
+
+    t = torch.zeros(1, dtype=dtype, device=device)
+    assert uses_kernels(t) == (fastres.backend_for(t).name != "torch")

@@ -2,7 +2,16 @@
 
 Tensors are logical NCHW with any strides; outputs follow the input's memory
 format (channels_last in, channels_last out, as ``nn.Conv2d`` does). Per-channel
-vectors (scale, shift, mean, invstd, coefficients) are fp32.
+vectors are fp32 and packed: BatchNorm statistics ``[4, C]`` (scale, shift,
+mean, invstd), backward coefficients ``[3, C]`` (coef_g, coef_c, coef_y).
+
+Everything that depends only on shapes, strides, dtypes and flags (output
+strides, grids, block sizes, the kernels' integer arguments) is planned once
+per distinct call and cached (``functools.lru_cache``), so a training step
+spends its host time on allocating outputs and launching, not on planning.
+Reductions across programs (BatchNorm's statistics, the weight gradient's
+splits) are finished inside the same launch by the last program to arrive,
+which uses a per-stream workspace of fp32 partials and zeroed counters.
 """
 
 from __future__ import annotations
@@ -11,7 +20,6 @@ import functools
 from typing import NamedTuple, Optional
 
 import torch
-import triton
 
 from ..kernels import conv as kernels
 from .core import launch
@@ -22,39 +30,34 @@ RES_NONE, RES_TENSOR, RES_BN = kernels.RES_NONE, kernels.RES_TENSOR, kernels.RES
 
 CONV_BLOCK_M = 64
 WGRAD_BLOCK_P = 64
-SPLITS_BLOCK = 1024
-FINALIZE_ELEMENTS = 4096  # per loop iteration of a finalize program: BLOCK_T x BLOCK_C
+FINALIZE_ELEMENTS = 4096  # per loop iteration of a finalize: BLOCK_T x BLOCK_C
 NUM_WARPS = 4
 
 
-class Affine(NamedTuple):
-    """Per-channel ``v * scale + shift`` (and ``yscale`` for the BN-gradient prologue)."""
+class BatchNormArgs(NamedTuple):
+    """What the kernels need of an ``nn.BatchNorm2d`` (running statistics None when not updated)."""
 
-    scale: torch.Tensor
-    shift: torch.Tensor
-    yscale: Optional[torch.Tensor] = None
-
-
-class BatchStats(NamedTuple):
-    """What BatchNorm's forward leaves for the rest of the block: fp32 [C] each."""
-
-    scale: torch.Tensor  # weight * invstd
-    shift: torch.Tensor  # bias - mean * scale
-    mean: torch.Tensor
-    invstd: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+    num_batches_tracked: Optional[torch.Tensor]
+    momentum: Optional[float]
+    eps: float
 
 
 class BackwardCoefs(NamedTuple):
-    """BatchNorm backward: ``dy = g * coef_g + y * coef_y + coef_c``, and its parameter grads."""
+    """BatchNorm backward: packed ``[3, C]`` (coef_g, coef_c, coef_y) such that
+    ``dy = g * coef_g + y * coef_y + coef_c``, and the parameter gradients."""
 
-    coef_g: torch.Tensor
-    coef_y: torch.Tensor
-    coef_c: torch.Tensor
+    packed: torch.Tensor
     dweight: torch.Tensor
     dbias: torch.Tensor
 
-    def prologue(self) -> Affine:
-        return Affine(self.coef_g, self.coef_c, self.coef_y)
+
+def _param_grads(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A BatchNorm's weight and bias gradients: separate tensors, so autograd takes them as they are."""
+    return torch.empty_like(weight), torch.empty_like(weight)
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
@@ -67,6 +70,8 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
 def check_same_layout(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
     """Kernels address ``t`` with ``like``'s strides: they must agree wherever a
     dimension has more than one element (a size-1 dimension's stride is never used)."""
+    if t.stride() == like.stride() and t.shape == like.shape:  # the usual case, cheaply
+        return
     if t.shape != like.shape or any(a != b for a, b, n in zip(t.stride(), like.stride(), t.shape) if n > 1):
         raise ValueError(f"{name} has shape {tuple(t.shape)} and strides {t.stride()}, "
                          f"expected {tuple(like.shape)} with strides {like.stride()}")
@@ -79,13 +84,74 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
-def upcast_dot(dtype: torch.dtype, device: torch.device) -> bool:
+def _upcast_dot(dtype: torch.dtype, device_type: str) -> bool:
     """The interpreter's bf16 tl.dot is broken (triton 3.9): multiply the bf16 values in fp32 there."""
-    return dtype == torch.bfloat16 and device.type == "cpu"
+    return dtype == torch.bfloat16 and device_type == "cpu"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _block(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(n)))
+    """The power of two at or above ``n``, clamped to [lo, hi] (plain Python: triton's helper is slow)."""
+    return max(lo, min(hi, 1 << max(0, n - 1).bit_length()))
+
+
+def out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _strides_like(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
+    N, C, H, W = shape
+    if channels_last:
+        return (H * W * C, 1, W * C, C)
+    return (C * H * W, H * W, W, 1)
+
+
+# ------------------------------------------------------------------ workspace
+
+class _Workspace:
+    """fp32 partials and zeroed int32 counters for in-launch reductions, per device and stream.
+
+    Every launch consumes its partials and leaves its counters at zero before
+    it ends, so launches on one stream can share one region. Buffers only
+    grow, and outgrown ones are kept, so a captured CUDA graph never points
+    at freed memory.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.scratch = torch.empty(0, dtype=torch.float32, device=device)
+        self.counter = torch.zeros(0, dtype=torch.int32, device=device)
+        self._outgrown: list[torch.Tensor] = []
+
+    def partials(self, numel: int) -> torch.Tensor:
+        """``numel`` fp32 values (exactly: a launch's arguments say what it touches)."""
+        if self.scratch.numel() < numel:
+            self._outgrown.append(self.scratch)
+            self.scratch = torch.empty(max(numel, 2 * self.scratch.numel(), 1 << 16), dtype=torch.float32,
+                                       device=self.device)
+        return self.scratch[:numel]
+
+    def counters(self, numel: int) -> torch.Tensor:
+        """``numel`` int32 counters, all zero."""
+        if self.counter.numel() < numel:
+            self._outgrown.append(self.counter)
+            self.counter = torch.zeros(max(numel, 2 * self.counter.numel(), 4096), dtype=torch.int32,
+                                       device=self.device)
+        return self.counter[:numel]
+
+
+_workspaces: dict[tuple, _Workspace] = {}
+
+
+def _workspace(device: torch.device) -> _Workspace:
+    key = (device, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else (device,)
+    ws = _workspaces.get(key)
+    if ws is None:
+        ws = _workspaces[key] = _Workspace(device)
+    return ws
 
 
 _placeholders: dict[torch.device, torch.Tensor] = {}
@@ -93,216 +159,244 @@ _placeholders: dict[torch.device, torch.Tensor] = {}
 
 def _unused(device: torch.device) -> torch.Tensor:
     """A pointer for arguments a kernel variant never reads."""
-    if device not in _placeholders:
-        _placeholders[device] = torch.empty(1, dtype=torch.float32, device=device)
-    return _placeholders[device]
-
-
-def out_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
-
-
-def conv(a: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *, dtype: torch.dtype,
-         transposed: bool = False, out_hw: tuple[int, int] | None = None,
-         prologue: int = PRO_NONE, a2: torch.Tensor | None = None, pro: Affine | None = None,
-         epilogue: int = EPI_NONE, ey: torch.Tensor | None = None, epi: BatchStats | None = None,
-         affine: Affine | None = None, residual: torch.Tensor | None = None, relu: bool = False,
-         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One implicit-GEMM convolution launch; returns ``(out, part0, part1)``.
-
-    Forward (``transposed=False``): out = conv2d(A', weight) with A' the
-    prologue of ``a``. Data gradient (``transposed=True``): ``a`` is dY and out
-    is dX of spatial size ``out_hw``. ``affine`` scales and shifts each output
-    channel (eval-mode BatchNorm folded into the conv), then ``residual`` is
-    added and ``relu`` applied. ``epilogue`` picks the per-tile partials.
-    """
-    N, CA, HA, WA = a.shape
-    K, C, R, S = weight.shape
-    CO = C if transposed else K
-    if transposed:
-        HO, WO = out_hw
-    else:
-        HO, WO = out_size(HA, R, stride, padding), out_size(WA, S, stride, padding)
-    device = a.device
-    out = torch.empty((N, CO, HO, WO), dtype=dtype, device=device, memory_format=memory_format_of(a))
-    M = N * HO * WO
-    n_tiles = triton.cdiv(M, CONV_BLOCK_M)
-    part0 = part1 = None
-    if epilogue != EPI_NONE:
-        part0 = torch.empty((n_tiles, CO), dtype=torch.float32, device=device)
-        part1 = torch.empty((n_tiles, CO), dtype=torch.float32, device=device)
-    unused = _unused(device)
-    a2 = a if a2 is None else a2
-    check_same_layout("conv: the prologue's second operand", a2, a)
-    ey = out if ey is None else ey
-    check_same_layout("conv: the epilogue's BN input", ey, out)
-    pro = pro or Affine(unused, unused, unused)
-    epi = epi or BatchStats(unused, unused, unused, unused)
-    res = residual if residual is not None else out
-    sw_o, sw_a = (weight.stride(1), weight.stride(0)) if transposed else (weight.stride(0), weight.stride(1))
-    block_n = _block(CO, 16, 64)
-    block_k = _block(CA, 16, 64)
-    grid = (n_tiles, triton.cdiv(CO, block_n))
-    launch(kernels._conv_kernel, grid,
-           a, a2, weight, out, res, ey,
-           pro.scale, pro.shift, pro.yscale if pro.yscale is not None else unused,
-           affine.scale if affine is not None else unused, affine.shift if affine is not None else unused,
-           epi.scale, epi.shift, epi.mean, epi.invstd,
-           part0 if part0 is not None else unused, part1 if part1 is not None else unused,
-           HA, WA, CA, HO, WO, CO, M,
-           *a.stride(), *out.stride(), *res.stride(),
-           sw_o, sw_a, weight.stride(2), weight.stride(3),
-           R=R, S=S, STRIDE=stride, PAD=padding, TRANSPOSED=transposed,
-           PROLOGUE=prologue, EPILOGUE=epilogue,
-           HAS_AFFINE=affine is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
-           DOT_PRECISION=dot_precision(dtype, device), UPCAST_DOT=upcast_dot(dtype, device),
-           BLOCK_M=CONV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS)
-    return out, part0, part1
-
-
-def _finalize_blocks(C: int, n_tiles: int) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_C): a finalize program walks all tiles for its channels,
-    so few channels get many tiles per iteration (16 channels: 256 tiles)."""
-    block_c = _block(C, 16, 128)
-    return _block(n_tiles, 16, FINALIZE_ELEMENTS // block_c), block_c
+    t = _placeholders.get(device)
+    if t is None:
+        t = _placeholders[device] = torch.empty(1, dtype=torch.float32, device=device)
+    return t
 
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # the interpreter: fewer, larger programs are faster
+    # The interpreter: few programs run fastest, but enough that small test
+    # shapes still split the weight gradient (and exercise the in-launch sum).
+    return 8
 
 
-def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *,
-               dy2: torch.Tensor | None = None, dy_pro: Affine | None = None,
-               x_pro: Affine | None = None) -> torch.Tensor:
-    """dW of ``conv2d(x', weight)`` for output gradient dY' (both after their
-    prologues): two launches, the split GEMM and the deterministic sum of splits."""
-    N, K, P, Q = dy.shape
-    _, C, H, W = x.shape
-    R, S = weight.shape[2:]
-    device = dy.device
+def _finalize_block_t(n_tiles: int, block_c: int) -> int:
+    """Tiles per finalize iteration: few channels get many tiles (16 channels: 256)."""
+    return _block(n_tiles, 16, FINALIZE_ELEMENTS // block_c)
+
+
+# ------------------------------------------------------------------ convolution
+
+class _ConvPlan(NamedTuple):
+    out_shape: tuple[int, ...]
+    out_stride: tuple[int, ...]
+    grid: tuple[int, int]
+    n_tiles: int
+    ints: tuple[int, ...]  # HA .. CO, M, the operand, output, residual and weight strides
+    meta: dict
+
+
+@functools.lru_cache(maxsize=None)
+def _plan_conv(a_shape, a_stride, w_shape, w_stride, stride, padding, transposed, out_hw, dtype, device_type,
+               tf32, prologue, epilogue, has_affine, has_residual, relu, track, cumulative) -> _ConvPlan:
+    N, CA, HA, WA = a_shape
+    K, C, R, S = w_shape
+    CO = C if transposed else K
+    HO, WO = out_hw if transposed else (out_size(HA, R, stride, padding), out_size(WA, S, stride, padding))
+    channels_last = CA > 1 and a_stride[1] == 1 and a_stride != _strides_like(a_shape, False)
+    out_shape = (N, CO, HO, WO)
+    out_stride = _strides_like(out_shape, channels_last)
+    M = N * HO * WO
+    n_tiles = _cdiv(M, CONV_BLOCK_M)
+    block_n = _block(CO, 16, 64)
+    sw_o, sw_a = (w_stride[1], w_stride[0]) if transposed else (w_stride[0], w_stride[1])
+    # The residual (checked to have out's layout) is addressed with out's strides.
+    ints = (HA, WA, CA, HO, WO, CO, M, *a_stride, *out_stride, *out_stride, sw_o, sw_a, w_stride[2], w_stride[3])
+    meta = dict(R=R, S=S, STRIDE=stride, PAD=padding, TRANSPOSED=transposed, PROLOGUE=prologue, EPILOGUE=epilogue,
+                HAS_AFFINE=has_affine, HAS_RESIDUAL=has_residual, RELU=relu, TRACK=track, CUMULATIVE=cumulative,
+                DOT_PRECISION="tf32" if tf32 else "ieee", UPCAST_DOT=_upcast_dot(dtype, device_type),
+                BLOCK_M=CONV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=_block(CA, 16, 64),
+                BLOCK_T=_finalize_block_t(n_tiles, block_n), num_warps=NUM_WARPS)
+    return _ConvPlan(out_shape, out_stride, (n_tiles, _cdiv(CO, block_n)), n_tiles, ints, meta)
+
+
+def conv(a: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *, dtype: torch.dtype,
+         transposed: bool = False, out_hw: tuple[int, int] | None = None,
+         prologue: int = PRO_NONE, a2: torch.Tensor | None = None, pro: torch.Tensor | None = None,
+         epilogue: int = EPI_NONE, ey: torch.Tensor | None = None, bn: BatchNormArgs | None = None,
+         stats: torch.Tensor | None = None, affine: BatchNormArgs | None = None,
+         residual: torch.Tensor | None = None, relu: bool = False):
+    """One implicit-GEMM convolution launch.
+
+    Forward (``transposed=False``): out = conv2d(A', weight) with A' the
+    prologue of ``a`` (``pro``: packed per-channel rows). Data gradient
+    (``transposed=True``): ``a`` is dY and out is dX of spatial size ``out_hw``.
+    ``affine`` folds an eval-mode BatchNorm into the output, then ``residual``
+    is added and ``relu`` applied. Epilogues:
+
+    * ``EPI_STATS``: returns ``(out, stats)``, the batch statistics of the
+      output through BatchNorm ``bn`` (packed ``[4, CO]``; running statistics
+      updated in place).
+    * ``EPI_RELU_GRAD``: out is masked by the ReLU of BatchNorm ``bn`` applied
+      to ``ey`` with its forward ``stats``; returns ``(out, BackwardCoefs)`` of that BN.
+    * otherwise returns ``(out, None)``.
+    """
+    device = a.device
+    if a2 is not None:
+        check_same_layout("conv: the prologue's second operand", a2, a)
+    track = bn is not None and bn.running_mean is not None
+    plan = _plan_conv(tuple(a.shape), a.stride(), tuple(weight.shape), weight.stride(), stride, padding, transposed,
+                      out_hw, dtype, device.type, dot_precision(dtype, device) == "tf32", prologue, epilogue,
+                      affine is not None, residual is not None, relu, track and epilogue == EPI_STATS,
+                      track and epilogue == EPI_STATS and bn.momentum is None)
+    out = torch.empty_strided(plan.out_shape, plan.out_stride, dtype=dtype, device=device)
+    if ey is not None:
+        check_same_layout("conv: the epilogue's BN input", ey, out)
+    if residual is not None:
+        check_same_layout("conv: the residual", residual, out)
     unused = _unused(device)
+    CO = plan.out_shape[1]
+    extra = None
+    part = counter = stats_arg = coef = dweight = dbias = unused
+    norm = bn if bn is not None else affine
+    momentum, eps = 0.0, 0.0
+    if norm is not None:
+        eps = float(norm.eps)
+        momentum = 0.0 if norm.momentum is None else float(norm.momentum)
+    if epilogue != EPI_NONE:
+        ws = _workspace(device)
+        part = ws.partials(2 * plan.n_tiles * CO)
+        counter = ws.counters(plan.grid[1] + 1)
+        if epilogue == EPI_STATS:
+            stats_arg = extra = torch.empty((4, CO), dtype=torch.float32, device=device)
+        else:
+            stats_arg = stats
+            coef = torch.empty((3, CO), dtype=torch.float32, device=device)
+            extra = BackwardCoefs(coef, *_param_grads(bn.weight))
+            dweight, dbias = extra.dweight, extra.dbias
+    launch(kernels._conv_kernel, plan.grid,
+           a, a if a2 is None else a2, weight, out, out if residual is None else residual,
+           out if ey is None else ey, unused if pro is None else pro,
+           norm.weight if norm is not None else unused, norm.bias if norm is not None else unused,
+           norm.running_mean if norm is not None and norm.running_mean is not None else unused,
+           norm.running_var if norm is not None and norm.running_var is not None else unused,
+           norm.num_batches_tracked if track else unused,
+           stats_arg, coef, dweight, dbias, part, counter,
+           *plan.ints, momentum, eps,
+           **plan.meta)
+    return out, extra
+
+
+# ------------------------------------------------------------------ weight gradient
+
+class _WgradPlan(NamedTuple):
+    grid: tuple[int, int]
+    ints: tuple[int, ...]
+    part_numel: int
+    meta: dict
+
+
+@functools.lru_cache(maxsize=None)
+def _plan_wgrad(dy_shape, dy_stride, x_shape, x_stride, w_shape, g_stride, stride, padding, dtype, device_type,
+                tf32, num_sms, dy_prologue, x_prologue) -> _WgradPlan:
+    N, K, P, Q = dy_shape
+    _, C, H, W = x_shape
+    R, S = w_shape[2:]
     M = N * P * Q
     block_k = _block(K, 16, 64)
     block_c = _block(C, 16, 64)
-    tiles = R * S * triton.cdiv(K, block_k) * triton.cdiv(C, block_c)
-    splits = max(1, min(triton.cdiv(4 * _num_sms(device), tiles), triton.cdiv(M, WGRAD_BLOCK_P)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), WGRAD_BLOCK_P) * WGRAD_BLOCK_P
-    splits = triton.cdiv(M, rows_per_split)
-    part = torch.empty((splits, K, C, R, S), dtype=torch.float32, device=device)
-    dy2 = dy if dy2 is None else dy2
-    check_same_layout("conv_wgrad: dy2", dy2, dy)
-    dy_pro_args = dy_pro or Affine(unused, unused, unused)
-    x_pro_args = x_pro or Affine(unused, unused)
-    launch(kernels._conv_wgrad_kernel, (tiles, splits),
-           dy, dy2, x, part,
-           dy_pro_args.scale, dy_pro_args.shift, dy_pro_args.yscale if dy_pro_args.yscale is not None else unused,
-           x_pro_args.scale, x_pro_args.shift,
-           H, W, C, P, Q, K, M, rows_per_split,
-           *dy.stride(), *x.stride(),
-           R=R, S=S, STRIDE=stride, PAD=padding,
-           DY_PROLOGUE=PRO_BN_GRAD if dy_pro is not None else PRO_NONE,
-           X_PROLOGUE=PRO_BN_RELU if x_pro is not None else PRO_NONE,
-           DOT_PRECISION=dot_precision(x.dtype, device), UPCAST_DOT=upcast_dot(x.dtype, device),
-           BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=WGRAD_BLOCK_P, num_warps=NUM_WARPS)
-    grad = torch.empty(weight.shape, dtype=weight.dtype, device=device)
-    numel = grad.numel()
-    launch(kernels._sum_splits_kernel, (triton.cdiv(numel, SPLITS_BLOCK),),
-           part, grad, splits, numel, BLOCK=SPLITS_BLOCK, num_warps=NUM_WARPS)
+    tiles = R * S * _cdiv(K, block_k) * _cdiv(C, block_c)
+    splits = max(1, min(_cdiv(4 * num_sms, tiles), _cdiv(M, WGRAD_BLOCK_P)))
+    rows_per_split = _cdiv(_cdiv(M, splits), WGRAD_BLOCK_P) * WGRAD_BLOCK_P
+    splits = _cdiv(M, rows_per_split)
+    ints = (H, W, C, P, Q, K, M, rows_per_split, *dy_stride, *x_stride, *g_stride)
+    meta = dict(R=R, S=S, STRIDE=stride, PAD=padding, DY_PROLOGUE=dy_prologue, X_PROLOGUE=x_prologue,
+                DOT_PRECISION="tf32" if tf32 else "ieee", UPCAST_DOT=_upcast_dot(dtype, device_type),
+                SPLIT=splits > 1, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=WGRAD_BLOCK_P, num_warps=NUM_WARPS)
+    return _WgradPlan((tiles, splits), ints, splits * K * C * R * S if splits > 1 else 0, meta)
+
+
+def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *,
+               dy2: torch.Tensor | None = None, dy_pro: torch.Tensor | None = None,
+               x_pro: torch.Tensor | None = None) -> torch.Tensor:
+    """dW of ``conv2d(x', weight)`` for output gradient dY' (both after their
+    prologues, ``dy_pro``: packed backward coefficients, ``x_pro``: packed BN
+    statistics), in one launch, in the weight's own memory format."""
+    device = dy.device
+    if dy2 is not None:
+        check_same_layout("conv_wgrad: dy2", dy2, dy)
+    grad = torch.empty_like(weight)
+    plan = _plan_wgrad(tuple(dy.shape), dy.stride(), tuple(x.shape), x.stride(), tuple(weight.shape), grad.stride(),
+                       stride, padding, x.dtype, device.type, dot_precision(x.dtype, device) == "tf32",
+                       _num_sms(device), PRO_BN_GRAD if dy_pro is not None else PRO_NONE,
+                       PRO_BN_RELU if x_pro is not None else PRO_NONE)
+    unused = _unused(device)
+    part = counter = unused
+    if plan.part_numel:
+        ws = _workspace(device)
+        part, counter = ws.partials(plan.part_numel), ws.counters(plan.grid[0])
+    launch(kernels._conv_wgrad_kernel, plan.grid,
+           dy, dy if dy2 is None else dy2, x, grad, part, counter,
+           unused if dy_pro is None else dy_pro, unused if x_pro is None else x_pro,
+           *plan.ints, **plan.meta)
     return grad
 
 
-def bn_forward_finalize(part_mean: torch.Tensor, part_m2: torch.Tensor, M: int, bn_weight: torch.Tensor,
-                        bn_bias: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                        num_batches_tracked: torch.Tensor | None, momentum: float | None, eps: float) -> BatchStats:
-    """Batch statistics from the conv's partials; updates the running statistics in place."""
-    C = part_mean.shape[1]
-    device = part_mean.device
-    stats = BatchStats(*torch.empty((4, C), dtype=torch.float32, device=device).unbind(0))
-    track = running_mean is not None
-    cumulative = track and momentum is None
-    block_t, block_c = _finalize_blocks(C, part_mean.shape[0])
-    grid = (1,) if cumulative else (triton.cdiv(C, block_c),)
-    unused = _unused(device)
-    launch(kernels._bn_forward_finalize_kernel, grid,
-           part_mean, part_m2, bn_weight, bn_bias,
-           running_mean if track else unused, running_var if track else unused,
-           num_batches_tracked if track else unused,
-           *stats, part_mean.shape[0], M, C, 0.0 if momentum is None else float(momentum), float(eps),
-           TILE_M=CONV_BLOCK_M, TRACK=track, CUMULATIVE=cumulative,
-           BLOCK_T=block_t, BLOCK_C=block_c, num_warps=NUM_WARPS)
-    return stats
+# ------------------------------------------------------------------ elementwise tail
+
+class _TailPlan(NamedTuple):
+    grid: tuple[int, int]
+    n_tiles: int
+    ints: tuple[int, ...]  # N, H, W, C
+    meta: dict
 
 
-def bn_eval_affine(bn_weight: torch.Tensor, bn_bias: torch.Tensor, running_mean: torch.Tensor,
-                   running_var: torch.Tensor, eps: float) -> Affine:
-    """Eval-mode BatchNorm as a per-channel affine map, for the conv's epilogue."""
-    C = bn_weight.shape[0]
-    scale, shift = torch.empty((2, C), dtype=torch.float32, device=bn_weight.device).unbind(0)
-    block_c = _block(C, 16, 128)
-    launch(kernels._bn_eval_affine_kernel, (triton.cdiv(C, block_c),),
-           bn_weight, bn_bias, running_mean, running_var, scale, shift, C, float(eps),
-           BLOCK_C=block_c, num_warps=NUM_WARPS)
-    return Affine(scale, shift)
-
-
-def bn_backward_finalize(part_g: torch.Tensor, part_gx: torch.Tensor, M: int, bn_weight: torch.Tensor,
-                         stats: BatchStats) -> BackwardCoefs:
-    C = part_g.shape[1]
-    device = part_g.device
-    coef_g, coef_y, coef_c = torch.empty((3, C), dtype=torch.float32, device=device).unbind(0)
-    dweight = torch.empty(C, dtype=bn_weight.dtype, device=device)
-    dbias = torch.empty(C, dtype=bn_weight.dtype, device=device)
-    block_t, block_c = _finalize_blocks(C, part_g.shape[0])
-    launch(kernels._bn_backward_finalize_kernel, (triton.cdiv(C, block_c),),
-           part_g, part_gx, bn_weight, stats.mean, stats.invstd, dweight, dbias, coef_g, coef_y, coef_c,
-           part_g.shape[0], M, C, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=NUM_WARPS)
-    return BackwardCoefs(coef_g, coef_y, coef_c, dweight, dbias)
-
-
-def _elementwise_blocks(C: int) -> tuple[int, int]:
+@functools.lru_cache(maxsize=None)
+def _plan_tail(shape, residual_mode) -> _TailPlan:
+    N, C, H, W = shape
     block_c = _block(C, 1, 64)
-    return max(16, min(256, 4096 // block_c)), block_c
+    block_m = max(16, min(256, 4096 // block_c))
+    n_tiles = _cdiv(N * H * W, block_m)
+    meta = dict(RESIDUAL=residual_mode, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=NUM_WARPS)
+    return _TailPlan((n_tiles, _cdiv(C, block_c)), n_tiles, (N, H, W, C), meta)
 
 
-def bn_relu_apply(y: torch.Tensor, stats: BatchStats, residual: torch.Tensor | None = None,
-                  residual_bn: BatchStats | None = None) -> torch.Tensor:
-    """relu(y * scale + shift + residual), the residual through its own BN if given."""
-    N, C, H, W = y.shape
+def _residual_mode(residual, residual_stats) -> int:
+    return RES_NONE if residual is None else (RES_BN if residual_stats is not None else RES_TENSOR)
+
+
+def bn_relu_apply(y: torch.Tensor, stats: torch.Tensor, residual: torch.Tensor | None = None,
+                  residual_stats: torch.Tensor | None = None) -> torch.Tensor:
+    """relu(y * scale + shift + residual), the residual through its own BN (packed stats) if given."""
+    plan = _plan_tail(tuple(y.shape), _residual_mode(residual, residual_stats))
     out = torch.empty_like(y)
-    block_m, block_c = _elementwise_blocks(C)
-    res = residual if residual is not None else y
-    mode = RES_NONE if residual is None else (RES_BN if residual_bn is not None else RES_TENSOR)
-    unused = _unused(y.device)
-    rbn = residual_bn or BatchStats(unused, unused, unused, unused)
-    launch(kernels._bn_relu_apply_kernel, (triton.cdiv(N * H * W, block_m), triton.cdiv(C, block_c)),
-           y, res, out, stats.scale, stats.shift, rbn.scale, rbn.shift, N, H, W, C,
-           *y.stride(), *res.stride(),
-           RESIDUAL=mode, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=NUM_WARPS)
+    res = y if residual is None else residual
+    launch(kernels._bn_relu_apply_kernel, plan.grid,
+           y, res, out, stats, _unused(y.device) if residual_stats is None else residual_stats,
+           *plan.ints, *y.stride(), *res.stride(), **plan.meta)
     return out
 
 
-def bn_relu_backward(dout: torch.Tensor, y: torch.Tensor, stats: BatchStats, residual: torch.Tensor | None = None,
-                     residual_bn: BatchStats | None = None):
-    """g = dout * relu'(pre-activation) and BatchNorm's per-tile backward sums.
+def bn_relu_backward(dout: torch.Tensor, y: torch.Tensor, stats: torch.Tensor, bn_weight: torch.Tensor,
+                     residual: torch.Tensor | None = None, residual_stats: torch.Tensor | None = None,
+                     residual_bn_weight: torch.Tensor | None = None):
+    """g = dout * relu'(pre-activation), and the backward of the tail's BatchNorm(s).
 
-    Returns ``(g, part_g, part_gx, part_gx_residual)`` (the last None unless
-    the residual has its own BatchNorm).
+    Returns ``(g, coefs, residual_coefs)``, ``residual_coefs`` None unless the
+    residual has its own BatchNorm.
     """
-    N, C, H, W = y.shape
-    block_m, block_c = _elementwise_blocks(C)
-    n_tiles = triton.cdiv(N * H * W, block_m)
     device = y.device
+    mode = _residual_mode(residual, residual_stats)
+    plan = _plan_tail(tuple(y.shape), mode)
+    C = y.shape[1]
     g = torch.empty_like(y)
-    parts = torch.empty((3 if residual_bn is not None else 2, n_tiles, C), dtype=torch.float32, device=device)
-    res = residual if residual is not None else y
-    mode = RES_NONE if residual is None else (RES_BN if residual_bn is not None else RES_TENSOR)
+    ws = _workspace(device)
+    part = ws.partials(3 * plan.n_tiles * C)
+    counter = ws.counters(plan.grid[1])
+    n_bn = 2 if mode == RES_BN else 1
+    coef = torch.empty((n_bn, 3, C), dtype=torch.float32, device=device)
+    coefs = BackwardCoefs(coef[0], *_param_grads(bn_weight))
+    res_coefs = BackwardCoefs(coef[1], *_param_grads(residual_bn_weight)) if n_bn == 2 else None
     unused = _unused(device)
-    rbn = residual_bn or BatchStats(unused, unused, unused, unused)
-    launch(kernels._bn_relu_backward_kernel, (n_tiles, triton.cdiv(C, block_c)),
-           dout, y, res, g, *stats, *rbn, parts[0], parts[1], parts[2] if residual_bn is not None else unused,
-           N, H, W, C, *dout.stride(), *y.stride(), *res.stride(),
-           RESIDUAL=mode, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=NUM_WARPS)
-    return g, parts[0], parts[1], (parts[2] if residual_bn is not None else None)
+    res = y if residual is None else residual
+    launch(kernels._bn_relu_backward_kernel, plan.grid,
+           dout, y, res, g, stats, unused if residual_stats is None else residual_stats,
+           bn_weight, coefs.packed, coefs.dweight, coefs.dbias,
+           *((residual_bn_weight, *res_coefs) if res_coefs is not None else (unused,) * 4),
+           part, counter, *plan.ints, *dout.stride(), *y.stride(), *res.stride(),
+           BLOCK_T=_finalize_block_t(plan.n_tiles, plan.meta["BLOCK_C"]), **plan.meta)
+    return g, coefs, res_coefs

@@ -69,23 +69,40 @@ class TableCache:
             tuple(p.numel() for p in params),
             absent if first_step is None else tuple(int(f) for f in first_step),
         )
-        if key != self._key or self._tables is None:
-            self._tables = _build(key[1:], n, params[0].device, chunk)
-            self._key = key
+        if key == self._key and self._tables is not None:
+            return self._tables
+        device = params[0].device
+        if self._tables is not None and self._key is not None and key[0] == self._key[0] and key[-2:] == self._key[-2:]:
+            # Only addresses moved (e.g. zero_grad(set_to_none=True) gave new grads):
+            # upload the tensor table; the chunk table and the counters (zero
+            # between launches) stay.
+            self._tables = _with_addresses(self._tables, key[1:], device)
+        else:
+            self._tables = _build(key[1:], n, device, chunk)
+        self._key = key
         return self._tables
+
+
+def _tensor_table(columns: tuple[tuple[int, ...], ...], device: torch.device) -> tuple[torch.Tensor, bool]:
+    """The device table of ``columns`` and whether every address in it is 16-byte aligned."""
+    aligned = all(a % ALIGNMENT_BYTES == 0 for column in columns[: layout.STEP.value + 1] for a in column)
+    return _to_device(torch.tensor(columns, dtype=torch.int64).t().contiguous(), device), aligned
+
+
+def _with_addresses(tables: Tables, columns: tuple[tuple[int, ...], ...], device: torch.device) -> Tables:
+    tensor_table, aligned = _tensor_table(columns, device)
+    return Tables(tensor_table, tables.chunk_table, tables.counters, tables.n_programs, aligned)
 
 
 def _build(columns: tuple[tuple[int, ...], ...], n: int, device: torch.device, chunk: int) -> Tables:
     """``columns``: the table's ROW columns, each a tuple of ``n`` ints."""
-    table = torch.tensor(columns, dtype=torch.int64).t().contiguous()
-    addresses = table[:, : layout.STEP.value + 1]
-    aligned = bool(((addresses % ALIGNMENT_BYTES) == 0).all())
+    tensor_table, aligned = _tensor_table(columns, device)
     numels = columns[layout.NUMEL.value]
     chunk_table = torch.tensor(
         [(t, c) for t, numel in enumerate(numels) for c in range(max(1, -(-numel // chunk)))], dtype=torch.int64
     ).view(-1, 2)
     return Tables(
-        tensor_table=_to_device(table, device),
+        tensor_table=tensor_table,
         chunk_table=_to_device(chunk_table, device),
         counters=torch.zeros(n, dtype=torch.int32, device=device),
         n_programs=chunk_table.shape[0],

@@ -1,4 +1,8 @@
-"""Helpers for tests of fastres and of code built on it."""
+"""Helpers for tests of fastres and of code built on it.
+
+:mod:`fastres.testing.traffic` models the memory traffic of launches and aten
+ops (``python -m fastres.testing.traffic`` prints the ResNet-20 report).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,10 @@ from typing import Any, Callable
 
 import torch
 
-from .launchers.core import count_launches, observe_launches, stub_launches
+from ..launchers.core import count_launches, observe_launches, stub_launches
 
+# fastres.testing.traffic is imported on demand: `python -m fastres.testing.traffic`
+# must find it unimported.
 __all__ = ["count_launches", "observe_launches", "saved_tensor_bytes", "stub_launches"]
 
 

@@ -1,0 +1,41 @@
+"""The training example's configuration: which recipe captures its step in a CUDA graph by default."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_cifar.py"
+
+
+@pytest.fixture(scope="module")
+def train_cifar():
+    spec = importlib.util.spec_from_file_location("train_cifar_config", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _resolve(train_cifar, argv, device="cuda", world_size=1):
+    parser = train_cifar.build_parser()
+    args = vars(parser.parse_args(argv))
+    given = {k: v for k, v in args.items() if k in train_cifar.CONFIG_KEYS}
+    return train_cifar.resolve_config(parser, given, None, torch.device(device), world_size)
+
+
+@pytest.mark.parametrize("argv,device,world_size,expected", [
+    (["--recipe", "fast"], "cuda", 1, True),  # the fast recipe on one GPU: the whole step is one graph replay
+    (["--recipe", "fast", "--no-cuda-graph"], "cuda", 1, False),
+    (["--recipe", "fast"], "cpu", 1, False),
+    (["--recipe", "fast"], "cuda", 2, False),  # DDP's all-reduce is not captured
+    (["--recipe", "fast", "--amp", "fp16"], "cuda", 1, False),  # GradScaler's skipped steps
+    (["--recipe", "fast", "--compile"], "cuda", 1, False),
+    (["--recipe", "fast", "--optimizer", "adagrad"], "cuda", 1, False),
+    (["--recipe", "notes"], "cuda", 1, False),
+    (["--recipe", "notes", "--cuda-graph"], "cuda", 1, True),
+])
+def test_cuda_graph_default(train_cifar, argv, device, world_size, expected):
+    assert _resolve(train_cifar, argv, device, world_size)["cuda_graph"] is expected
