@@ -14,9 +14,10 @@ smoke test (no ``--benchmark-only`` with it).
 
 What the harness does
 ---------------------
-* Timing. On CUDA a variant's time is the median of ``triton.testing.do_bench``
-  (CUDA events, warm-up first, L2 flushed before every run). On CPU it is the
-  median of ``time.perf_counter`` runs after one warm-up run. pytest-benchmark's
+* Timing (``harness.median_ms``, shared with the lease runner ``lease.py``). On
+  CUDA a variant's time is the median of ``triton.testing.do_bench`` (CUDA
+  events, warm-up first, L2 flushed before every run). On CPU it is the median
+  of ``time.perf_counter`` runs after one warm-up run. pytest-benchmark's
   own statistics come from ``benchmark.pedantic`` on a function that ends with
   ``torch.cuda.synchronize()``, so they include the device work and not only the
   launch.
@@ -41,13 +42,8 @@ What the harness does
 
 from __future__ import annotations
 
-import datetime
-import functools
 import math
 import os
-import platform
-import statistics
-import time
 import traceback
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -56,8 +52,9 @@ from typing import Any, Callable, Optional
 import pytest
 import torch
 
+from harness import HAS_CUDA, environment, gbps, median_ms, synchronize
+
 HERE = Path(__file__).parent
-HAS_CUDA = torch.cuda.is_available()
 GPU_SKIP_REASON = "no CUDA device: GPU rows skipped; run scripts/gpu_check.sh on a GPU machine"
 
 # A variant factory builds what is timed (optimizer, buffers) and returns a
@@ -81,51 +78,6 @@ def pytest_collection_modifyitems(config, items):
 # --------------------------------------------------------------------------- environment
 
 
-@functools.cache
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    return f"CPU: {_cpu_name()} ({os.cpu_count()} logical cores)"
-
-
-def environment(device: Optional[str] = None) -> dict:
-    """Device name, library versions and the date (UTC ISO) for a benchmark row."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        import fastres
-
-        fastres_version = fastres.__version__
-    except Exception as exc:  # not installed yet
-        fastres_version = f"not importable ({type(exc).__name__})"
-    if device is None:
-        device = "cuda" if HAS_CUDA else "cpu"
-    return {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "fastres": fastres_version,
-        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config, machine_info):
     env = environment()
@@ -137,44 +89,6 @@ def _record_environment(request):
     """Every benchmark row gets the environment in ``extra_info``."""
     if "benchmark" in request.fixturenames:
         request.getfixturevalue("benchmark").extra_info.update(environment())
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], Any], device: str) -> float:
-    """Median time of ``fn`` in ms: do_bench on CUDA, perf_counter on CPU (both after warm-up)."""
-    if device.startswith("cuda"):
-        import triton.testing
-
-        fn()
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(device)
-        once_ms = (time.perf_counter() - t0) * 1e3
-        # ~100 ms of runs, but at least ~10 runs for slow variants (capped at 3 s).
-        rep = min(max(100.0, 10 * once_ms), 3000.0)
-        return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 5 or (len(times) < 50 and time.perf_counter() - start < 0.1):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def gbps(bytes_moved: Optional[float], ms: Optional[float]) -> Optional[float]:
-    if not bytes_moved or not ms:
-        return None
-    return bytes_moved / (ms * 1e-3) / 1e9
 
 
 # --------------------------------------------------------------------------- comparison

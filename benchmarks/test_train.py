@@ -71,6 +71,8 @@ RECIPE = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
 LABEL_SMOOTHING = 0.1
 MODELS = ("resnet20", "resnet18_cifar")
 VARIANTS = ["fastres", "eager", "eager channels_last", "torch.compile"]
+FASTRES_MODEL = ("fastres", "torch.compile(fastres)")  # variants built from fastres's model and optimizer
+CUDA_GRAPH = " + CUDA graph"  # variant suffix: the whole step captured in one CUDA graph (train_step)
 GOALS = {"eager channels_last": 1.5, "torch.compile": 1.15}  # speedups, resnet20 bf16
 
 # --------------------------------------------------------------------------- data
@@ -103,9 +105,10 @@ def image_pool(n: int, device: str):
 class Batches:
     """Each call: the next batch of the pool, augmented and normalised as GPULoader does per batch."""
 
-    def __init__(self, batch: int, device: str, memory_format: torch.memory_format) -> None:
+    def __init__(self, batch: int, device: str, memory_format: torch.memory_format, image_hw: int = 32) -> None:
         self.images, self.labels, self.order, self.scale, self.shift = image_pool(batch * POOL_BATCHES, device)
         self.batch, self.memory_format = batch, memory_format
+        self.pool = self.images.shape[-1] // image_hw  # > 1: average-pooled (a smoke model's smaller images)
         self.generator = torch.Generator(device).manual_seed(0)
         self.i = 0
 
@@ -117,17 +120,26 @@ class Batches:
         idx = self.order[start:start + self.batch]
         x = augment(self.images.index_select(0, idx), self.generator)
         x = torch.addcmul(self.shift, x.to(torch.float32), self.scale)
+        if self.pool > 1:
+            x = F.avg_pool2d(x, self.pool)
         return x.contiguous(memory_format=self.memory_format), self.labels.index_select(0, idx)
 
 
 # --------------------------------------------------------------------------- models and steps
 
 
+# CPU smoke models: ``resnet8`` (one block per stage) for the CPU rows; ``tiny`` (one 8-channel block, on the
+# batches average-pooled to 4x4) for the lease runner's dry run, where fastres runs under Triton's interpreter.
+SMOKE_MODELS = {"resnet8": ((1, 1, 1), (16, 32, 64)), "tiny": ((1,), (8,))}
+SMOKE_IMAGE_HW = {"tiny": 4}
+
+
 def build_model(model: str, fused: bool) -> torch.nn.Module:
-    """fastres's model (``fastres.resnet20()``, ...) or the reference one; ``resnet8`` is the CPU smoke model."""
-    if model == "resnet8":  # one block per stage: few ops, so the CPU row stays short on a busy machine
-        return (fastres.ResNet(fastres.nn.ResidualBlock, (1, 1, 1)) if fused
-                else ref.ResNet(ref.ResidualBlock, (1, 1, 1)))
+    """fastres's model (``fastres.resnet20()``, ...) or the reference one, or a CPU smoke model (SMOKE_MODELS)."""
+    if model in SMOKE_MODELS:  # few ops, so the CPU row stays short on a busy machine
+        layers, widths = SMOKE_MODELS[model]
+        return (fastres.ResNet(fastres.nn.ResidualBlock, layers, widths=widths) if fused
+                else ref.ResNet(ref.ResidualBlock, layers, widths=widths))
     return getattr(fastres, model)() if fused else ref.build(model)
 
 
@@ -140,8 +152,8 @@ def initial_state(model: str) -> dict:
 
 
 def build_optimizer(variant: str, params: list, device: str):
-    """(optimizer, description) of ``variant``."""
-    if variant == "fastres":
+    """(optimizer, description) of ``variant`` (without a CUDA_GRAPH suffix)."""
+    if variant in FASTRES_MODEL:
         return fastres.optim.SGD(params, **RECIPE), "fastres.optim.SGD"
     if variant == "torch.compile":
         try:
@@ -152,30 +164,50 @@ def build_optimizer(variant: str, params: list, device: str):
     return torch.optim.SGD(params, **RECIPE, foreach=True), "torch.optim.SGD(foreach=True)"
 
 
-def train_step(variant: str, model_name: str, batch: int, dtype: str, device: str):
-    """A zero-argument training step of ``variant``; ``step.extra_info`` describes it."""
-    require_fastres()
-    fused = variant == "fastres"
-    net = build_model(model_name, fused)
-    net.load_state_dict(initial_state(model_name))
-    memory_format = torch.contiguous_format if variant == "eager" else torch.channels_last
-    net = net.to(device=device, memory_format=memory_format).train()
-    optimizer, opt_name = build_optimizer(variant, list(net.parameters()), device)
-    model = torch.compile(net, dynamic=False) if variant == "torch.compile" else net
-    batches = Batches(batch, device, memory_format)
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, label_smoothing=LABEL_SMOOTHING)
 
-    def step():
-        x, y = batches()
-        with amp(device, dtype):
-            loss = F.cross_entropy(model(x).float(), y, label_smoothing=LABEL_SMOOTHING)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+
+def train_step(variant: str, model_name: str, batch: int, dtype: str, device: str, compile_backend: str = "inductor"):
+    """A zero-argument training step of ``variant``; ``step.extra_info`` describes it.
+
+    Besides VARIANTS, the lease runner (lease.py) times ``"torch.compile(fastres)"`` (the fastres model under
+    ``torch.compile``) and any variant with the CUDA_GRAPH suffix: the whole step (forward, loss, backward,
+    optimizer step) captured once and replayed by ``examples/train_cifar.py``'s ``GraphedStep``, the batch
+    copied into its static input each step (that step zeroes grads in place instead of setting them to None).
+    """
+    require_fastres()
+    graphed = variant.endswith(CUDA_GRAPH)
+    base = variant.removesuffix(CUDA_GRAPH)
+    net = build_model(model_name, base in FASTRES_MODEL)
+    net.load_state_dict(initial_state(model_name))
+    memory_format = torch.contiguous_format if base == "eager" else torch.channels_last
+    net = net.to(device=device, memory_format=memory_format).train()
+    optimizer, opt_name = build_optimizer(base, list(net.parameters()), device)
+    compiled = base in ("torch.compile", "torch.compile(fastres)")
+    model = torch.compile(net, dynamic=False, backend=compile_backend) if compiled else net
+    batches = Batches(batch, device, memory_format, SMOKE_IMAGE_HW.get(model_name, 32))
+
+    if graphed:
+        from train_cifar import GraphedStep  # examples/ on sys.path (the lease runner puts it there)
+
+        graph = GraphedStep(model, loss_fn, optimizer, lambda: amp(device, dtype))
+
+        def step():
+            graph(*batches())
+    else:
+        def step():
+            x, y = batches()
+            with amp(device, dtype):
+                loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
 
     step.extra_info = {
         "model": model_name, "params": sum(p.numel() for p in net.parameters()), "optimizer": opt_name,
-        "memory_format": "contiguous" if variant == "eager" else "channels_last",
-        "compile_mode": "default" if variant == "torch.compile" else None,
+        "memory_format": "contiguous" if base == "eager" else "channels_last",
+        "compile_mode": "default" if compiled else None, "cuda_graph": graphed,
     }
     return step, batches
 

@@ -1,39 +1,26 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU and no network (see ../shared/GPU.md): install
-# fastres into the machine's python without downloading anything, run the
-# whole test suite compiled, the ahead-of-time compile report, and the
-# benchmarks; write raw logs and JSON to OUT (default ./gpu-results).
+# The GPU lease runner (README, "The GPU lease runner"): on a bare, offline machine with a CUDA GPU
+# (../shared/GPU.md), install fastres without network, then run benchmarks/lease.py: environment and
+# ceilings, a parallel compile warm-up, compiled correctness at full size, the headline ratios and the
+# test suite, each stage under its own time budget, ~8 minutes in all. Results go to OUT as they come
+# (at most 6 files); the last thing printed is the summary table. Exit status 1 when a check failed.
 #   bash scripts/gpu_check.sh OUT
+#   bash scripts/gpu_check.sh --dry-run OUT   # every stage on the CPU, tiny sizes, Triton's interpreter
+# Options after OUT go to benchmarks/lease.py (--help). PYTHON picks the interpreter (default python3).
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-out="${1:-$repo/gpu-results}"
 python="${PYTHON:-python3}"
-mkdir -p "$out"
+dry=()
+if [ "${1:-}" = "--dry-run" ]; then
+    dry=(--dry-run)
+    shift
+fi
+out="${1:-$repo/gpu-results}"
+[ $# -gt 0 ] && shift
 cd "$repo"
 export PYTHONUNBUFFERED=1
-stamp="$(date -u +%Y-%m-%dT%H%M%SZ)"
-
-{
-    echo "date_utc: $stamp"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-    "$python" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda); print("triton", triton.__version__); print("device", torch.cuda.get_device_name())'
-    git rev-parse HEAD 2>/dev/null || true
-} | tee "$out/environment.txt"
-
-"$python" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -n 3
-
-status=0
-echo "==> tests (compiled kernels on the GPU)"
-"$python" -m pytest tests -q -ra --durations=20 --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-echo "==> ahead-of-time compile report"
-env -u TRITON_INTERPRET "$python" tests/aot_compile.py --json "$out/aot.json" 2>&1 | tee "$out/aot.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-echo "==> benchmarks"
-"$python" -m pytest benchmarks --benchmark-only -q --benchmark-json="$out/benchmarks.json" 2>&1 | tee "$out/benchmarks.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-echo "results in $out (status $status)"
-exit "$status"
+if [ ${#dry[@]} -eq 0 ]; then
+    # The machine's own torch/triton stay: no dependencies, no build isolation, nothing downloaded.
+    "$python" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -n 3
+fi
+exec "$python" benchmarks/lease.py ${dry[@]+"${dry[@]}"} "$out" "$@"

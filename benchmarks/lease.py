@@ -1,0 +1,764 @@
+"""The GPU lease runner: one command that turns a short GPU lease into the whole evidence (issue 9).
+
+    python benchmarks/lease.py OUT              # on the GPU machine (scripts/gpu_check.sh OUT installs first)
+    python benchmarks/lease.py --dry-run OUT    # on a CPU: every stage at tiny sizes, Triton's interpreter
+
+Stages, in order, each under its own time budget (GPU / dry run, seconds), so that a slow, hanging or
+crashing stage never starves the next; what a stage measured is in OUT even when it is cut:
+
+  1   environment and ceilings   30 / 15   device, driver, versions, git revision; D2D copy GB/s, bf16 TFLOP/s
+  2   compile warm-up           100 / 30   every fastres kernel variant of stages 3-4 and the torch.compile graphs
+                                           of the training rows and bf16 block rows, built in parallel processes
+                                           (one per core, at most 16) at the same shapes and dtypes, so Triton's
+                                           and inductor's on-disk caches hit later
+  3a  correctness: optimizers    45 / 30   lease_items.optim_checks: NaN-poisoned, at full size
+  3b  correctness: models+blocks 75 / 25   lease_items.block_checks
+  4a  ratios: optimizer steps    35 / 15   lease_items.optim_rows
+  4b  ratios: training steps     60 / 40   lease_items.train_rows
+  4c  ratios: residual block     60 / 25   lease_items.block_rows (max-autotune only while time remains)
+  5   test suite                 the rest  pytest tests (-n with pytest-xdist on the GPU; --timeout with
+                                           pytest-timeout), interrupted cleanly before the total budget ends
+
+Stages 1, 2, 3 (3a, 3b), 4 (4a-4c) and 5 each run in a process of their own (one import of torch per
+process); within one, a watchdog ends the process when a part overruns its budget, and the runner starts
+it again for the parts after it. A part that crashes (a CUDA error poisons the context) is resumed, up to
+twice, from the item after the one it died in; that item is recorded as an error. The total is 450 s on
+the GPU (the lease's 8-minute command, with the install before it) and 200 s on a dry run; a part ends at
+its budget or where the total would leave the test suite less than 30 s, whichever is first.
+
+OUT (at most 6 files): ``results.jsonl`` (one JSON record per line, appended as produced), ``lease.json``
+(all of it, rebuilt after every stage), ``lease.log`` (the stages' output), ``tests.log`` and ``tests.xml``
+(pytest), ``summary.txt`` (the table printed last). Exit status 1 when a correctness check failed or
+errored, or a test failed; else 0.
+
+Options for testing the runner itself: ``--stages 1,3a`` (a subset), ``--budget 1=5`` (override a
+stage's budget), ``--inject-failure`` (the first optimizer check gets a wrong element, which must fail),
+``--inject-hang KEY`` (stage KEY sleeps until it is cut), ``--inject-crash KEY`` (part KEY's process aborts in
+its first item, which must be recorded as an error, and the part resumes after it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Iterator, Optional
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TOTAL_S = {"gpu": 450.0, "dry": 200.0}  # the dry run's is a cap: ~2 minutes on an idle 2-core machine
+TESTS_MIN_S = {"gpu": 30.0, "dry": 20.0}  # what the earlier stages always leave the test suite
+IMPORT_S = {"gpu": 10.0, "dry": 15.0}  # a stage process's imports (torch, fastres), before its parts' budgets start
+FINAL_S = 5.0  # the table's time at the end
+KILL_GRACE_S = 2.0  # past a part's deadline before its process is ended
+FILES = ("results.jsonl", "lease.json", "lease.log", "tests.log", "tests.xml", "summary.txt")
+PART_OVERRUN = 4  # exit status of a stage process whose watchdog ended it
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    key: str
+    title: str
+    gpu_s: float
+    dry_s: float
+
+    @property
+    def process(self) -> str:  # the stage process that runs it: "3a" runs in "3"
+        return self.key[0]
+
+
+PARTS = [
+    Part("1", "environment and ceilings", 30, 15),
+    Part("2", "compile warm-up", 100, 30),
+    Part("3a", "correctness: optimizers", 45, 30),
+    Part("3b", "correctness: models and blocks", 75, 25),
+    Part("4a", "ratios: optimizer steps", 35, 15),
+    Part("4b", "ratios: training steps", 60, 40),
+    Part("4c", "ratios: residual block", 60, 25),
+    Part("5", "test suite", 0, 0),  # the time left
+]
+TITLES = {p.key: p.title for p in PARTS}
+ITEM_PARTS = ("3a", "3b", "4a", "4b", "4c")
+CHECK_PARTS = ("3a", "3b")
+
+
+# --------------------------------------------------------------------------- records (both processes)
+
+
+def append(out: Path, record: dict) -> None:
+    """One JSON line in OUT/results.jsonl, written at once (a run cut off later keeps it)."""
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+
+
+def read_records(out: Path) -> list:
+    path = out / "results.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line cut by a kill
+            pass
+    return records
+
+
+def tail(text: str, lines: int = 12, chars: int = 1500) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])[-chars:]
+
+
+def setup_paths() -> None:
+    for sub in ("benchmarks", "tests", "examples"):
+        path = str(REPO / sub)
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+
+# --------------------------------------------------------------------------- inside a stage process
+
+
+def stage_items(cfg, key: str, out: Path, deadline: float) -> list:
+    """The items of part ``key`` (3a..4c), built in a stage process."""
+    import lease_items as li
+
+    return {"3a": lambda: li.optim_checks(cfg), "3b": lambda: li.block_checks(cfg),
+            "4a": lambda: li.optim_rows(cfg, str(out)), "4b": lambda: li.train_rows(cfg),
+            "4c": lambda: li.block_rows(cfg, lambda: deadline, str(out))}[key]()
+
+
+def cuda_broken() -> bool:
+    """After an error: is this process's CUDA context still usable? (An illegal address poisons it.)"""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        torch.cuda.synchronize()
+        return False
+    except Exception:
+        return True
+
+
+def run_items(cfg, key: str, out: Path, deadline: float, crash: bool = False) -> int:
+    """Run the part's items in order, each recorded as it ends; skip those an earlier process recorded.
+
+    ``crash`` (--inject-crash): the process aborts in its first item, if no item of the part ran yet.
+    """
+    import lease_items as li
+
+    done = {r["name"] for r in read_records(out) if r.get("type") == "item" and r.get("stage") == key}
+    crash = crash and not done
+    min_left = 2.0 if cfg.dry else 5.0
+    for item in stage_items(cfg, key, out, deadline):
+        if item.name in done:
+            continue
+        base = {"type": "item", "stage": key, "name": item.name, "kind": item.kind, "group": item.group or item.name,
+                "label": item.label, "scaled_down": item.scaled}
+        if deadline - time.time() < min_left:
+            append(out, dict(base, status="not run", detail="the stage's budget ran out before this item"))
+            continue
+        append(out, {"type": "begin", "stage": key, "name": item.name})
+        if crash:
+            print(f"[{key}] --inject-crash: aborting in {item.name}", flush=True)
+            os.abort()  # as a CUDA error that kills the process would
+        start = time.time()
+        fields, detail = {}, ""
+        try:
+            fields = item.run() or {}
+            status = "pass" if item.kind == "check" else "ok"
+        except AssertionError as exc:
+            status, detail = "fail", tail(str(exc) or traceback.format_exc())
+        except li.SKIPS as exc:
+            status, detail = "skipped", str(getattr(exc, "msg", None) or exc)
+        except Exception:
+            status, detail = "error", tail(traceback.format_exc())
+        seconds = time.time() - start
+        append(out, dict(base, status=status, seconds=round(seconds, 2), detail=detail, **fields))
+        print(f"[{key}] {status:8s} {seconds:7.1f} s  {item.name}" + (f"\n{detail}" if detail else ""), flush=True)
+        li.release()
+        if status == "error" and cuda_broken():
+            print(f"[{key}] the CUDA context is unusable after {item.name}: exiting for a fresh process", flush=True)
+            return 3
+    return 0
+
+
+def environment_stage(dry: bool, out: Path) -> int:
+    import torch
+
+    import harness
+
+    device = "cpu" if dry else "cuda"
+    env = dict(harness.environment(device), python=platform.python_version(), dry_run=dry,
+               cpu_count=os.cpu_count(), revision=git_revision())
+    try:
+        import numpy
+
+        env["numpy"] = numpy.__version__
+    except ImportError:
+        env["numpy"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu_memory_gib=round(props.total_memory / 2**30, 1), sm_count=props.multi_processor_count,
+                   capability=f"{props.major}.{props.minor}", driver=nvidia_smi_driver())
+    append(out, {"type": "item", "stage": "1", "kind": "env", "name": "environment", "status": "ok", "values": env})
+    print(json.dumps(env, indent=1), flush=True)
+    try:
+        values = harness.ceilings(device, small=dry)
+        append(out, {"type": "item", "stage": "1", "kind": "ceiling", "name": "ceilings", "status": "ok",
+                     "values": values, "scaled_down": "CPU: 16 MiB copy, 256^3 bf16 matmul" if dry else ""})
+        print(json.dumps(values, indent=1), flush=True)
+    except Exception:
+        append(out, {"type": "item", "stage": "1", "kind": "ceiling", "name": "ceilings", "status": "error",
+                     "detail": tail(traceback.format_exc())})
+    return 0
+
+
+def git_revision() -> Optional[str]:
+    if os.environ.get("FASTRES_REVISION"):
+        return os.environ["FASTRES_REVISION"]
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True,
+                               timeout=10)
+        if rev.returncode == 0:
+            return rev.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None  # a copy of the tree without .git
+
+
+def nvidia_smi_driver() -> Optional[str]:
+    try:
+        run = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=15)
+        return run.stdout.strip().splitlines()[0] if run.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+# Stage 2: a pool of spawned processes; each rebuilds the item lists and warms the items it is given.
+_WORKER: dict = {}
+
+
+def _warm_init(dry: bool, out: str) -> None:
+    setup_paths()
+    import lease_items as li
+
+    _WORKER.update(cfg=li.Config(dry=dry), out=Path(out), items={})
+
+
+def _warm_tasks() -> list:
+    """(stage, item) pairs to warm, long torch.compile builds first (run in a worker: the parent imports no torch)."""
+    cfg = _WORKER["cfg"]
+    tasks, slow = [], []
+    for key in ITEM_PARTS:
+        items = [i for i in stage_items(cfg, key, _WORKER["out"], float("inf")) if i.warm is not None]
+        if cfg.dry:  # the interpreter compiles nothing: two cheap items (optimizer steps) exercise the pool
+            items = items[:1] if key in ("3a", "4a") else []
+        for item in items:
+            (slow if item.warm_first else tasks).append((key, item.name))
+    return slow + tasks  # the long builds first, the many short Triton compiles around them
+
+
+def _warm_task(task: tuple) -> tuple:
+    key, name = task
+    items = _WORKER["items"]
+    if key not in items:
+        items[key] = {i.name: i for i in stage_items(_WORKER["cfg"], key, _WORKER["out"], float("inf"))}
+    start = time.time()
+    try:
+        items[key][name].warm()
+        return key, name, time.time() - start, "ok", ""
+    except Exception:
+        return key, name, time.time() - start, "error", tail(traceback.format_exc(), 6, 600)
+
+
+def warmup_stage(dry: bool, out: Path, deadline: float) -> int:
+    import multiprocessing
+
+    workers = 2 if dry else max(1, min(16, os.cpu_count() or 1))
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "2")  # the pool is the parallelism (16 x 2 threads)
+    start = time.time()
+    pool = multiprocessing.get_context("spawn").Pool(workers, _warm_init, (dry, str(out)))
+    finished, work_s, tasks = set(), 0.0, []
+    try:
+        tasks = pool.apply_async(_warm_tasks).get(timeout=max(0.1, deadline - 1 - time.time()))
+        results = pool.imap_unordered(_warm_task, tasks)
+        for _ in tasks:
+            key, name, seconds, status, detail = results.next(timeout=max(0.1, deadline - 1 - time.time()))
+            finished.add((key, name))
+            work_s += seconds
+            append(out, {"type": "item", "stage": "2", "kind": "compile", "name": f"warm {key} {name}",
+                         "status": status, "seconds": round(seconds, 2), "detail": detail})
+            print(f"[2] {status:5s} {seconds:7.1f} s  {key} {name}" + (f"\n{detail}" if detail else ""), flush=True)
+    except multiprocessing.TimeoutError:
+        pass
+    finally:
+        pool.terminate()
+    missing = [f"{k} {n}" for k, n in tasks if (k, n) not in finished]
+    append(out, {"type": "item", "stage": "2", "kind": "compile-summary", "name": "compile warm-up", "status": "ok",
+                 "wall_s": round(time.time() - start, 1), "work_s": round(work_s, 1), "workers": workers,
+                 "tasks": len(tasks), "not_finished": missing,
+                 "scaled_down": "the interpreter compiles nothing: two optimizer items, 2 processes" if dry else ""})
+    return 0
+
+
+@contextlib.contextmanager
+def watchdog(at: float, key: str) -> Iterator[None]:
+    """End this process (status PART_OVERRUN) if part ``key`` is still running at time ``at``.
+
+    A thread, so it fires while the main thread waits in a kernel, a compile or a sleep (each releases the
+    GIL); the runner then records the part as cut and starts the process again for the parts after it.
+    """
+    def fire() -> None:
+        print(f"[{key}] over its budget: ending the stage process", flush=True)
+        os._exit(PART_OVERRUN)
+
+    timer = threading.Timer(max(0.0, at - time.time()), fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def stage_main(args: argparse.Namespace) -> int:
+    """Run the given parts in order (skipping those an earlier process of this stage ended), each recorded."""
+    out = Path(args.out)
+    setup_paths()
+    parts = [(k, float(b)) for k, b in (p.split("=") for p in args.parts.split(","))]
+    if args.stage in ("3", "4"):
+        import lease_items  # noqa: F401  (torch, fastres, the suites' modules: before the parts' budgets start)
+    for key, budget in parts:
+        records = [r for r in read_records(out) if r.get("stage") == key]
+        if any(r.get("type") == "stage" for r in records):
+            continue  # ended (or cut) in an earlier process
+        begun = next((r for r in records if r.get("type") == "part-begin"), None)
+        if begun:  # resumed after a crash: the part keeps its deadline
+            start, deadline = begun["start"], begun["deadline"]
+        else:
+            start = time.time()
+            deadline = min(start + budget, args.deadline)
+            append(out, {"type": "part-begin", "stage": key, "start": start, "deadline": deadline})
+        with watchdog(deadline + KILL_GRACE_S, key):
+            if args.inject_hang == key:
+                print(f"[{key}] --inject-hang: sleeping until the watchdog ends this part", flush=True)
+                time.sleep(10**6)
+            if key == "1":
+                rc = environment_stage(args.dry_run, out)
+            elif key == "2":
+                rc = warmup_stage(args.dry_run, out, deadline)
+            else:
+                import lease_items as li
+
+                cfg = li.Config(dry=args.dry_run, inject_failure=args.inject_failure)
+                rc = run_items(cfg, key, out, deadline, crash=args.inject_crash == key)
+        if rc:
+            return rc
+        not_run = any(r.get("status") == "not run" for r in read_records(out) if r.get("stage") == key)
+        append(out, {"type": "stage", "stage": key, "title": TITLES[key], "status": "cut" if not_run else "done",
+                     "seconds": round(time.time() - start, 1), "budget_s": round(deadline - start, 1)})
+    return 0
+
+
+# --------------------------------------------------------------------------- the runner process
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dry = args.dry_run
+        self.out = Path(args.out).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name in FILES:  # a fresh run: never mix records of two runs
+            (self.out / name).unlink(missing_ok=True)
+        self.log = open(self.out / "lease.log", "a", buffering=1)
+        self.t0 = time.time()
+        self.total = args.total or TOTAL_S["dry" if self.dry else "gpu"]
+        self.budgets = dict(b.split("=", 1) for b in args.budget)
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.dry:
+            self.env["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernels run interpreted on the CPU
+        else:
+            self.env.pop("TRITON_INTERPRET", None)
+
+    def say(self, line: str) -> None:
+        stamped = f"[lease {time.time() - self.t0:6.1f} s] {line}"
+        print(stamped, flush=True)
+        self.log.write(stamped + "\n")
+
+    def budget(self, part: Part) -> float:
+        if part.key in self.budgets:
+            return float(self.budgets[part.key])
+        return part.dry_s if self.dry else part.gpu_s
+
+    def stage_command(self, parts: list, deadline: float) -> list:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", parts[0].process, "--deadline", repr(deadline),
+               "--parts", ",".join(f"{p.key}={self.budget(p)}" for p in parts)]
+        if self.dry:
+            cmd.append("--dry-run")
+        if self.args.inject_failure:
+            cmd.append("--inject-failure")
+        if self.args.inject_hang:
+            cmd += ["--inject-hang", self.args.inject_hang]
+        if self.args.inject_crash:
+            cmd += ["--inject-crash", self.args.inject_crash]
+        return cmd + [str(self.out)]
+
+    def run_stage(self, parts: list) -> None:
+        """One stage process for ``parts`` (e.g. 3a, 3b), started again after a watchdog cut or a crash."""
+        start = time.time()
+        mode = "dry" if self.dry else "gpu"
+        deadline = min(start + sum(self.budget(p) + IMPORT_S[mode] for p in parts),  # an import per (re)start
+                       self.t0 + self.total - TESTS_MIN_S[mode] - FINAL_S)
+        self.say(f"stage {parts[0].process} ({', '.join(p.key + ' ' + p.title for p in parts)}): "
+                 f"budget {deadline - start:.0f} s")
+        restarts = 0
+        while True:
+            proc = subprocess.Popen(self.stage_command(parts, deadline), stdout=self.log, stderr=subprocess.STDOUT,
+                                    cwd=REPO, env=self.env, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=max(0.5, deadline + 2 * KILL_GRACE_S - time.time()))
+            except subprocess.TimeoutExpired:  # the watchdog should have fired: the last resort
+                kill_group(proc)
+                rc = None
+            kill_group(proc)  # its warm-up workers, if any are left
+            if rc == 0:
+                break
+            crashed = rc not in (None, PART_OVERRUN)
+            restarts += crashed
+            resume = rc == PART_OVERRUN or (crashed and restarts <= 2)
+            self.close_unfinished(parts, rc, final=not resume or deadline - time.time() < 5)
+            self.say(f"stage process {parts[0].process} ended with status {rc}"
+                     + (": starting it again for what is left" if resume else ""))
+            if not resume or deadline - time.time() < 5:
+                break
+        self.close_unfinished(parts, rc, final=True)
+        self.say(f"stage {parts[0].process} ended after {time.time() - start:.1f} s")
+        self.write_json()
+
+    def close_unfinished(self, parts: list, rc: Optional[int], final: bool) -> None:
+        """Record what a killed or crashed stage process left open: the item it was in, its part, parts not begun.
+
+        A crashed part stays open (its process resumes it) unless ``final``.
+        """
+        records = read_records(self.out)
+        for part in parts:
+            mine = [r for r in records if r.get("stage") == part.key]
+            if any(r.get("type") == "stage" for r in mine):
+                continue
+            begun = next((r for r in mine if r.get("type") == "part-begin"), None)
+            if begun is None:
+                if final:  # never begun: no time left, or its process died first (an import error: see lease.log)
+                    died = rc not in (0, None, PART_OVERRUN)
+                    append(self.out, {"type": "stage", "stage": part.key, "title": part.title, "rc": rc,
+                                      "status": "crashed" if died else "not run"})
+                continue
+            cut = rc in (None, PART_OVERRUN)
+            ended = {r["name"] for r in mine if r.get("type") == "item"}
+            for r in mine:
+                if r.get("type") == "begin" and r["name"] not in ended:
+                    why = ("still running when its part's budget ran out" if cut
+                           else f"the stage process died (exit status {rc}) while this ran; see lease.log")
+                    append(self.out, {"type": "item", "stage": part.key, "name": r["name"],
+                                      "kind": "check" if part.key in CHECK_PARTS else "ratio",
+                                      "status": "cut" if cut else "error", "detail": why})
+                    ended.add(r["name"])
+            if cut or final:
+                append(self.out, {"type": "stage", "stage": part.key, "title": part.title,
+                                  "status": "cut" if cut else "crashed", "rc": rc,
+                                  "seconds": round(time.time() - begun["start"], 1),
+                                  "budget_s": round(begun["deadline"] - begun["start"], 1)})
+
+    def run_tests(self, stage: Part) -> None:
+        """pytest tests until the total budget, interrupted (SIGINT: pytest reports what ran) before it ends."""
+        start = time.time()
+        deadline = self.t0 + self.total - FINAL_S
+        if stage.key in self.budgets:
+            deadline = min(deadline, start + float(self.budgets[stage.key]))
+        self.say(f"stage 5 {stage.title}: {deadline - start:.0f} s")
+        # The dry run takes one quick file: the interpreted suite takes minutes (CI runs it anyway).
+        selection = ["tests/test_optim_errors.py"] if self.dry else ["tests", "--ignore=tests/test_lease_dry_run.py"]
+        cmd = [sys.executable, "-m", "pytest", *selection, "-v", "-p", "no:cacheprovider", "-rfE",
+               f"--junitxml={self.out / 'tests.xml'}"]
+        if not self.dry and importlib.util.find_spec("xdist") is not None:
+            cmd += ["-n", str(max(1, min(16, os.cpu_count() or 1)))]
+        if importlib.util.find_spec("pytest_timeout") is not None:
+            cmd += ["--timeout", "60" if self.dry else "120"]
+        interrupt_s = 6.0 if self.dry else 12.0  # pytest's time to stop and write its report
+        record = {"type": "item", "stage": "5", "kind": "tests", "name": "test suite", "command": " ".join(cmd[1:])}
+        if deadline - start < interrupt_s + 5:
+            append(self.out, dict(record, status="not run", detail="no time left"))
+            return
+        interrupted = False
+        with open(self.out / "tests.log", "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=self.env,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=max(0.5, deadline - interrupt_s - time.time()))
+            except subprocess.TimeoutExpired:
+                interrupted = True
+                os.killpg(proc.pid, signal.SIGINT)
+                try:
+                    rc = proc.wait(timeout=interrupt_s - 1)
+                except subprocess.TimeoutExpired:
+                    kill_group(proc)
+                    rc = None
+        counts, failed = parse_pytest_log((self.out / "tests.log").read_text(errors="replace"))
+        bad = counts.get("FAILED", 0) + counts.get("ERROR", 0)
+        status = "fail" if bad or (rc not in (0, 5) and not interrupted) else ("cut" if interrupted else "pass")
+        seconds = time.time() - start
+        append(self.out, dict(record, status=status, rc=rc, seconds=round(seconds, 1), counts=counts,
+                              failed=failed[:30], stopped_at_budget=interrupted,
+                              detail="" if status != "fail" else tail((self.out / "tests.log").read_text(errors="replace"))))
+        append(self.out, {"type": "stage", "stage": "5", "title": stage.title, "status": "cut" if interrupted else "done",
+                          "rc": rc, "seconds": round(seconds, 1), "budget_s": round(deadline - start, 1), "restarts": 0})
+        self.say(f"stage 5 {status} in {seconds:.1f} s: {counts}")
+
+    def write_json(self) -> dict:
+        records = read_records(self.out)
+        items = [r for r in records if r.get("type") == "item"]
+        data = {
+            "meta": {"dry_run": self.dry, "total_budget_s": self.total, "elapsed_s": round(time.time() - self.t0, 1),
+                     "argv": sys.argv[1:], "note": "DRY RUN on the CPU: nothing here ran on a GPU" if self.dry else ""},
+            "stages": [r for r in records if r.get("type") == "stage"],
+            "environment": next((r.get("values") for r in items if r["kind"] == "env"), None),
+            "ceilings": next((r.get("values") for r in items if r["kind"] == "ceiling"), None),
+            "compile": [r for r in items if r["kind"] in ("compile", "compile-summary")],
+            "checks": [r for r in items if r["kind"] == "check"],
+            "ratios": [r for r in items if r["kind"] == "ratio"],
+            "tests": next((r for r in items if r["kind"] == "tests"), None),
+        }
+        data["summary"] = {"checks_passed": sum(r["status"] == "pass" for r in data["checks"]),
+                           "checks_failed": sum(r["status"] in ("fail", "error") for r in data["checks"]),
+                           "checks_not_run": sum(r["status"] in ("cut", "not run") for r in data["checks"]),
+                           "exit_status": exit_status(data)}
+        tmp = self.out / "lease.json.tmp"
+        tmp.write_text(json.dumps(data, indent=1, default=str))
+        tmp.replace(self.out / "lease.json")
+        return data
+
+    def run(self) -> int:
+        wanted = set(self.args.stages.split(",")) if self.args.stages else {p.key for p in PARTS}
+        self.say(f"fastres lease runner{' (DRY RUN: CPU, Triton interpreter, tiny sizes)' if self.dry else ''}: "
+                 f"total {self.total:.0f} s, OUT {self.out}")
+        for process in dict.fromkeys(p.process for p in PARTS):
+            parts = [p for p in PARTS if p.process == process and p.key in wanted]
+            if not parts:
+                continue
+            try:
+                if process == "5":
+                    self.run_tests(parts[0])
+                else:
+                    self.run_stage(parts)
+            except Exception:  # the runner itself must go on to the next stage and the table
+                self.say(f"stage {process}: runner error\n{traceback.format_exc()}")
+                append(self.out, {"type": "stage", "stage": process, "title": parts[0].title,
+                                  "status": "runner error", "detail": tail(traceback.format_exc())})
+        data = self.write_json()
+        table = render(data)
+        (self.out / "summary.txt").write_text(table + "\n")
+        self.log.write(table + "\n")
+        self.log.close()
+        print(table, flush=True)
+        return data["summary"]["exit_status"]
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the stage's process group (it and its workers), SIGKILL what is left after 3 s."""
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+_OUTCOME = r"(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)"
+_PLAIN = re.compile(rf"^(\S+::\S*.*?) {_OUTCOME}\b")  # tests/x.py::test[a] PASSED   [ 10%]
+_XDIST = re.compile(rf"^\[gw\d+\] \[\s*\d+%\] {_OUTCOME} (\S+)")  # [gw3] [ 10%] PASSED tests/x.py::test
+
+
+def parse_pytest_log(text: str) -> tuple:
+    """Outcome counts and failed test ids from ``pytest -v`` output, up to its FAILURES/summary sections."""
+    counts: dict = {}
+    failed = []
+    for line in text.splitlines():
+        if line.startswith("=") and any(s in line for s in ("FAILURES", "ERRORS", "short test summary")):
+            break
+        m = _PLAIN.match(line)
+        test, outcome = (m.group(1), m.group(2)) if m else (None, None)
+        if not m:
+            m = _XDIST.match(line)
+            test, outcome = (m.group(2), m.group(1)) if m else (None, None)
+        if outcome:
+            counts[outcome] = counts.get(outcome, 0) + 1
+            if outcome in ("FAILED", "ERROR"):
+                failed.append(test)
+    return counts, failed
+
+
+def exit_status(data: dict) -> int:
+    if any(r["status"] in ("fail", "error") for r in data["checks"]):
+        return 1
+    if any(s.get("stage") in CHECK_PARTS + ("3",) and s.get("status") in ("crashed", "runner error")
+           for s in data["stages"]):
+        return 1
+    if data["tests"] and data["tests"]["status"] == "fail":
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- the table
+
+
+ABBREV = [(" + CUDA graph", "+graph"), ("eager channels_last", "eager-cl"), ("torch.compile max-autotune", "max-autotune"),
+          ("torch.compile", "compile"), ("torch-foreach", "foreach"), ("torch-fused", "fused"),
+          ("eager saved activations", "saved")]
+
+
+def abbrev(name: str) -> str:
+    for long, short_ in ABBREV:
+        name = name.replace(long, short_)
+    return name
+
+
+def fmt(x, spec: str = ".3g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def ratio_text(r: dict) -> str:
+    """``/baseline 0.55 (<=0.60 met)``: the subject's time over the baseline's, with the goal where one applies."""
+    subject = "" if r["subject"] == "fastres" else abbrev(r["subject"]) + " "
+    if r["baseline"] == "goal":
+        return f"goal {r['goal']} {'met' if r['met'] else 'MISSED'}"
+    text = f"{subject}/{abbrev(r['baseline'])} {fmt(r.get('ratio'), '.2f')}"
+    if r.get("goal") is not None and r.get("ratio") is not None:
+        text += f" (<={r['goal']:.2f} {'met' if r['met'] else 'MISSED'})"
+    return text
+
+
+def render(data: dict) -> str:
+    """The compact table printed last: stages, each check pass/fail, each ratio with its goal, the tests."""
+    lines = ["=" * 30 + " fastres GPU lease " + "=" * 30]
+    if data["meta"]["dry_run"]:
+        lines.append("DRY RUN on the CPU (Triton interpreter, tiny sizes): no figure below is a GPU measurement")
+    env = data.get("environment") or {}
+    if env:
+        lines.append(f"{env.get('device')} | torch {env.get('torch')} | triton {env.get('triton')} | CUDA "
+                     f"{env.get('cuda')} | driver {env.get('driver', '-')} | py {env.get('python')} | rev "
+                     f"{(env.get('revision') or '-')[:12]} | {env.get('date_utc')}")
+    ceil = data.get("ceilings") or {}
+    if ceil:
+        lines.append(f"ceilings: copy {fmt(ceil.get('copy_gbps'), '.0f')} GB/s, bf16 matmul "
+                     f"{fmt(ceil.get('matmul_bf16_tflops'), '.1f')} TFLOP/s")
+    lines.append("stages:")
+    for s in data["stages"]:
+        lines.append(f"  {s['stage']:3s} {s.get('title', ''):32s} {s['status']:13s} {fmt(s.get('seconds'), '.1f'):>6s} s"
+                     f" of {fmt(s.get('budget_s'), '.0f')}" + (f", {s['restarts']} restarts" if s.get("restarts") else ""))
+    for c in data["compile"]:
+        if c["kind"] == "compile-summary":
+            failed = sum(r["status"] != "ok" for r in data["compile"] if r["kind"] == "compile")
+            lines.append(f"compile warm-up: {c['tasks']} items in {c['wall_s']} s wall on {c['workers']} processes "
+                         f"({c['work_s']} s of work), {failed} failed, {len(c['not_finished'])} not finished")
+    s = data["summary"]
+    lines.append(f"checks: {s['checks_passed']} passed, {s['checks_failed']} failed, {s['checks_not_run']} not run")
+    groups: dict = {}
+    for r in data["checks"]:
+        groups.setdefault(r.get("group") or r["name"], []).append(r)
+    check_lines = []
+    for group, rs in groups.items():
+        mark = lambda r: {"pass": "PASS", "fail": "FAIL", "error": "ERROR"}.get(r["status"], r["status"].upper())
+        if len(rs) == 1 and not rs[0].get("label"):
+            check_lines.append(f"  {mark(rs[0]):5s} {group}")
+        else:
+            check_lines.append(f"  {group}: " + ", ".join(f"{r.get('label')} {mark(r)}" for r in rs))
+    if sum(map(len, check_lines)) > 4000:  # the lease shows the last 12,000 characters: all-pass groups as a count
+        passed = [g for g, rs in groups.items() if all(r["status"] == "pass" for r in rs)]
+        check_lines = [line for line, g in zip(check_lines, groups) if g not in passed]
+        check_lines.insert(0, f"  PASS  every check of {len(passed)} groups (names in lease.json)")
+    lines += check_lines
+    for r in data["checks"]:
+        if r["status"] in ("fail", "error"):
+            lines.append(f"  !! {r['name']}: " + (r.get("detail") or "").strip().splitlines()[-1][:200]
+                         if r.get("detail") else f"  !! {r['name']}")
+    if data["ratios"]:
+        lines.append("ratios (fastres time / baseline time; < 1: fastres faster; goals from the issue):")
+    folded: dict = {}  # rows that did not run, by status and reason: one line each
+    for r in data["ratios"]:
+        med = r.get("medians_ms") or {}
+        head = f"  {r['name']:36s}"
+        if r["status"] != "ok":
+            why = (r.get("detail") or "").strip().splitlines()
+            folded.setdefault((r["status"], why[-1][:150] if why else ""), []).append(r["name"])
+            continue
+        parts = [f"{fmt(med.get('fastres'), '.4g')} ms"]
+        parts += [ratio_text(x) for x in r.get("ratios", []) if x.get("ratio") is not None]
+        if r.get("gbps"):
+            parts.append(f"{r['gbps']:.0f} GB/s" + (f" ({r['fraction_of_copy']:.2f} of copy)" if r.get("fraction_of_copy") else ""))
+        if r.get("images_per_s", {}).get("fastres"):
+            parts.append(f"{r['images_per_s']['fastres']:.0f} img/s")
+        missing = [abbrev(v) for v in (r.get("errors") or {})]
+        if missing:
+            parts.append("not run: " + ", ".join(missing))
+        lines.append(head + " " + " | ".join(parts))
+    for (status, why), names in folded.items():
+        lines.append(f"  {status}: {names[0]}" + (f" and {len(names) - 1} more rows" if len(names) > 1 else "")
+                     + (f": {why}" if why else ""))
+    t = data.get("tests")
+    if t:
+        counts = ", ".join(f"{n} {k.lower()}" for k, n in sorted((t.get("counts") or {}).items()))
+        lines.append(f"tests: {t['status'].upper()} {counts or 'no outcomes'}"
+                     + (" (stopped at the budget: not all ran)" if t.get("stopped_at_budget") else "")
+                     + (f"; failed: {', '.join(t['failed'][:5])}" if t.get("failed") else ""))
+    code = s["exit_status"]
+    lines.append(f"result: {'PASS' if code == 0 else 'FAIL'} (exit {code}); raw results in lease.json, results.jsonl")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="output folder (created; the runner's own files in it are replaced)")
+    p.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes, kernels interpreted")
+    p.add_argument("--stages", default="", help="comma-separated stage keys to run (default: all)")
+    p.add_argument("--budget", action="append", default=[], metavar="KEY=SECONDS", help="override a stage's budget")
+    p.add_argument("--total", type=float, default=0.0, help="total budget in seconds (default 450 GPU / 200 dry)")
+    p.add_argument("--inject-failure", action="store_true", help="make the first optimizer check fail (tests)")
+    p.add_argument("--inject-hang", default="", metavar="KEY", help="make stage KEY hang until cut (tests)")
+    p.add_argument("--inject-crash", default="", metavar="KEY", help="abort the process in part KEY's first item (tests)")
+    p.add_argument("--stage", default="", help=argparse.SUPPRESS)  # inside a stage process
+    p.add_argument("--parts", default="", help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = parse_args(argv)
+    if args.stage:
+        return stage_main(args)
+    return Runner(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,851 @@
+"""What the lease runner (lease.py) measures and checks: its environment, ceilings, checks and ratio rows.
+
+Imported by the stage processes only (never by the runner's own process), after
+``lease.py`` has put ``benchmarks/``, ``tests/`` and ``examples/`` on
+``sys.path`` and, on a dry run, set ``TRITON_INTERPRET=1``.
+
+Each check and each ratio row is an :class:`Item`: ``run()`` does it and returns
+the fields of its record (a check raises ``AssertionError`` when it fails);
+``warm()`` runs the fastres (and torch.compile) work of ``run()`` once at the
+same shapes, dtypes and options, so that stage 2 compiles every kernel variant
+before anything is timed. A :class:`Config` holds the sizes: the GPU's, or the
+dry run's tiny ones (``scaled`` says what was scaled down).
+
+The pieces come from the benchmark suite (``test_optim``, ``test_block``,
+``test_train``, ``resnet_bench``, ``harness``) and the tests (``optim_cases``'s
+tolerances, ``test_conv_block``'s three-way rule), so the lease checks what the
+suite checks, at full size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import gc
+import math
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastres
+import harness
+import optim_cases
+import resnet_bench
+import test_block
+import test_optim
+import test_train
+from fastres.launchers.optim import CHUNK
+from fastres.testing import count_launches, saved_tensor_bytes
+
+FP32, BF16 = torch.float32, torch.bfloat16
+
+
+class Skip(Exception):
+    """An item (or a variant of a row) that cannot run here, with the reason."""
+
+
+SKIPS = (Skip, pytest.skip.Exception)  # the suites' helpers skip with pytest.skip (a BaseException)
+
+
+@dataclasses.dataclass
+class Item:
+    name: str
+    kind: str  # "check" or "ratio"
+    run: Callable[[], dict]
+    warm: Optional[Callable[[], None]] = None
+    scaled: str = ""  # on a dry run: what differs from the GPU run
+    warm_first: bool = False  # a long compile (torch.compile): stage 2 starts it first
+    group: str = ""  # the summary prints a group's items on one line: "group: label PASS, label PASS"
+    label: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Sizes of one run: the GPU's (``dry=False``) or the dry run's, on the CPU under the interpreter."""
+
+    dry: bool
+    inject_failure: bool = False
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.dry else "cuda"
+
+    # Optimizers: parameter sets (test_optim.PARAM_SETS names), steps, step-counter and >2^31 sizes.
+    @property
+    def optim_sets(self) -> dict:
+        if self.dry:
+            return {"resnet20": "tiny", "100M/1000": "20k/20"}
+        return {"resnet20": "resnet20", "resnet18": "resnet18", "100M/1000": "100M"}
+
+    @property
+    def optim_steps(self) -> int:
+        return 2 if self.dry else 10
+
+    @property
+    def counter(self) -> tuple:  # (numel of the big tensor, steps)
+        return (2 * CHUNK + 3, 2) if self.dry else (64 * CHUNK + 3, 1000)
+
+    @property
+    def graph_replays(self) -> int:
+        return 2 if self.dry else 5
+
+    @property
+    def big_numel(self) -> int:
+        return 2 * CHUNK + 5 if self.dry else 2**31 + 4099
+
+    # Blocks and models.
+    @property
+    def block_cases(self) -> list:
+        if self.dry:
+            return [test_block.BlockCase("tiny", 4, 4, 6, 1, batch=2), test_block.BlockCase("tiny", 4, 8, 6, 2, batch=2)]
+        return test_block.CUDA_CASES
+
+    @property
+    def block_steps(self) -> int:
+        return 1  # a step updates the running statistics; the checks' float64 oracle is the cost at batch 512
+
+    @property
+    def models(self) -> dict:  # name -> (batch, image size, SGD steps)
+        if self.dry:
+            return {"tiny": (2, test_train.SMOKE_IMAGE_HW["tiny"], 1)}
+        return {"resnet20": (256, 32, 5), "resnet18_cifar": (256, 32, 5)}
+
+    @property
+    def train_models(self) -> dict:  # name -> batch
+        return {"tiny": 2} if self.dry else {"resnet20": 512, "resnet18_cifar": 512}
+
+    @property
+    def compile_backend(self) -> str:
+        # No C++ compiles for the CPU on a dry run: dynamo and AOTAutograd run, inductor does not.
+        return "aot_eager" if self.dry else "inductor"
+
+    @property
+    def min_runs(self) -> int:
+        return 1 if self.dry else 5
+
+    def scaled(self, what: str) -> str:
+        return what if self.dry else ""
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def synchronize(cfg: Config) -> None:
+    harness.synchronize(cfg.device)
+
+
+def release() -> None:
+    """Free what the last item left: Python garbage, compiled steps, the CUDA cache."""
+    resnet_bench.release_compiled()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def poisoned(cfg: Config) -> Iterator[None]:
+    """Inside the block every new floating tensor starts as NaN, so an element a kernel forgets to write fails.
+
+    torch.empty / empty_like / empty_strided / Tensor.new_empty (what fastres's
+    launchers allocate outputs with) are wrapped to fill their result with NaN;
+    on CUDA the caching allocator's free memory is filled with NaN first too (what
+    torch's own C++ allocations get).
+    """
+    if cfg.device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        n = min(int(free * 0.4), 32 << 30) // 4
+        if n > 0:
+            torch.full((n,), float("nan"), device="cuda")  # freed at once: its block stays cached, NaN-filled
+    originals = {name: getattr(torch, name) for name in ("empty", "empty_like", "empty_strided")}
+    new_empty = torch.Tensor.new_empty
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def nan_filled(*args, **kwargs):
+            t = fn(*args, **kwargs)
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                with torch.no_grad():
+                    t.fill_(float("nan"))
+            return t
+
+        return nan_filled
+
+    for name, fn in originals.items():
+        setattr(torch, name, wrap(fn))
+    torch.Tensor.new_empty = wrap(new_empty)
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+        torch.Tensor.new_empty = new_empty
+
+
+@contextlib.contextmanager
+def no_host_sync(cfg: Config, active: bool = True) -> Iterator[None]:
+    """``torch.cuda.set_sync_debug_mode("error")`` inside the block (on CUDA; nothing to check on a CPU)."""
+    if cfg.device != "cuda" or not active:
+        yield
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@contextlib.contextmanager
+def cudnn_benchmark() -> Iterator[None]:
+    """cuDNN autotuning on (eager and torch.compile's aten convs), as the benchmark suite's rows run."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """cuDNN's and cuBLAS's TF32 switches (fastres's fp32 convs follow cudnn.allow_tf32)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def mismatch(actual: torch.Tensor, expected: torch.Tensor, tol: dict, history: Optional[torch.Tensor] = None,
+             what: str = "") -> Optional[str]:
+    """optim_cases.assert_tensor_close's rule, computed on the tensors' device: None, or what differs.
+
+    |actual - expected| <= atol + rtol |expected| + hist max(history, |expected|), ``expected`` rounded to
+    ``actual``'s dtype first; any NaN fails (a NaN-poisoned element that was never written shows here).
+    """
+    a = actual.detach().double().reshape(-1)
+    b = expected.detach().to(actual.dtype).double().reshape(-1)
+    mag = b.abs() if history is None else torch.maximum(b.abs(), history.double().reshape(-1))
+    allowed = tol["atol"] + tol["rtol"] * b.abs() + tol["hist"] * mag
+    bad = ~((a - b).abs() <= allowed)  # NaN compares False: bad
+    n = int(bad.sum())
+    if not n:
+        return None
+    i = int(bad.nonzero()[0])
+    return (f"{what}: {n} of {a.numel()} elements differ; first at flat index {i}: got {a[i].item()!r}, "
+            f"expected {b[i].item()!r} (allowed {allowed[i].item():.3g})")
+
+
+def torch_reference(name: str, params: list, options: dict, device: str) -> tuple:
+    """torch.optim.<name> with ``fused=True`` where torch has it for this device and dtype, else ``foreach=True``."""
+    cls = getattr(torch.optim, name)
+    if name in optim_cases.TORCH_FUSED:
+        probe = torch.zeros(2, device=device, dtype=params[0].dtype, requires_grad=True)
+        probe.grad = torch.ones_like(probe)
+        try:
+            cls([probe], **options, fused=True).step()
+            return cls(params, **options, fused=True), "fused"
+        except (RuntimeError, ValueError, TypeError, NotImplementedError):
+            pass
+    return cls(params, **options, foreach=True), "foreach"
+
+
+def device_grads(shapes: list, gen: torch.Generator, device: str) -> list:
+    """Fresh random gradients in fp32, |g| in [0.05, ~4] (optim_cases.random_grad's rule, on the device)."""
+    grads = []
+    for shape in shapes:
+        g = torch.randn(shape, generator=gen, device=device)
+        grads.append(torch.where(g >= 0, 1.0, -1.0) * g.abs().clamp_min(0.05))
+    return grads
+
+
+def leaf_params(shapes: list, dtype: torch.dtype, device: str, seed: int = 0) -> list:
+    gen = torch.Generator(device).manual_seed(seed)
+    return [torch.randn(s, generator=gen, device=device).to(dtype).requires_grad_() for s in shapes]
+
+
+def flat(tensors: list) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def shapes_of(cfg: Config, set_name: str) -> list:
+    return test_optim.PARAM_SETS[cfg.optim_sets[set_name]]
+
+
+def short(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:limit]
+
+
+# --------------------------------------------------------------------------- stage 3: optimizer checks
+
+
+def optim_parity(cfg: Config, name: str, set_name: str, dtype: torch.dtype, inject: bool = False) -> dict:
+    """fastres.optim.<name> against torch.optim (fused, else foreach) for ``optim_steps`` steps, every state tensor.
+
+    Options make every state tensor exist (optim_cases.FULL_STATE_OPTIONS). bf16: torch steps fp32 copies that
+    are rounded to bf16 after each step (optim_cases' "master" reference). Steps after the first run under
+    ``set_sync_debug_mode("error")``; new tensors are NaN-poisoned.
+    """
+    device, shapes = cfg.device, shapes_of(cfg, set_name)
+    options = optim_cases.FULL_STATE_OPTIONS[name]
+    fr = leaf_params(shapes, dtype, device)
+    ref = [p.detach().float().clone().requires_grad_() for p in fr]
+    fr_opt = getattr(fastres.optim, name)(fr, **options)
+    ref_opt, kind = torch_reference(name, ref, options, device)
+    tol = optim_cases.tolerance(dtype, "master")
+    history: dict = {}
+    gen = torch.Generator(device).manual_seed(1)
+    for step in range(1, cfg.optim_steps + 1):
+        for p, q, g in zip(fr, ref, device_grads(shapes, gen, device)):
+            p.grad, q.grad = g.to(dtype), g.to(dtype).float()
+        with poisoned(cfg), no_host_sync(cfg, active=step > 1):
+            fr_opt.step()
+        ref_opt.step()
+        if dtype != FP32:
+            optim_cases.round_to_storage(ref_opt, ref, [dtype] * len(ref))
+        if inject and step == cfg.optim_steps:  # --inject-failure: a wrong element the comparison must catch
+            with torch.no_grad():
+                fr[0].view(-1)[0] += 1.0
+        keys = set(ref_opt.state[ref[0]])
+        for i, (p, q) in enumerate(zip(fr, ref)):
+            if set(fr_opt.state[p]) != set(ref_opt.state[q]):
+                raise AssertionError(f"param {i}: state keys {sorted(fr_opt.state[p])} vs torch's {sorted(ref_opt.state[q])}")
+        if "step" in keys:
+            steps_fr = torch.stack([fr_opt.state[p]["step"].float().cpu() for p in fr])
+            steps_ref = torch.stack([ref_opt.state[q]["step"].float().cpu() for q in ref])
+            if not torch.equal(steps_fr, steps_ref):
+                raise AssertionError(f"step {step}: state['step'] {steps_fr.tolist()[:4]}... vs torch's {steps_ref.tolist()[:4]}...")
+        # One comparison per key over all tensors at once (1,000 tensors would be 1,000 x a dozen launches each).
+        for key in ["param"] + sorted(keys - {"step"}):
+            a = flat([p if key == "param" else fr_opt.state[p][key] for p in fr])
+            b = flat([q if key == "param" else ref_opt.state[q][key] for q in ref])
+            h = history.get(key)
+            history[key] = b.abs().float() if h is None else torch.maximum(h, b.abs().float())
+            bad = mismatch(a, b, tol, history[key], f"step {step}, {key} (all {len(fr)} tensors, flattened)")
+            if bad:
+                raise AssertionError(bad + f" (vs torch.optim.{name} {kind}; tensor sizes {[p.numel() for p in fr][:8]}...)")
+    return {"reference": f"torch.optim.{name}({kind}=True)", "steps": cfg.optim_steps,
+            "params": sum(math.prod(s) for s in shapes), "tensors": len(shapes),
+            "sync_checked": cfg.device == "cuda"}
+
+
+def warm_optim(cfg: Config, name: str, options: dict, shapes: list, dtype: torch.dtype, lr_tensor: bool = False) -> None:
+    params = leaf_params(shapes, dtype, cfg.device)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    if lr_tensor:
+        options = dict(options, lr=torch.tensor(float(options.get("lr", 1e-3)), device=cfg.device))
+    opt = getattr(fastres.optim, name)(params, **options)
+    opt.step()
+    opt.step()
+    synchronize(cfg)
+
+
+def step_counter(cfg: Config) -> dict:
+    """Adam's device step counter after many steps with many programs per tensor is exact, and matches torch."""
+    numel, steps = cfg.counter
+    shapes = [(numel,), (3,), ()]
+    fr = leaf_params(shapes, FP32, cfg.device)
+    ref = [p.detach().clone().requires_grad_() for p in fr]
+    grads = device_grads(shapes, torch.Generator(cfg.device).manual_seed(2), cfg.device)
+    for p, q, g in zip(fr, ref, grads):
+        p.grad, q.grad = g, g.clone()
+    fr_opt = fastres.optim.Adam(fr, lr=1e-4)
+    ref_opt, kind = torch_reference("Adam", ref, {"lr": 1e-4}, cfg.device)
+    with poisoned(cfg):
+        fr_opt.step()
+    for _ in range(steps - 1):
+        fr_opt.step()
+    for _ in range(steps):
+        ref_opt.step()
+    counts = [float(fr_opt.state[p]["step"]) for p in fr]
+    if counts != [float(steps)] * len(fr):
+        raise AssertionError(f"state['step'] after {steps} steps: {counts}")
+    # Against torch too (the bias corrections use the count), loosely: 1,000 steps of fp32 rounding in
+    # another order drift by ~1e-6; a count off by one moves Adam's update by ~6e-4 of itself at step 1,000.
+    tol = dict(rtol=1e-4, atol=1e-5, hist=1e-5)
+    for i, (p, q) in enumerate(zip(fr, ref)):
+        for key, a, b in [("param", p, q)] + [(k, fr_opt.state[p][k], ref_opt.state[q][k]) for k in ("exp_avg", "exp_avg_sq")]:
+            bad = mismatch(a, b, tol, b.detach().abs().max().expand(b.shape), f"param {i} {tuple(a.shape)}, {key} after {steps} steps")
+            if bad:
+                raise AssertionError(bad + f" (vs torch.optim.Adam {kind})")
+    return {"steps": steps, "programs_per_tensor": -(-numel // CHUNK), "numel": numel}
+
+
+def capture(step: Callable[[], Any], cfg: Config) -> Callable[[], Any]:
+    """``step`` captured in a CUDA graph (warmed up on a side stream first); returns its replay.
+
+    On the CPU (dry run) there are no graphs: ``step`` itself stands in, so the comparison still runs.
+    """
+    if cfg.device != "cuda":
+        step()
+        return step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def graph_step(cfg: Config, name: str) -> dict:
+    """A CUDA-graph-captured step equals the eager step bitwise over 5 replays, a tensor lr changed before the last."""
+    shapes = shapes_of(cfg, "resnet20")
+    kwargs: dict = {"lr": torch.tensor(1e-2, device=cfg.device)}
+    if name == "SGD":
+        kwargs["momentum"] = 0.9
+    else:
+        kwargs["capturable"] = True
+    eager = leaf_params(shapes, FP32, cfg.device)
+    graphed = [p.detach().clone().requires_grad_() for p in eager]
+    for p, q in zip(eager, graphed):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    opt_e = getattr(fastres.optim, name)(eager, **kwargs)
+    opt_g = getattr(fastres.optim, name)(graphed, **{**kwargs, "lr": kwargs["lr"].clone()})
+    opt_e.step()
+    replay = capture(opt_g.step, cfg)  # its warm-up is the graphed side's first step
+    for i in range(cfg.graph_replays):
+        for p, q in zip(eager, graphed):
+            g = torch.randn_like(p)
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        if i == cfg.graph_replays - 1:  # a scheduler-style change of the tensor lr reaches the graph
+            opt_e.param_groups[0]["lr"].fill_(5e-3)
+            opt_g.param_groups[0]["lr"].fill_(5e-3)
+        opt_e.step()
+        replay()
+    synchronize(cfg)
+    for i, (p, q) in enumerate(zip(eager, graphed)):
+        for key, a, b in [("param", q, p)] + [(k, opt_g.state[q][k], v) for k, v in opt_e.state[p].items()]:
+            if not torch.equal(a, b):
+                raise AssertionError(f"param {i} {tuple(p.shape)} {key}: graph replay differs from eager")
+    return {"replays": cfg.graph_replays, "graph": cfg.device == "cuda"}
+
+
+def big_tensor(cfg: Config) -> dict:
+    """One SGD step on a tensor of more than 2^31 elements: every element right (no int32 offset overflow)."""
+    release()
+    numel, lr = cfg.big_numel, 0.5
+    gen = torch.Generator(cfg.device).manual_seed(3)
+    p = torch.randn(numel, generator=gen, device=cfg.device).requires_grad_()
+    p.grad = torch.randn(numel, generator=gen, device=cfg.device)
+    p0 = p.detach().clone()
+    with poisoned(cfg):
+        fastres.optim.SGD([p], lr=lr).step()
+    tol = optim_cases.tolerance(FP32, "master")
+    piece = 1 << 28
+    for start in range(0, numel, piece):
+        a = p.detach()[start:start + piece]
+        b = p0[start:start + piece].add(p.grad[start:start + piece], alpha=-lr)
+        bad = mismatch(a, b, tol, None, f"elements {start}..{start + a.numel() - 1}")
+        if bad:
+            raise AssertionError(bad)
+    del p, p0
+    release()
+    return {"numel": numel, "over_2_31": numel > 2**31}
+
+
+def optim_checks(cfg: Config) -> list:
+    """The step counter, CUDA graphs and the >2^31 tensor first (one each), then parity on every set and dtype."""
+    numel, steps = cfg.counter
+    items = [Item("optim step counter Adam", "check", functools.partial(step_counter, cfg),
+                  functools.partial(warm_optim, cfg, "Adam", {"lr": 1e-4}, [(numel,), (3,), ()], FP32),
+                  cfg.scaled(f"{steps} steps, {-(-numel // CHUNK)} programs per tensor"))]
+    for name in ("SGD", "Adam", "RMSprop", "Adadelta")[:1 if cfg.dry else 4]:
+        opts = {"momentum": 0.9} if name == "SGD" else {"capturable": True}
+        items.append(Item(f"optim CUDA graph {name}", "check", functools.partial(graph_step, cfg, name),
+                          functools.partial(warm_optim, cfg, name, dict(opts, lr=1e-2), shapes_of(cfg, "resnet20"),
+                                            FP32, lr_tensor=True),
+                          cfg.scaled("no CUDA graph on a CPU: the eager step stands in for the replay")))
+    items.append(Item("optim >2^31 elements SGD", "check", functools.partial(big_tensor, cfg),
+                      functools.partial(warm_optim, cfg, "SGD", {"lr": 0.5}, [(cfg.big_numel,)], FP32),
+                      cfg.scaled(f"{cfg.big_numel} elements, not 2^31 + 4099")))
+    names = optim_cases.OPTIMIZERS
+    combos = [(n, s, d) for d in (FP32, BF16) for s in cfg.optim_sets for n in names]
+    if cfg.dry:  # every optimizer once in fp32 and the bf16 rounding path once, on one tiny set
+        combos = [(n, "resnet20", FP32) for n in names] + [("Adam", "resnet20", BF16)]
+    for i, (name, set_name, dtype) in enumerate(combos):
+        dt = "fp32" if dtype == FP32 else "bf16"
+        items.append(Item(
+            f"optim {name} {set_name} {dt}", "check",
+            functools.partial(optim_parity, cfg, name, set_name, dtype, inject=cfg.inject_failure and i == 0),
+            functools.partial(warm_optim, cfg, name, optim_cases.FULL_STATE_OPTIONS[name], shapes_of(cfg, set_name), dtype),
+            cfg.scaled(f"{set_name} -> {cfg.optim_sets[set_name]} params, {cfg.optim_steps} steps"),
+            group=f"optim {set_name} {dt}", label=name))
+    return items
+
+
+# --------------------------------------------------------------------------- stage 3: block and model checks
+
+BLOCK_MODES = {"fp32-tf32": (FP32, True), "fp32-ieee": (FP32, False), "bf16": (BF16, True)}
+
+
+@contextlib.contextmanager
+def fp32_atol(value: float) -> Iterator[None]:
+    """test_conv_block's fp32 ATOL for one check (4e-3 with TF32 on a GPU, 2e-5 in IEEE fp32)."""
+    import test_conv_block
+
+    old = test_conv_block.ATOL[FP32]
+    test_conv_block.ATOL[FP32] = value
+    try:
+        yield
+    finally:
+        test_conv_block.ATOL[FP32] = old
+
+
+def block_check(cfg: Config, case, mode: str) -> dict:
+    """test_conv_block's three-way rule on one block: outputs, every gradient, running statistics, eval output."""
+    import test_conv_block
+
+    dtype, use_tf32 = BLOCK_MODES[mode]
+    atol = 4e-3 if use_tf32 and cfg.device == "cuda" else 2e-5
+    with tf32(use_tf32), fp32_atol(atol), poisoned(cfg):
+        block = test_conv_block._make_block(case.cin, case.cout, case.stride, case.downsample, seed=case.cin + case.cout)
+        x = torch.randn(case.batch, case.cin, case.hw, case.hw, generator=torch.Generator().manual_seed(1))
+        test_conv_block._compare_training(None, block.to(cfg.device), x.to(cfg.device), dtype, steps=cfg.block_steps,
+                                          memory_format=torch.channels_last)
+    return {"steps": cfg.block_steps, "batch": case.batch, "fp32_atol": atol if dtype == FP32 else None}
+
+
+def warm_block(cfg: Config, case, dtype: torch.dtype, use_tf32: bool, row: bool) -> None:
+    """The fused block's forward, backward and eval forward at ``case``, with the layouts and dtypes the check
+    (``row=False``: weights in ``dtype``, contiguous, as test_conv_block makes them) or the ratio row (``row=True``:
+    fp32 channels_last weights under bf16 autocast, as test_block.block_step makes them) runs it with."""
+    proj = fastres.nn.downsample(case.cin, case.cout, case.stride) if case.downsample else None
+    block = fastres.nn.ResidualBlock(case.cin, case.cout, case.stride, proj).to(cfg.device)
+    block = block.to(memory_format=torch.channels_last) if row else block.to(dtype)
+    autocast = row and dtype == BF16
+    with tf32(use_tf32):
+        x = torch.randn(case.batch, case.cin, case.hw, case.hw, device=cfg.device, dtype=dtype)
+        x = x.to(memory_format=torch.channels_last).requires_grad_()
+        with torch.autocast(cfg.device, dtype=BF16, enabled=autocast):
+            out = block(x * 1)
+        out.backward(torch.randn_like(out))
+        block.eval()
+        with torch.no_grad(), torch.autocast(cfg.device, dtype=BF16, enabled=autocast):
+            block(x)
+    synchronize(cfg)
+
+
+def model_check(cfg: Config, model_name: str) -> dict:
+    """fastres's model + fastres.optim.SGD against eager + torch.optim.SGD from the same weights, and float64.
+
+    Losses of every step and every parameter and buffer after the last step, by test_conv_block's three-way
+    rule (fastres's error against float64 at most twice eager fp32's, plus its fp32 ATOL).
+    """
+    import test_conv_block
+
+    batch, hw, steps = cfg.models[model_name]
+    torch.manual_seed(0)
+    plain = test_train.build_model(model_name, fused=False)
+    fused = test_train.build_model(model_name, fused=True)
+    fused.load_state_dict(plain.state_dict())
+    runs = {}
+    for key, model, dtype in (("fused", fused, FP32), ("torch", plain, FP32),
+                              ("oracle", copy.deepcopy(plain).double(), torch.float64)):
+        model = model.to(cfg.device, memory_format=torch.channels_last).train()
+        opt_cls = fastres.optim.SGD if key == "fused" else torch.optim.SGD
+        opt = opt_cls(model.parameters(), **test_train.RECIPE)
+        gen = torch.Generator().manual_seed(1)
+        losses = []
+        with poisoned(cfg) if key == "fused" else contextlib.nullcontext():
+            for _ in range(steps):
+                x = torch.randn(batch, 3, hw, hw, generator=gen).to(cfg.device, dtype, memory_format=torch.channels_last)
+                y = torch.randint(0, 10, (batch,), generator=gen).to(cfg.device)
+                loss = F.cross_entropy(model(x), y, label_smoothing=test_train.LABEL_SMOOTHING)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.detach())
+        runs[key] = (torch.stack(losses), model.state_dict())
+    atol = 4e-3 if cfg.device == "cuda" else 2e-5  # TF32 on a GPU (the default, for eager and fastres)
+    with fp32_atol(atol):
+        (lf, sf), (lt, st), (lo, so) = runs["fused"], runs["torch"], runs["oracle"]
+        test_conv_block._check("losses", lf, lt, lo, FP32)
+        for name, value in so.items():
+            if name.endswith("num_batches_tracked"):
+                assert sf[name].item() == value.item() == steps, name
+            else:
+                test_conv_block._check(name, sf[name], st[name], value, FP32)
+    return {"batch": batch, "steps": steps, "image_hw": hw, "losses": [float(v) for v in runs["fused"][0]]}
+
+
+def warm_model(cfg: Config, model_name: str) -> None:
+    batch, hw, _ = cfg.models[model_name]
+    model = test_train.build_model(model_name, fused=True).to(cfg.device, memory_format=torch.channels_last)
+    opt = fastres.optim.SGD(model.parameters(), **test_train.RECIPE)
+    x = torch.randn(batch, 3, hw, hw, device=cfg.device).to(memory_format=torch.channels_last)
+    F.cross_entropy(model(x), torch.zeros(batch, dtype=torch.long, device=cfg.device)).backward()
+    opt.step()
+    synchronize(cfg)
+
+
+def batch_suffix(case) -> str:
+    """Names say the batch only where it is not the issue's 512 (the dry run's)."""
+    return "" if case.batch == 512 else f" b{case.batch}"
+
+
+def block_checks(cfg: Config) -> list:
+    combos = [(c, m) for c in cfg.block_cases for m in BLOCK_MODES]
+    if cfg.dry:  # the identity block in IEEE fp32, the downsample block in bf16
+        combos = [(cfg.block_cases[0], "fp32-ieee"), (cfg.block_cases[1], "bf16")]
+    items = [Item(f"model {name} {steps} SGD steps", "check", functools.partial(model_check, cfg, name),
+                  functools.partial(warm_model, cfg, name), cfg.scaled(f"batch {batch}, {hw}x{hw}, {steps} step"))
+             for name, (batch, hw, steps) in cfg.models.items()]
+    for case, mode in combos:
+        dtype, use_tf32 = BLOCK_MODES[mode]
+        items.append(Item(f"block {case.net} {case.name}{batch_suffix(case)} {mode}", "check",
+                          functools.partial(block_check, cfg, case, mode),
+                          functools.partial(warm_block, cfg, case, dtype, use_tf32, row=False),
+                          cfg.scaled(f"batch {case.batch}, {cfg.block_steps} step"),
+                          group=f"block {case.net} {case.name}{batch_suffix(case)}", label=mode))
+    return items
+
+
+# --------------------------------------------------------------------------- stage 4: ratio rows
+
+
+def time_variants(cfg: Config, factories: dict) -> tuple:
+    """Median ms of every variant (built by its factory: a zero-argument step), or why it did not run.
+
+    Returns (medians {variant: ms}, errors {variant: reason}, launches {variant: fastres launches per call}).
+    Variants are timed back to back in this process; each is released before the next is built. On a dry
+    run the warm-up call's own time stands in for the median (interpreted calls take seconds each).
+    """
+    medians, errors, launches = {}, {}, {}
+    for variant, make in factories.items():
+        try:
+            fn = make()
+            start = time.perf_counter()
+            with count_launches() as counted:  # the warm-up call (compiles; launches per call do not change)
+                fn()
+            launches[variant] = sum(counted.values())
+            if cfg.dry:
+                medians[variant] = (time.perf_counter() - start) * 1e3
+            else:
+                medians[variant] = harness.median_ms(fn, cfg.device, cfg.min_runs, warmed=True)
+        except SKIPS as exc:
+            errors[variant] = f"skipped: {getattr(exc, 'msg', None) or exc}"
+        except Exception as exc:  # this variant's failure is part of the row; the others go on
+            errors[variant] = short(exc)
+        fn = None
+        release_steps()
+    return medians, errors, launches
+
+
+def release_steps() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def ratio(medians: dict, subject: str, baseline, goal: Optional[float] = None, note: str = "") -> dict:
+    """``subject``'s time over ``baseline``'s (the fastest of several); < 1: subject faster; goal: ratio <= goal."""
+    baselines = [baseline] if isinstance(baseline, str) else list(baseline)
+    present = [b for b in baselines if b in medians]
+    out = {"subject": subject, "baseline": " | ".join(baselines), "goal": goal, "note": note}
+    if subject not in medians or not present:
+        return dict(out, ratio=None, met=None)
+    best = min(present, key=medians.get)
+    r = medians[subject] / medians[best]
+    return dict(out, baseline=best, ratio=r, met=None if goal is None else r <= goal)
+
+
+def read_ceilings(out_dir: Optional[str]) -> dict:
+    """The ceilings stage 1 recorded in OUT/results.jsonl ({} when it recorded none: GB/s rows then lack a fraction)."""
+    import json
+    import os
+
+    if out_dir and os.path.exists(os.path.join(out_dir, "results.jsonl")):
+        with open(os.path.join(out_dir, "results.jsonl")) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("kind") == "ceiling" and rec.get("status") == "ok":
+                    return rec["values"]
+    return {}
+
+
+def optim_row(cfg: Config, ceiling: Callable[[], dict], name: str, set_name: str, dtype: str) -> dict:
+    """fastres.optim.<name> step time against torch.optim foreach and fused, GB/s against the copy ceiling."""
+    paramset = cfg.optim_sets[set_name]
+    params = test_optim.make_params(paramset, cfg.device, test_optim.DTYPES[dtype])
+    hyper = test_optim.OPTIMIZERS[name][0]
+    factories = {"fastres": lambda: getattr(fastres.optim, name)(params, **hyper).step}
+    factories.update({v: test_optim.optimizer_factory(name, v, params, cfg.device)
+                      for v in ("torch-foreach", "torch-fused")})
+    medians, errors, launches = time_variants(cfg, factories)
+    test_optim.make_params.cache_clear()
+    bytes_moved = test_optim.numel(paramset) * test_optim.OPTIMIZERS[name][1] * test_optim.DTYPES[dtype].itemsize
+    copy_gbps = ceiling().get("copy_gbps")
+    fastres_gbps = harness.gbps(bytes_moved, medians.get("fastres"))
+    ratios = [ratio(medians, "fastres", "torch-fused"), ratio(medians, "fastres", "torch-foreach")]
+    # The goals name the GPU's sets; on a dry run the tiny sets stand in for them (and "1M", the CPU's).
+    goal_set = {"resnet20": "resnet20", "100M/1000": test_optim.BANDWIDTH_SET[cfg.device]}.get(set_name, paramset)
+    goal = test_optim.optimizer_goal(lambda: copy_gbps, name, dtype, cfg.device, goal_set, bytes_moved)
+    goal_text = None
+    try:
+        g = goal(medians)
+    except Exception:  # e.g. no ceiling measured: the row stands without its goal
+        g = None
+    if g is not None:
+        goal_text, value, met = g
+        goal_text = f"{goal_text}: {value:.3g}"
+        ratios.append({"subject": "fastres", "baseline": "goal", "ratio": value, "goal": goal_text, "met": bool(met)})
+    return {"medians_ms": medians, "errors": errors, "launches": launches, "ratios": ratios,
+            "bytes_moved": bytes_moved, "gbps": fastres_gbps,
+            "fraction_of_copy": fastres_gbps / copy_gbps if fastres_gbps and copy_gbps else None,
+            "params": test_optim.numel(paramset), "tensors": len(params)}
+
+
+def optim_rows(cfg: Config, out_dir: Optional[str] = None) -> list:
+    ceiling = functools.lru_cache(maxsize=1)(lambda: read_ceilings(out_dir))
+    combos = [(n, s, "fp32") for s in cfg.optim_sets for n in test_optim.OPTIMIZERS] + \
+             [("Adam", s, "bf16") for s in cfg.optim_sets]
+    if cfg.dry:  # the row with the bandwidth goal
+        combos = [("Adam", "100M/1000", "fp32")]
+    return [Item(f"optim {n} {s} {d}", "ratio", functools.partial(optim_row, cfg, ceiling, n, s, d),
+                 functools.partial(warm_optim, cfg, n, test_optim.OPTIMIZERS[n][0], shapes_of(cfg, s),
+                                   test_optim.DTYPES[d]),
+                 cfg.scaled(f"{s} -> {cfg.optim_sets[s]} params; interpreter times"))
+            for n, s, d in combos]
+
+
+TRAIN_GRAPH = test_train.CUDA_GRAPH
+TRAIN_VARIANTS = ["fastres", "eager channels_last", "torch.compile", "torch.compile(fastres)",
+                  "fastres" + TRAIN_GRAPH, "eager channels_last" + TRAIN_GRAPH, "torch.compile" + TRAIN_GRAPH]
+TRAIN_GOALS = {"eager channels_last": 1 / 1.5, "torch.compile": 1 / 1.15}  # time ratios (speedups 1.5x, 1.15x)
+
+
+def train_factory(cfg: Config, variant: str, model: str, batch: int, dtype: str):
+    def make():
+        if variant.endswith(TRAIN_GRAPH) and cfg.device != "cuda":
+            raise Skip("CUDA graphs need a CUDA device")
+        if variant == "torch.compile(fastres)" and cfg.dry:  # its interpreted kernels would double the row's time
+            raise Skip("dry run: the compiled fastres model runs on the GPU only (train_step's torch.compile path "
+                       "runs here in the torch.compile row)")
+        step, _ = test_train.train_step(variant, model, batch, dtype, cfg.device, cfg.compile_backend)
+        return step
+
+    return make
+
+
+def train_row(cfg: Config, model: str, batch: int) -> dict:
+    """A bf16 training step: fastres against eager AMP channels_last and torch.compile, each with and without a
+    CUDA-graph-captured step; torch.compile of the fastres model against compiled eager; images/s."""
+    with cudnn_benchmark():
+        medians, errors, launches = time_variants(cfg, {v: train_factory(cfg, v, model, batch, "bf16")
+                                                        for v in TRAIN_VARIANTS})
+    test_train.image_pool.cache_clear()
+    goals = TRAIN_GOALS if model in ("resnet20", "tiny") else {}
+    ratios = [ratio(medians, "fastres", b, goals.get(b)) for b in ("eager channels_last", "torch.compile")]
+    ratios += [ratio(medians, "fastres" + TRAIN_GRAPH, b + TRAIN_GRAPH, goals.get(b))
+               for b in ("eager channels_last", "torch.compile")]
+    ratios.append(ratio(medians, "torch.compile(fastres)", "torch.compile",
+                        note="fastres's fused ops are torch.compiler.disable'd: graph breaks around them"))
+    return {"medians_ms": medians, "errors": errors, "launches": launches, "ratios": ratios, "batch": batch,
+            "dtype": "bf16 autocast", "images_per_s": {v: batch / (ms * 1e-3) for v, ms in medians.items()},
+            "compile_backend": cfg.compile_backend}
+
+
+def warm_train(cfg: Config, model: str, batch: int) -> None:
+    with cudnn_benchmark():
+        for variant in ("fastres", "torch.compile", "torch.compile(fastres)"):
+            step, _ = test_train.train_step(variant, model, batch, "bf16", cfg.device, cfg.compile_backend)
+            step()
+            step()
+    synchronize(cfg)
+
+
+def train_rows(cfg: Config) -> list:
+    return [Item(f"train {m} b{b} bf16", "ratio", functools.partial(train_row, cfg, m, b),
+                 functools.partial(warm_train, cfg, m, b),
+                 cfg.scaled(f"model {m}, batch {b}, torch.compile backend {cfg.compile_backend}"), warm_first=True)
+            for m, b in cfg.train_models.items()]
+
+
+BLOCK_ROW_VARIANTS = ["fastres", "eager channels_last", "eager", "torch.compile"]
+
+
+def block_row(cfg: Config, ceiling: Callable[[], dict], case, dtype: str, variants: list) -> dict:
+    """One block's forward + backward: fastres against eager (cudnn.benchmark; both layouts) and torch.compile,
+    with GB/s (the fused design's traffic, test_block's count) and saved-activation bytes against eager."""
+    group = f"lease/block/{case.name}/{dtype}"
+    compiled = test_block.block_factories(group, case, dtype, cfg.device)  # compiled once per group
+    factories = {v: compiled[v] if v in test_block.COMPILED else
+                 functools.partial(lambda v: test_block.block_step(v, case, dtype, cfg.device)[0], v) for v in variants}
+    try:
+        with cudnn_benchmark():
+            medians, errors, launches = time_variants(cfg, factories)
+        saved = test_block.saved_memory(case, dtype, cfg.device) if "fastres" in variants else {}
+    finally:
+        test_block.block_inputs.cache_clear()
+        test_block.saved_memory.cache_clear()
+        resnet_bench.release_compiled()
+    lim = test_block.LIMITS
+    ratios = [ratio(medians, "fastres", test_block.EAGER, lim["eager"]),
+              ratio(medians, "fastres", [v for v in test_block.COMPILED if v in variants], lim["torch.compile"])]
+    saved_ratio = None
+    if saved:
+        saved_ratio = saved["fastres"]["saved_activation_bytes"] / saved["eager"]["saved_activation_bytes"]
+        ratios.append({"subject": "fastres", "baseline": "eager saved activations", "ratio": saved_ratio,
+                       "goal": lim["saved"], "met": saved_ratio <= lim["saved"]})
+    elem = test_block.DTYPES[dtype].itemsize
+    ms = medians.get("fastres")
+    gbps = harness.gbps(test_block.fused_elements(case) * elem, ms)
+    tflops = test_block.conv_flops(case) / (ms * 1e-3) / 1e12 if ms else None
+    c = ceiling()
+    return {"medians_ms": medians, "errors": errors, "launches": launches, "ratios": ratios, "saved": saved,
+            "saved_activation_ratio": saved_ratio, "batch": case.batch, "gbps": gbps, "tflops": tflops,
+            "fraction_of_copy": gbps / c["copy_gbps"] if gbps and c.get("copy_gbps") else None,
+            "fraction_of_bf16_matmul": tflops / c["matmul_bf16_tflops"] if tflops and c.get("matmul_bf16_tflops") else None}
+
+
+def warm_block_row(cfg: Config, case, dtype: str) -> None:
+    warm_block(cfg, case, test_block.DTYPES[dtype], True, row=True)
+    # torch.compile (inductor) of the bf16 rows, the ones stage 4 reaches first: compiled here, found in the
+    # on-disk cache there. (All 24 would be ~12 CPU-minutes of compiles: too much for stage 2's budget.)
+    if cfg.device == "cuda" and dtype == "bf16":
+        group = f"lease/block/{case.name}/{dtype}"
+        with cudnn_benchmark():
+            test_block.block_factories(group, case, dtype, cfg.device)["torch.compile"]()
+        resnet_bench.release_compiled()
+        test_block.block_inputs.cache_clear()
+
+
+def max_autotune_row(cfg: Config, ceiling: Callable[[], dict], case, dtype: str, deadline: Callable[[], float]) -> dict:
+    """torch.compile max-autotune against fastres, only while time remains (its compiles take minutes)."""
+    if cfg.device != "cuda":
+        raise Skip(resnet_bench.COMPILE_CPU_SKIP)
+    if deadline() - time.time() < 120:
+        raise Skip("less than 120 s left in the stage: max-autotune rows need minutes of compiles")
+    return block_row(cfg, ceiling, case, dtype, ["fastres", "torch.compile max-autotune"])
+
+
+def block_rows(cfg: Config, deadline: Callable[[], float] = lambda: math.inf, out_dir: Optional[str] = None) -> list:
+    ceiling = functools.lru_cache(maxsize=1)(lambda: read_ceilings(out_dir))
+    cases = cfg.block_cases[:1] if cfg.dry else cfg.block_cases
+    dtypes = ["bf16"] if cfg.dry else ["bf16", "fp32"]
+    items = [Item(f"block {c.net} {c.name}{batch_suffix(c)} {d}", "ratio",
+                  functools.partial(block_row, cfg, ceiling, c, d, BLOCK_ROW_VARIANTS),
+                  functools.partial(warm_block_row, cfg, c, d),
+                  cfg.scaled(f"batch {c.batch}; torch.compile skipped on the CPU"), warm_first=d == "bf16" and not cfg.dry)
+             for d in dtypes for c in cases]
+    items += [Item(f"block {c.net} {c.name}{batch_suffix(c)} bf16 max-autotune", "ratio",
+                   functools.partial(max_autotune_row, cfg, ceiling, c, "bf16", deadline), None,
+                   cfg.scaled("skipped on the CPU"))
+              for c in cases]
+    return items

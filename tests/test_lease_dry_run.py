@@ -1,0 +1,102 @@
+"""The GPU lease runner's dry run (scripts/gpu_check.sh --dry-run) end to end, so a lease is never lost to it.
+
+The runner spends a GPU lease's 8 minutes; these tests run it on the CPU (Triton's interpreter, tiny
+sizes) in a subprocess, as CI does from a fresh clone, and check what a lease would return: the exit
+status, at most 8 files in OUT, every stage reported, the table printed last, lease.json's keys. A second
+run checks the runner's own defences: a stage that hangs is cut at its budget and the next stage still
+runs; a process that dies mid-item is resumed after that item; a correctness check that fails makes the
+exit status non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PARTS = ["1", "2", "3a", "3b", "4a", "4b", "4c", "5"]
+
+
+def _run(out: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the runner sets it for its stages
+    env["PYTHON"] = sys.executable
+    return subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry-run", str(out), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def _describe(run: subprocess.CompletedProcess, out: Path) -> str:
+    log = (out / "lease.log").read_text()[-4000:] if (out / "lease.log").exists() else ""
+    return f"exit {run.returncode}\nstdout tail:\n{run.stdout[-3000:]}\nstderr tail:\n{run.stderr[-2000:]}\nlease.log tail:\n{log}"
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lease")
+    run = _run(out, timeout=420)
+    return run, out
+
+
+@pytest.mark.slow
+def test_dry_run_passes_and_reports_every_stage(dry_run):
+    run, out = dry_run
+    why = _describe(run, out)
+    assert run.returncode == 0, why
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files
+    assert {"results.jsonl", "lease.json", "lease.log", "summary.txt", "tests.log"} <= set(files), files
+
+    data = json.loads((out / "lease.json").read_text())
+    assert {"meta", "stages", "environment", "ceilings", "compile", "checks", "ratios", "tests", "summary"} <= set(data)
+    assert data["meta"]["dry_run"] is True
+    assert [s["stage"] for s in data["stages"]] == PARTS, why
+    assert all(s["status"] in ("done", "cut") for s in data["stages"]), data["stages"]
+    env = data["environment"]
+    assert env["torch"] and env["device"].startswith("CPU") and env["TRITON_INTERPRET"] == "1"
+    assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_bf16_tflops"] > 0
+
+    # Every item ran to a verdict or was cut by its budget (a busy machine); none hit a bug of the runner.
+    checks, ratios = data["checks"], data["ratios"]
+    assert checks and ratios, why
+    assert not [c for c in checks if c["status"] in ("fail", "error")], checks
+    assert not [r for r in ratios if r["status"] == "error"], ratios
+    assert any(c["status"] == "pass" and c["name"].startswith("optim ") for c in checks), checks
+    assert all(c.get("scaled_down") for c in checks if c["status"] == "pass"), "dry-run checks say what was scaled"
+    timed = [r for r in ratios if r["status"] == "ok"]
+    assert timed and all(r["medians_ms"].get("fastres", 0) > 0 for r in timed), ratios
+    assert data["tests"]["status"] in ("pass", "cut") and data["tests"]["counts"].get("PASSED", 0) > 0, data["tests"]
+    assert data["summary"]["exit_status"] == 0 and data["summary"]["checks_failed"] == 0
+
+    # The compact table is the last thing printed, and it is what summary.txt holds.
+    table = (out / "summary.txt").read_text().strip()
+    assert run.stdout.rstrip().endswith(table)
+    assert table.splitlines()[-1].startswith("result: PASS (exit 0)")
+    assert "DRY RUN" in table and "checks:" in table and "ratios" in table and "tests:" in table
+    for record in (out / "results.jsonl").read_text().splitlines():
+        json.loads(record)
+
+
+@pytest.mark.slow
+def test_hung_stage_is_cut_crash_resumed_and_failed_check_fails_the_run(tmp_path):
+    """Stage 1 hangs: it is cut at its 3 s budget and part 3a still runs. 3a's process aborts in its first
+    item: that item is an error and 3a resumes after it. Its injected wrong element fails its check."""
+    run = _run(tmp_path, "--stages", "1,3a", "--inject-hang", "1", "--budget", "1=3", "--budget", "3a=35",
+               "--inject-crash", "3a", "--inject-failure", timeout=240)
+    why = _describe(run, tmp_path)
+    assert run.returncode == 1, why
+    data = json.loads((tmp_path / "lease.json").read_text())
+    stages = {s["stage"]: s for s in data["stages"]}
+    assert stages["1"]["status"] == "cut" and stages["1"]["seconds"] < 15, stages
+    assert stages["3a"]["status"] in ("done", "cut"), stages
+    checks = {c["name"]: c for c in data["checks"]}
+    crashed = data["checks"][0]
+    assert crashed["status"] == "error" and "died" in crashed["detail"], data["checks"]
+    assert checks["optim CUDA graph SGD"]["status"] == "pass", data["checks"]  # the item after the crash ran
+    injected = checks["optim SGD resnet20 fp32"]  # the first parity check
+    assert injected["status"] == "fail" and "differ" in injected["detail"], data["checks"]
+    assert data["summary"]["exit_status"] == 1
+    assert run.stdout.rstrip().splitlines()[-1].startswith("result: FAIL (exit 1)")
