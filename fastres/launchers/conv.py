@@ -125,22 +125,31 @@ class _Workspace:
         self.scratch = torch.empty(0, dtype=torch.float32, device=device)
         self.counter = torch.zeros(0, dtype=torch.int32, device=device)
         self._outgrown: list[torch.Tensor] = []
+        self._views: dict[tuple[bool, int], torch.Tensor] = {}  # the sizes a model asks for, sliced once
 
     def partials(self, numel: int) -> torch.Tensor:
         """``numel`` fp32 values (exactly: a launch's arguments say what it touches)."""
-        if self.scratch.numel() < numel:
-            self._outgrown.append(self.scratch)
-            self.scratch = torch.empty(max(numel, 2 * self.scratch.numel(), 1 << 16), dtype=torch.float32,
-                                       device=self.device)
-        return self.scratch[:numel]
+        view = self._views.get((False, numel))
+        if view is None:
+            if self.scratch.numel() < numel:
+                self._outgrown.append(self.scratch)
+                self.scratch = torch.empty(max(numel, 2 * self.scratch.numel(), 1 << 16), dtype=torch.float32,
+                                           device=self.device)
+                self._views = {k: v for k, v in self._views.items() if k[0]}
+            view = self._views[(False, numel)] = self.scratch[:numel]
+        return view
 
     def counters(self, numel: int) -> torch.Tensor:
         """``numel`` int32 counters, all zero."""
-        if self.counter.numel() < numel:
-            self._outgrown.append(self.counter)
-            self.counter = torch.zeros(max(numel, 2 * self.counter.numel(), 4096), dtype=torch.int32,
-                                       device=self.device)
-        return self.counter[:numel]
+        view = self._views.get((True, numel))
+        if view is None:
+            if self.counter.numel() < numel:
+                self._outgrown.append(self.counter)
+                self.counter = torch.zeros(max(numel, 2 * self.counter.numel(), 4096), dtype=torch.int32,
+                                           device=self.device)
+                self._views = {k: v for k, v in self._views.items() if not k[0]}
+            view = self._views[(True, numel)] = self.counter[:numel]
+        return view
 
 
 _workspaces: dict[tuple, _Workspace] = {}
