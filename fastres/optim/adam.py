@@ -21,7 +21,9 @@ class Adam(FusedOptimizer):
     ``max_exp_avg_sq``) and numbers as torch.optim.Adam. The step count lives
     on the param's device (as in torch's fused mode), so ``step()`` never
     synchronises; ``lr`` may be a tensor on that device (CUDA graphs).
-    ``foreach`` and ``fused`` are accepted for drop-in use and ignored.
+    ``foreach`` and ``fused`` are validated like torch's and choose nothing:
+    kernels where :func:`fastres.backend_for` allows, else torch.optim's fused
+    Adam/AdamW (``fastres.optim._torch_path``).
     """
 
     def __init__(

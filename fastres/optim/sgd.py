@@ -11,8 +11,8 @@ class SGD(FusedOptimizer):
     """``torch.optim.SGD`` (momentum, dampening, Nesterov) in one fused launch per bucket.
 
     Same arguments, defaults, state (``momentum_buffer``) and numbers as
-    torch.optim.SGD. ``foreach`` and ``fused`` are accepted for drop-in use
-    and ignored: the update is always one fused kernel on CUDA.
+    torch.optim.SGD. ``foreach`` and ``fused`` are validated like torch's and
+    choose nothing: one fused kernel on CUDA, torch's fused SGD on the torch path.
     """
 
     def __init__(
