@@ -2,7 +2,7 @@
 # fastres into it. torch is pinned and installed first: an unpinned torch pulls
 # several GB of CUDA packages where a CPU build would do.
 #   FASTRES_VENV  where the environment lives (default: .venv in the repo)
-#   FASTRES_EXTRAS  pip extras to install (default: test)
+#   FASTRES_EXTRAS  pip extras to install, comma-separated (default: test; run.sh: examples)
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FASTRES_VENV:-$repo/.venv}"

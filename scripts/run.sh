@@ -2,7 +2,8 @@
 # The main job from nothing: virtual environment, install, then the CIFAR-10
 # training example (examples/train_cifar.py), fastres' fused model and
 # optimizers end to end: per-epoch loss and accuracy, per-class test accuracy,
-# runs/<name>/log.json, checkpoint.pt (resumable) and curves.png.
+# runs/<name>/log.json, checkpoint.pt (resumable) and curves.png (fastres[examples]
+# installs matplotlib and tqdm; FASTRES_EXTRAS overrides which extras).
 #
 # With a CUDA device: the fast recipe (ResNet-20, batch 512, bf16, one-cycle,
 # 30 epochs). Without one: a short CPU run of a few minutes on a subset (the
@@ -11,6 +12,7 @@
 # Without CIFAR-10 in ./data the example trains on a synthetic stand-in and
 # says so; add --download to fetch the real data.
 set -euo pipefail
+FASTRES_EXTRAS="${FASTRES_EXTRAS:-examples}"
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$repo"
 if "$venv/bin/python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then

@@ -89,6 +89,8 @@ def tolerance(dtype: torch.dtype, kind: str) -> dict[str, float]:
     """rtol / atol / hist (see above) for a tensor of ``dtype`` compared with reference ``kind``."""
     if dtype == torch.float32:
         return dict(rtol=2e-6, atol=1e-6, hist=1e-6)
+    if dtype == torch.float64:  # torch's float64 implementations against each other: a few ulps per step
+        return dict(rtol=1e-12, atol=1e-12, hist=1e-12)
     eps = EPS[dtype]
     loose = dict(rtol=(32 if dtype == torch.float16 else 16) * eps, atol=4 * eps, hist=4 * eps)
     if kind == "master":
@@ -153,6 +155,30 @@ def count_launches_or_none() -> Iterator[Any]:
 
     with count_launches() as launches:
         yield launches
+
+
+CPU = torch.device("cpu")
+
+
+@contextlib.contextmanager
+def torch_path_on_cpu() -> Iterator[None]:
+    """CPU tensors take fastres' torch path (torch.optim's implementations), as in a process without
+    TRITON_INTERPRET, while the tests' kernels stay interpreted.
+
+    :func:`fastres.backend_for` reads ``fastres._backend.INTERPRET`` on every call (the kernels were
+    decorated at import and are not affected); an optimizer picks its path when it plans its first
+    step. On a GPU machine INTERPRET is already off and this changes nothing.
+    """
+    import fastres
+    import fastres._backend as backend
+
+    saved = backend.INTERPRET
+    backend.INTERPRET = False
+    try:
+        assert fastres.backend_for(torch.zeros(1)).name == "torch"
+        yield
+    finally:
+        backend.INTERPRET = saved
 
 
 @contextlib.contextmanager

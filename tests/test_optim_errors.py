@@ -7,6 +7,7 @@ complex/integer params, differentiable=True): a clear error naming the problem.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -214,3 +215,114 @@ def test_clip_grad_norm_error_if_nonfinite_like_torch(norm_type, bad):
     assert isinstance(expected, RuntimeError)
     with pytest.raises(RuntimeError, match=re.escape(str(expected))):
         oc.clip_grad_norm_impl()(make(), 1.0, norm_type, error_if_nonfinite=True)
+
+
+# ---------------------------------------------------------------------------
+# Every constructor argument against torch.optim's: signature, checks, messages, stored types
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", oc.OPTIMIZERS)
+def test_signature_is_torchs(name):
+    """Same parameter names, kinds (positional / keyword-only) and defaults as torch.optim's constructor."""
+    import inspect
+
+    def sig(cls):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(cls).parameters.values()]
+
+    assert sig(oc.fastres_cls(name)) == sig(oc.torch_cls(name))
+
+
+PROBE_VALUES = [-1.0, 0, 0.0, 0.5, 1.0, 1.5, math.nan, torch.tensor(0.5), torch.tensor([0.5]), torch.tensor([0.1, 0.2]),
+                True, None]
+PROBE_BETAS = [(b0, b1) for b0 in (0.9, torch.tensor(0.9), torch.tensor([0.9]), -0.1, torch.tensor([0.9, 0.8]))
+               for b1 in (0.999, torch.tensor(0.99))]
+
+
+def _constructor_outcome(cls, kwargs):
+    """What the constructor does: its exception (type and message) or the param groups it stored (types kept)."""
+    try:
+        opt = cls([torch.nn.Parameter(torch.randn(3))], **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the exception is the outcome
+        return ("raises", type(exc).__name__, str(exc))
+
+    def stored(v):
+        if isinstance(v, tuple):
+            return tuple(stored(x) for x in v)
+        return (type(v).__name__, v.dtype, tuple(v.shape), v.tolist()) if isinstance(v, torch.Tensor) else (type(v).__name__, repr(v))
+
+    return ("ok", [{k: stored(v) for k, v in g.items() if k != "params"} for g in opt.param_groups])
+
+
+def _probe_cases():
+    import inspect
+
+    for name in oc.OPTIMIZERS:
+        params = inspect.signature(oc.torch_cls(name)).parameters
+        for arg in list(params)[1:]:
+            yield pytest.param(name, arg, id=f"{name}-{arg}")
+
+
+@oc.fastres_only
+@pytest.mark.parametrize("name, arg", list(_probe_cases()))
+def test_each_argument_is_checked_and_stored_like_torch(name, arg):
+    """Each constructor argument, over a grid of values (negative, zero, NaN, int, 0-d / 1-element / 2-element
+    tensors, bool, None; betas mixing floats and tensors), alone and with foreach=True, fused=True or
+    capturable=True: fastres raises torch's exception with torch's message, or stores exactly what torch
+    stores in param_groups (same types: tensors stay tensors, ints stay ints).
+
+    One deliberate difference is left out: differentiable=True without fused=True, which torch accepts
+    and fastres refuses with its own ValueError (test_differentiable_true_raises_value_error)."""
+    import inspect
+
+    params = inspect.signature(oc.torch_cls(name)).parameters
+    values = PROBE_BETAS if arg == "betas" else PROBE_VALUES
+    companions = [{}] + [{flag: True} for flag in ("foreach", "fused", "capturable") if flag in params and flag != arg]
+    checked = 0
+    for companion in companions:
+        for value in values:
+            kwargs = dict(companion, **{arg: value})
+            differentiable = kwargs.get("differentiable")
+            if differentiable is not None and not kwargs.get("fused"):
+                if isinstance(differentiable, torch.Tensor) and differentiable.numel() != 1 or bool(differentiable):
+                    continue
+            expected = _constructor_outcome(oc.torch_cls(name), kwargs)
+            got = _constructor_outcome(oc.fastres_cls(name), kwargs)
+            assert got == expected, f"{name}({kwargs}): torch {expected}, fastres {got}"
+            checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param(dict(lr=torch.tensor(1e-3), foreach=True), id="tensor-lr-foreach"),
+        pytest.param(dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True), id="tensor-betas-foreach"),
+        pytest.param(dict(betas=(torch.tensor([0.9, 0.8]), torch.tensor(0.99))), id="2-element-beta"),
+        pytest.param(dict(fused=True, foreach=True), id="fused-and-foreach"),
+        pytest.param(dict(fused=True, differentiable=True), id="fused-and-differentiable"),
+    ],
+)
+def test_adam_tensor_hyperparameters_raise_torchs_error(name, kwargs):
+    expected = _torch_error(lambda: oc.torch_cls(name)(_params(), **kwargs))
+    assert expected is not None, f"torch.optim.{name}({kwargs}) does not raise: fix the case"
+    with pytest.raises(type(expected), match=re.escape(str(expected))):
+        oc.fastres_cls(name)(_params(), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("extra", [{}, dict(foreach=False), dict(capturable=True, foreach=True), dict(fused=True)],
+                         ids=["default", "foreach=False", "capturable-foreach", "fused"])
+def test_tensor_betas_stay_tensors_in_param_groups_and_state_dict(name, extra):
+    """torch keeps tensor betas (as 0-d tensors) in param_groups; so does fastres: equal state_dicts."""
+    kwargs = dict(lr=1e-2, betas=(torch.tensor(0.8), torch.tensor([0.99])), **extra)
+    a = oc.fastres_cls(name)(_params(), **copy.deepcopy(kwargs))
+    b = oc.torch_cls(name)(_params(), **copy.deepcopy(kwargs))
+    for opt in (a, b):
+        assert all(isinstance(beta, torch.Tensor) and beta.dim() == 0 for beta in opt.param_groups[0]["betas"])
+    ga, gb = a.state_dict()["param_groups"][0], b.state_dict()["param_groups"][0]
+    assert sorted(ga) == sorted(gb)
+    for key, value in gb.items():
+        if key == "betas":
+            assert all(torch.equal(x, y) and x.dtype == y.dtype for x, y in zip(ga[key], value)), ga[key]
+        else:
+            assert ga[key] == value and type(ga[key]) is type(value), (key, ga[key], value)

@@ -329,3 +329,31 @@ def test_clip_grad_norm_nonfinite_like_torch(bad, norm_type):
     for i, (pa, pb) in enumerate(zip(a, b)):
         if pb.grad is not None:
             torch.testing.assert_close(pa.grad.cpu(), pb.grad.cpu(), equal_nan=True, msg=lambda m, i=i: f"grad {i}: {m}")
+
+
+@oc.fastres_only
+@pytest.mark.parametrize("name", oc.OPTIMIZERS)
+def test_kernels_follow_the_reference_loop(name, monkeypatch):
+    """fastres.reference.optim, the per-tensor loop with the kernels' math (fp32, stored in the param's dtype),
+    is their spec and the oracle here: the kernels (DEVICE) against it run on CPU through the same optimizer
+    class (its torch path pointed at the reference), to fp32 rounding. (bf16/fp16: test_parity_low_precision's
+    "master" reference models the same math.)"""
+    dtype = torch.float32
+    import fastres.optim._base as base
+    from fastres.reference import optim as reference
+
+    spec, options = oc.small(), oc.FULL_STATE_OPTIONS[name]
+    values = oc.initial_values(spec, dtype, seed=21)
+    kernels = oc.fastres_cls(name)(oc.param_arg(spec, k := oc.make_params(values, DEVICE), DEVICE), **options)
+    ref = oc.fastres_cls(name)(oc.param_arg(spec, r := oc.make_params(values, oc.CPU), oc.CPU), **options)
+    monkeypatch.setattr(base, "_torch_path", reference)
+    for step in range(1, 3):
+        grads = oc.step_grads(spec, dtype, 21, step)
+        oc.set_grads(k, grads)
+        oc.set_grads(r, grads)
+        with oc.count_launches_or_none() as launches:
+            kernels.step()
+        assert sum(launches.values()) == 1, "the kernels did not run"
+        with oc.torch_path_on_cpu():  # ref plans (at its first step) the torch path: here the reference
+            ref.step()
+    oc.compare_optimizers(kernels, oc.flat(k), ref, oc.flat(r), kind="master", where="after 2 steps")

@@ -80,23 +80,60 @@ def _assert_same_state_dict_layout(fr_sd, torch_sd, where):
 def test_state_dict_round_trips(name):
     """fastres -> torch, torch -> fastres and fastres -> (torch.save/load) -> fastres: training continues
     exactly as it would have without the round trip; state_dict layouts are torch's."""
+    _state_dict_round_trips(name, DEVICE)
+
+
+@oc.fastres_only
+@pytest.mark.parametrize("name", oc.OPTIMIZERS)
+def test_state_dict_round_trips_on_the_torch_path(name):
+    """The same on fastres' torch path (CPU tensors without the interpreter: torch.optim's implementations)."""
+    with oc.torch_path_on_cpu():
+        _state_dict_round_trips(name, oc.CPU)
+
+
+@oc.fastres_only
+@pytest.mark.parametrize("name", oc.OPTIMIZERS)
+def test_state_dict_moves_between_kernel_and_torch_paths(name):
+    """A state_dict of the kernel path (DEVICE: CUDA, or CPU under the interpreter) loads into an optimizer on
+    the torch path (CPU) and one of the torch path loads into the kernel path; each continues like torch.optim
+    loaded with the same state."""
+    spec, options = _spec(), oc.FULL_STATE_OPTIONS[name]
+    values = oc.initial_values(spec, FP32, seed=5)
+    kernels = _build(oc.fastres_cls(name), options, spec, values)  # plans its path at its first step
+    _drive([kernels], spec, 1, 2, seed=5)
+    with oc.torch_path_on_cpu():
+        current = [[p.detach() for p in ps] for ps in kernels[1]]
+        on_torch_path = _build(oc.fastres_cls(name), options, spec, current, device=oc.CPU)
+        on_torch_path[0].load_state_dict(copy.deepcopy(kernels[0].state_dict()))
+        _drive([on_torch_path], spec, 3, 3, seed=5)  # plans: torch path, kept after the switch ends
+    back = _build(oc.fastres_cls(name), options, spec, [[p.detach() for p in ps] for ps in on_torch_path[1]])
+    back[0].load_state_dict(copy.deepcopy(on_torch_path[0].state_dict()))
+    ref = _build(oc.torch_cls(name), options, spec, [[p.detach() for p in ps] for ps in on_torch_path[1]])
+    ref[0].load_state_dict(copy.deepcopy(on_torch_path[0].state_dict()))
+    _drive([back, ref], spec, 4, 4, seed=5)
+    _compare(back, ref, "kernel path loaded from the torch path vs torch.optim loaded alike")
+    _drive([kernels], spec, 3, 4, seed=5)
+    _compare(back, kernels, "kernels -> torch path -> kernels vs kernels throughout")
+
+
+def _state_dict_round_trips(name, device):
     spec, options = _spec(), oc.FULL_STATE_OPTIONS[name]
     values = oc.initial_values(spec, FP32, seed=3)
-    a = _build(oc.fastres_cls(name), options, spec, values)  # fastres, never reloaded
-    b = _build(oc.torch_cls(name), options, spec, values)  # torch, never reloaded
+    a = _build(oc.fastres_cls(name), options, spec, values, device=device)  # fastres, never reloaded
+    b = _build(oc.torch_cls(name), options, spec, values, device=device)  # torch, never reloaded
     _drive([a, b], spec, 1, 3, seed=3)
     _compare(a, b, "before the round trips")
     _assert_same_state_dict_layout(a[0].state_dict(), b[0].state_dict(), "state_dict after 3 steps")
 
     # c: torch loading fastres' state; d: fastres loading torch's; e: fastres loading fastres' via bytes.
-    c = _build(oc.torch_cls(name), options, spec, [[p.detach() for p in ps] for ps in a[1]])
+    c = _build(oc.torch_cls(name), options, spec, [[p.detach() for p in ps] for ps in a[1]], device=device)
     c[0].load_state_dict(copy.deepcopy(a[0].state_dict()))
-    d = _build(oc.fastres_cls(name), options, spec, [[p.detach() for p in ps] for ps in b[1]])
+    d = _build(oc.fastres_cls(name), options, spec, [[p.detach() for p in ps] for ps in b[1]], device=device)
     d[0].load_state_dict(copy.deepcopy(b[0].state_dict()))
     buf = io.BytesIO()
     torch.save(a[0].state_dict(), buf)
     buf.seek(0)
-    e = _build(oc.fastres_cls(name), options, spec, [[p.detach() for p in ps] for ps in a[1]])
+    e = _build(oc.fastres_cls(name), options, spec, [[p.detach() for p in ps] for ps in a[1]], device=device)
     e[0].load_state_dict(torch.load(buf, weights_only=True))
     for label, (opt, _) in (("torch<-fastres", c), ("fastres<-torch", d), ("fastres<-fastres", e)):
         assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in a[0].param_groups], label

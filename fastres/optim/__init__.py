@@ -5,6 +5,8 @@ dtype in one Triton launch, whatever the number of tensors, without
 synchronising with the device. Same arguments, defaults, state_dict layout
 and numbers as torch.optim; works with param groups, LR schedulers, closures
 and ``torch.amp.GradScaler`` (which it lets skip its host synchronisation).
+Params the kernels do not take (CPU without the interpreter, float64) step
+through torch.optim's fastest implementation of the same update.
 """
 
 from .adadelta import Adadelta

@@ -3,9 +3,9 @@
 A subclass gives its torch.optim name, builds ``defaults`` after validating
 like torch does, and implements ``_update(group, params, run)`` for one
 bucket: the params of one param group sharing a device and dtype, all with
-a gradient. ``run(name, ...)`` calls the kernel launcher (one launch) or the
-pure-PyTorch reference of the same name, as :func:`fastres.backend_for`
-decides.
+a gradient. ``run(name, ...)`` calls the kernel launcher (one launch) or, where
+:func:`fastres.backend_for` says ``"torch"``, torch.optim's fastest
+implementation of the same update (:mod:`._torch_path`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 from .._backend import uses_kernels
 from ..launchers import optim as launchers
 from ..launchers.multi_tensor import TableCache
-from ..reference import optim as reference
+from . import _torch_path
 
 Run = Callable[..., None]
 
@@ -67,9 +67,13 @@ class Plan:
         )
 
 
-def check_lr(lr: Any) -> None:
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
+def check_lr(lr: Any, foreach: Optional[bool] = None, capturable: bool = True) -> None:
+    """torch.optim's lr checks; Adam's also refuses a tensor lr with foreach=True and capturable=False."""
+    if isinstance(lr, torch.Tensor):
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
 
@@ -106,13 +110,19 @@ class FusedOptimizer(Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        self._plans: dict[int, Plan] = {}
+        super().__init__(params, defaults)
+        # torch.optim's checks of fused=True, in its order (after the params').
+        if defaults.get("fused"):
+            if defaults.get("differentiable"):
+                raise RuntimeError("`fused` does not support `differentiable`")
+            if defaults.get("foreach"):
+                raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         if defaults.get("differentiable"):
             raise ValueError(
                 f"{type(self).__name__}: differentiable=True is not supported by fastres' fused kernels; "
                 f"use torch.optim.{type(self).__name__} to differentiate through the step"
             )
-        self._plans: dict[int, Plan] = {}
-        super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -166,13 +176,13 @@ class FusedOptimizer(Optimizer):
                 if bucket.uses_kernels:
                     run = functools.partial(getattr(launchers, self._rule), bucket.tables, **amp)
                 else:
-                    run = functools.partial(getattr(reference, self._rule), **amp)
+                    run = functools.partial(getattr(_torch_path, self._rule), **amp)
                 self._update(group, bucket, grads, run)
                 bucket.first_step = [False] * len(bucket.params)
         return loss
 
     # Each optimizer sets these.
-    _rule: str  # name of its launcher and reference function
+    _rule: str  # name of its launcher, torch-path and reference function
 
     def _state_layout(self, group: dict[str, Any]) -> tuple:
         """The group settings that decide which state tensors exist."""

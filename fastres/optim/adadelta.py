@@ -11,7 +11,7 @@ class Adadelta(FusedOptimizer):
     """``torch.optim.Adadelta`` in one fused launch per bucket (torch has no fused Adadelta).
 
     Same arguments, defaults, state (``step``, ``square_avg``, ``acc_delta``)
-    and numbers as torch.optim.Adadelta. ``foreach`` is accepted and ignored.
+    and numbers as torch.optim.Adadelta. ``foreach`` is accepted and chooses nothing.
     """
 
     def __init__(

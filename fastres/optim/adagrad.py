@@ -11,7 +11,7 @@ class Adagrad(FusedOptimizer):
     """``torch.optim.Adagrad`` (lr_decay, initial_accumulator_value) in one fused launch per bucket.
 
     Like torch, the state (``step``, ``sum``) is created for every param at
-    construction. ``foreach`` and ``fused`` are accepted and ignored.
+    construction. ``foreach`` and ``fused`` are validated like torch's and choose nothing.
     """
 
     def __init__(

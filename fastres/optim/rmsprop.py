@@ -12,7 +12,7 @@ class RMSprop(FusedOptimizer):
 
     torch has no fused RMSprop; this one matches torch.optim.RMSprop's
     arguments, defaults, state (``step``, ``square_avg``, ``momentum_buffer``,
-    ``grad_avg``) and numbers. ``foreach`` is accepted and ignored.
+    ``grad_avg``) and numbers. ``foreach`` is accepted and chooses nothing.
     """
 
     def __init__(

@@ -4,15 +4,15 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ._base import Bucket, FusedOptimizer, Run, check_lr, check_nonnegative
+from ._base import Bucket, FusedOptimizer, Run
 
 
 class SGD(FusedOptimizer):
     """``torch.optim.SGD`` (momentum, dampening, Nesterov) in one fused launch per bucket.
 
     Same arguments, defaults, state (``momentum_buffer``) and numbers as
-    torch.optim.SGD. ``foreach`` and ``fused`` are accepted for drop-in use
-    and ignored: the update is always one fused kernel on CUDA.
+    torch.optim.SGD. ``foreach`` and ``fused`` are validated like torch's and
+    choose nothing: one fused kernel on CUDA, torch's fused SGD on the torch path.
     """
 
     def __init__(
@@ -21,7 +21,7 @@ class SGD(FusedOptimizer):
         lr: Union[float, torch.Tensor] = 1e-3,
         momentum: float = 0,
         dampening: float = 0,
-        weight_decay: float = 0,
+        weight_decay: Union[float, torch.Tensor] = 0,
         nesterov: bool = False,
         *,
         maximize: bool = False,
@@ -29,9 +29,15 @@ class SGD(FusedOptimizer):
         differentiable: bool = False,
         fused: Optional[bool] = None,
     ) -> None:
-        check_lr(lr)
-        check_nonnegative(momentum, "momentum value")
-        check_nonnegative(weight_decay, "weight_decay value")
+        # torch.optim.SGD's checks (``x < 0``: unlike the other optimizers it lets NaN through).
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(

@@ -1,4 +1,7 @@
-"""Pure-PyTorch optimizer updates: the spec of the kernels and fastres' CPU path.
+"""Pure-PyTorch optimizer updates: the spec of the kernels and the tests' oracle for them.
+
+(The runtime path for tensors the kernels do not take is torch.optim's own
+implementations: fastres/optim/_torch_path.py.)
 
 Same signatures as :mod:`fastres.launchers.optim` without the table cache.
 Each function follows torch.optim's single-tensor formulas, with the math in
