@@ -19,7 +19,9 @@ ResNet-20 and ResNet-18-CIFAR parameter sets, torch 2.13):
   pass goes to memory and foreach is 2x slower than the for-loop, which keeps
   one tensor in cache; over small tensors the for-loop's per-tensor overhead
   loses to foreach. Chunks keep both: a chunk's tensors stay in cache across
-  the passes, and small tensors share one call.
+  the passes, and small tensors share one call. A tensor larger than a chunk
+  goes alone through the for-loop (foreach's intermediate lists of large
+  tensors are what makes it slower there).
 * CUDA (float64 params): ``fused=True`` for SGD, Adam and AdamW; foreach for the
   others. Other devices: torch's own default.
 
@@ -117,7 +119,10 @@ def _step(
         functional(*columns, **_flags(how), **kwargs)
         return
     for part in _chunks(params):
-        functional(*(c[part] for c in columns), **_flags(how), **kwargs)
+        # A tensor larger than a chunk goes alone through torch's for-loop: foreach's
+        # intermediate lists of large tensors make it the slower one there.
+        large = part.stop - part.start == 1 and params[part.start].numel() > CHUNK_ELEMENTS
+        functional(*(c[part] for c in columns), **(dict(foreach=False) if large else _flags(how)), **kwargs)
 
 
 def sgd(
