@@ -84,6 +84,17 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info.update({k: env[k] for k in ("device", "torch", "triton", "cuda", "fastres")})
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_cpu_thread():
+    """CPU rows time one thread, fastres and torch alike: an OpenMP pool on a shared
+    machine stalls for milliseconds at random, which swamps the differences timed here.
+    (CUDA rows are unaffected: the host thread count does not change the GPU's work.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _record_environment(request):
     """Every benchmark row gets the environment in ``extra_info``."""
