@@ -29,7 +29,7 @@ EPI_NONE, EPI_STATS, EPI_RELU_GRAD = kernels.EPI_NONE, kernels.EPI_STATS, kernel
 RES_NONE, RES_TENSOR, RES_BN = kernels.RES_NONE, kernels.RES_TENSOR, kernels.RES_BN
 
 CONV_BLOCK_M = 64
-WGRAD_BLOCK_P = 64
+WGRAD_BLOCK_P = 32  # rows per step: with the BN-grad prologue on dY, 64 needs ~200 registers on sm_90 (16-bit)
 FINALIZE_ELEMENTS = 1024  # per loop iteration of a finalize: BLOCK_T x BLOCK_C (8 per thread: few registers)
 TAIL_ELEMENTS = 4096  # per program of the elementwise tail kernels: BLOCK_M x BLOCK_C
 TAIL_STEP_BYTES = 16  # per thread and tensor in a loop step of a tail program: one 128-bit access, few registers
@@ -212,9 +212,9 @@ def _plan_conv(a_shape, a_stride, w_shape, w_stride, stride, padding, transposed
     else:
         n_tiles = _cdiv(M, CONV_BLOCK_M)
     block_n = _block(CO, 16, 64)
-    # The BN-grad prologue holds two fp32 operand tiles (dY and the BN input): 32 channels per step keep
-    # the data gradient within 168 registers on sm_90 (64 needs ~174).
-    block_k = _block(CA, 16, 32 if prologue == PRO_BN_GRAD else 64)
+    # A prologue holds its operand tile(s) in fp32 for the BatchNorm math: 32 channels per step keep those
+    # variants within 168 registers on sm_90 (with 64: up to 176).
+    block_k = _block(CA, 16, 64 if prologue == PRO_NONE else 32)
     sw_o, sw_a = (w_stride[1], w_stride[0]) if transposed else (w_stride[0], w_stride[1])
     # The residual (checked to have out's layout) is addressed with out's strides.
     ints = (HA, WA, CA, HO, WO, CO, M, *a_stride, *out_stride, *out_stride, sw_o, sw_a, w_stride[2], w_stride[3])
