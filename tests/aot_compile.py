@@ -83,6 +83,8 @@ Usage
     python tests/aot_compile.py --dump-dir /tmp/ptx  # keep each compile's TTGIR and PTX
     python tests/aot_compile.py --jobs 0             # one compile process per CPU
     python tests/aot_compile.py --launch-specs none  # only the modules' own specs
+    python tests/aot_compile.py --targets 90 --launch-set variants --jobs 0 --markdown table.md
+                                                     # every recorded variant; the README's resource table
 
 The check imports the package, so ``fastres.kernels`` must be installed
 (``pip install -e .``; the folder ``kernels/`` is only *mapped* to that name).
@@ -902,6 +904,23 @@ def format_table(report: CheckReport) -> str:
     return "\n".join(text)
 
 
+def format_markdown(report: CheckReport, cc: int = 90) -> str:
+    """The resources of every compile for ``sm_{cc}`` as a Markdown table (the README's kernel resources)."""
+    rows = [r for r in report.results if r["cc"] == cc and r["ok"]]
+    lines = [
+        "| kernel | variant | warps | regs | stack / spill B | ld.v4 / ld | st.v4 / st | wgmma | mma |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        ptx = r["ptx"] or {}
+        lines.append(
+            f"| {r['kernel']} | {r['spec_label']} | {r['num_warps']} | {r['registers']} | "
+            f"{r['stack_bytes']} / {r['local_bytes']} | {ptx.get('ld.global.v4')} / {ptx.get('ld.global')} | "
+            f"{ptx.get('st.global.v4')} / {ptx.get('st.global')} | {ptx.get('wgmma')} | {ptx.get('mma')} |"
+        )
+    return "\n".join(lines)
+
+
 def format_summary(report: CheckReport) -> str:
     compiles = len(report.results)
     targets = ", ".join(f"sm_{cc}" for cc in report.targets)
@@ -951,6 +970,8 @@ def main(argv: list[str] | None = None) -> int:
         "code variant), all (every distinct specialisation)",
     )
     parser.add_argument("--json", default=None, metavar="PATH", help="write the full report as JSON")
+    parser.add_argument("--markdown", default=None, metavar="PATH",
+                        help="write the sm_90 resources (the README's table) as Markdown")
     parser.add_argument("--dump-dir", default=None, help="write each compile's TTGIR and PTX here")
     args = parser.parse_args(argv)
 
@@ -975,6 +996,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2, default=str))
+    if args.markdown:
+        Path(args.markdown).write_text(format_markdown(report) + "\n")
     return 0 if report.ok else 1
 
 
