@@ -22,6 +22,18 @@ exactly one of:
   that are only called from other jit functions. They are compiled as part of
   their callers, not on their own.
 
+Specs recorded from real launches
+---------------------------------
+For the default package the check also runs ``tests/launch_specs.py`` (in a
+subprocess, with ``TRITON_INTERPRET=1``): it runs ResNet training steps with
+the kernel bodies skipped and records the specialisation Triton's JIT derives
+from every launch (dtypes, 16-byte alignment, integers equal to 1 as
+constants, integers divisible by 16). Those specs are compiled in addition to
+the module's own; ``AOT_SPECS[name] = "launches"`` says a kernel has no hand
+specs because the recorded launches cover it (a failure if none was recorded).
+``--launch-specs none`` skips the recording, ``--launch-specs PATH`` reads a
+saved ``launch_specs.py --json`` file instead.
+
 ``name`` is the Python function's name (``fn.__name__``), which for an
 autotuned kernel is the name of the decorated function too. Anything else is
 a failure: a jit function in neither, one in both, an empty spec list, a name
@@ -52,6 +64,11 @@ Spec format
                 "divisible_by_16": ["table_ptr"],
                 "label": "amsgrad",      # optional, shown in the report
             },
+            # A non-constexpr argument the JIT turns into a constant (an
+            # integer equal to 1, or None) is typed "constexpr" in the
+            # signature and given its value in "constexprs":
+            {"signature": {"table_ptr": "*i64", "lr": "fp32", "n_chunks": "constexpr"},
+             "constexprs": {"BLOCK": 1024, "AMSGRAD": False, "n_chunks": 1}},
         ],
     }
     DEVICE_FUNCTIONS = ("_adam_math",)
@@ -65,6 +82,9 @@ Usage
     python tests/aot_compile.py --kernel adam --targets 90 --json report.json
     python tests/aot_compile.py --dump-dir /tmp/ptx  # keep each compile's TTGIR and PTX
     python tests/aot_compile.py --jobs 0             # one compile process per CPU
+    python tests/aot_compile.py --launch-specs none  # only the modules' own specs
+    python tests/aot_compile.py --targets 90 --launch-set variants --jobs 0 --markdown table.md
+                                                     # every recorded variant; the README's resource table
 
 The check imports the package, so ``fastres.kernels`` must be installed
 (``pip install -e .``; the folder ``kernels/`` is only *mapped* to that name).
@@ -133,7 +153,9 @@ SHARED_MEMORY_LIMITS = {
 }
 
 JSON_SCALARS = (bool, int, float, str, type(None))
-SPEC_KEYS = {"signature", "constexprs", "num_warps", "num_stages", "divisible_by_16", "label"}
+SPEC_KEYS = {"signature", "constexprs", "num_warps", "num_stages", "divisible_by_16", "label", "runs"}
+LAUNCH_SPECS_SCRIPT = Path(__file__).with_name("launch_specs.py")
+FROM_LAUNCHES = "launches"  # AOT_SPECS[name] = "launches": the recorded launches are its only specs
 RULE = (
     "every @triton.jit function defined in a kernels module must be listed in that module either in "
     "AOT_SPECS (a launched kernel: a non-empty list of specs, "
@@ -211,6 +233,7 @@ class CompileTask:
     divisible_by_16: list[str]
     options: dict[str, Any]  # num_warps, num_stages (+ num_ctas, maxnreg from a config)
     config_keys: list[str] = field(default_factory=list)  # constexprs the autotune config sets
+    runs: list[str] = field(default_factory=list)  # recorded runs that launched this spec (launch specs only)
     jit_fn: Any = field(repr=False, default=None)
 
     @property
@@ -237,6 +260,7 @@ class CheckReport:
     failures: list[Failure] = field(default_factory=list)
     kernels_discovered: int = 0
     kernels_compiled: int = 0  # kernels whose every compile succeeded within limits
+    launch_specs: dict[str, Any] = field(default_factory=dict)  # where recorded specs came from, how many, time
     seconds: float = 0.0
 
     @property
@@ -313,8 +337,13 @@ def _unwrap(obj: Any) -> tuple[JITFunction | None, int, list[Any] | None]:
     return (obj, depth, configs) if isinstance(obj, JITFunction) else (None, depth, configs)
 
 
-def discover(module: types.ModuleType, failures: list[Failure]) -> tuple[list[Kernel], list[str]]:
-    """Kernels (with their specs, or None) and device functions defined in ``module``, checked against the rule."""
+def discover(module: types.ModuleType, failures: list[Failure],
+             recorded: dict[str, list[Any]] | None = None) -> tuple[list[Kernel], list[str]]:
+    """Kernels (with their specs, or None) and device functions defined in ``module``, checked against the rule.
+
+    ``recorded``: specs from recorded launches (kernel name -> specs), compiled before the module's own.
+    """
+    recorded = recorded or {}
     by_fn: dict[int, tuple[int, Kernel]] = {}  # id(jit fn) -> (depth, kernel): keep the outermost wrapper
     for value in vars(module).values():
         if type(value).__name__ == "InterpretedFunction":
@@ -360,15 +389,24 @@ def discover(module: types.ModuleType, failures: list[Failure]) -> tuple[list[Ke
                 f"@triton.jit function {kernel.name!r} has no AOT spec: add AOT_SPECS[{kernel.name!r}] = [{{...}}] "
                 f"to {where}, or list it in DEVICE_FUNCTIONS if it is only called from other jit functions",
             ))
+        elif specs[kernel.name] == FROM_LAUNCHES:
+            if recorded.get(kernel.name):
+                kernel.specs = list(recorded[kernel.name])
+            else:
+                failures.append(Failure(
+                    "spec-error", at,
+                    f"AOT_SPECS[{kernel.name!r}] is {FROM_LAUNCHES!r} but no launch of it was recorded "
+                    f"({LAUNCH_SPECS_SCRIPT.name} did not run: --launch-specs none, or another package)",
+                ))
         elif not isinstance(specs[kernel.name], list) or not specs[kernel.name]:
             failures.append(Failure(
                 "spec-error", at,
-                f"AOT_SPECS[{kernel.name!r}] must be a non-empty list of specs "
+                f"AOT_SPECS[{kernel.name!r}] must be a non-empty list of specs or {FROM_LAUNCHES!r} "
                 "(a helper called only from other jit functions goes into DEVICE_FUNCTIONS instead)",
             ))
         else:
-            kernel.specs = specs[kernel.name]
-    for table, listed in (("AOT_SPECS", specs), ("DEVICE_FUNCTIONS", device)):
+            kernel.specs = list(recorded.get(kernel.name, [])) + specs[kernel.name]
+    for table, listed in (("AOT_SPECS", specs), ("DEVICE_FUNCTIONS", device), ("recorded launches", recorded)):
         for name in sorted(set(listed) - names):
             message = f"{table} names {name!r}, which is no @triton.jit function defined in {where}"
             failures.append(Failure("spec-error", f"{where}.{name}", message))
@@ -387,6 +425,11 @@ def _format_value(value: Any) -> str:
 def _config_label(config: Any) -> str:
     kwargs = " ".join(f"{k}={_format_value(v)}" for k, v in config.kwargs.items())
     return f"{kwargs} w{config.num_warps} s{config.num_stages}".strip()
+
+
+def _is_jit_constant(value: Any) -> bool:
+    """The values Triton's JIT specialises a non-constexpr argument to: the integer 1 and None."""
+    return value is None or (type(value) is int and value == 1)
 
 
 def build_tasks(kernel: Kernel, targets: list[int], failures: list[Failure]) -> list[CompileTask]:
@@ -425,13 +468,21 @@ def build_tasks(kernel: Kernel, targets: list[int], failures: list[Failure]) -> 
         unknown = [n for n in signature if n not in constexpr_names and n not in runtime_names]
         if unknown:
             errors.append(f"signature names {', '.join(map(repr, unknown))}, which is no argument of {arguments}")
+        # Arguments the JIT turns into constants (the integer 1, None): typed "constexpr", value in constexprs.
+        runtime_constants = [
+            n for n in runtime_names
+            if signature.get(n) == "constexpr" and n in constexprs and _is_jit_constant(constexprs[n])
+        ]
         untyped = [
             n for n in runtime_names
-            if n in signature and (not isinstance(signature[n], str) or signature[n] == "constexpr")
+            if n in signature and n not in runtime_constants
+            and (not isinstance(signature[n], str) or signature[n] == "constexpr")
         ]
         if untyped:
             errors.append(
-                f"signature types of {untyped} must be strings such as '*fp32' or 'i32' (these are not tl.constexpr)"
+                f"signature types of {untyped} must be strings such as '*fp32' or 'i32' (these are not "
+                "tl.constexpr; only the constants the JIT makes, 1 or None, may be typed 'constexpr' with their "
+                "value in constexprs)"
             )
         missing = [n for n in runtime_names if n not in signature]
         if missing:
@@ -439,7 +490,7 @@ def build_tasks(kernel: Kernel, targets: list[int], failures: list[Failure]) -> 
                 f"signature is missing argument(s) {missing}; "
                 f"it needs a type for every non-constexpr argument {runtime_names}"
             )
-        not_constexpr = [n for n in constexprs if n in runtime_names]
+        not_constexpr = [n for n in constexprs if n in runtime_names and n not in runtime_constants]
         if not_constexpr:
             errors.append(
                 f"constexprs gives {not_constexpr}, which are not tl.constexpr arguments: "
@@ -457,7 +508,9 @@ def build_tasks(kernel: Kernel, targets: list[int], failures: list[Failure]) -> 
                 and not kparams[n].do_not_specialize
                 and not getattr(kparams[n], "do_not_specialize_on_alignment", False)
             ]
-        elif not isinstance(divisible, (list, tuple)) or any(n not in runtime_names for n in divisible):
+        elif not isinstance(divisible, (list, tuple)) or any(
+            n not in runtime_names or n in runtime_constants for n in divisible
+        ):
             errors.append(f"divisible_by_16 must list non-constexpr arguments of {kernel.name} ({runtime_names})")
 
         if configs is not None and ("num_warps" in spec or "num_stages" in spec):
@@ -482,7 +535,8 @@ def build_tasks(kernel: Kernel, targets: list[int], failures: list[Failure]) -> 
                 if getattr(config, "maxnreg", None) is not None:
                     options["maxnreg"] = config.maxnreg
                 config_label = _config_label(config)
-            merged = {n: merged[n] for n in constexpr_names if n in merged}  # argument order, for the report
+            merged.update({n: constexprs[n] for n in runtime_constants})
+            merged = {p.name: merged[p.name] for p in params if p.name in merged}  # argument order, for the report
             unset = [n for n in constexpr_names if n not in merged]
             if unset:
                 source = "the spec's constexprs" + (" or the autotune configs" if config is not None else "")
@@ -492,7 +546,10 @@ def build_tasks(kernel: Kernel, targets: list[int], failures: list[Failure]) -> 
         if errors:
             failures.append(Failure("spec-error", at, "; ".join(dict.fromkeys(errors))))
             continue
-        full_signature = {p.name: ("constexpr" if p.name in constexpr_names else signature[p.name]) for p in params}
+        full_signature = {
+            p.name: ("constexpr" if p.name in constexpr_names or p.name in runtime_constants else signature[p.name])
+            for p in params
+        }
         for config_index, config_label, merged, options in variants:
             for cc in targets:
                 tasks.append(CompileTask(
@@ -500,6 +557,7 @@ def build_tasks(kernel: Kernel, targets: list[int], failures: list[Failure]) -> 
                     config_index=config_index, config_label=config_label, cc=cc,
                     signature=full_signature, constexprs=merged, divisible_by_16=list(divisible),
                     options=options, config_keys=[] if config_index is None else list(configs[config_index].kwargs),
+                    runs=list(spec.get("runs", [])),
                     jit_fn=kernel.jit_fn,
                 ))
     return tasks
@@ -570,29 +628,40 @@ def _base_result(task: CompileTask) -> dict[str, Any]:
         "constexprs": {k: v if isinstance(v, JSON_SCALARS) else str(v) for k, v in task.constexprs.items()},
         "config_keys": sorted(task.config_keys),
         "signature": {k: v for k, v in task.signature.items() if v != "constexpr"},
-        "divisible_by_16": task.divisible_by_16, "ok": False, "error": None,
+        "divisible_by_16": task.divisible_by_16, "runs": task.runs, "ok": False, "error": None,
         "shared_bytes": None, "shared_limit": SHARED_MEMORY_LIMITS.get(task.cc), "registers": None,
-        "stack_bytes": None, "local_bytes": None, "ptx": None, "seconds": None,
+        "stack_bytes": None, "local_bytes": None, "ptx": None, "ptx_lines": None, "seconds": None,
+        "cpu_seconds": None,
     }
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas): unlike wall time, not inflated by
+    other processes competing for the CPU."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def compile_task(task: CompileTask, dump_dir: str | None = None) -> dict[str, Any]:
     """Compile one task; never raises: errors are returned in the result."""
     result = _base_result(task)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     try:
         compiled = triton.compile(_make_source(task), target=GPUTarget("cuda", task.cc, 32), options=dict(task.options))
     except Exception as exc:  # CompilationError and anything a pass or ptxas raises
         result["seconds"] = round(time.perf_counter() - start, 3)
+        result["cpu_seconds"] = round(_cpu_seconds() - cpu_start, 3)
         result["error"] = f"{type(exc).__name__}: {exc}".strip()
         return result
     result["seconds"] = round(time.perf_counter() - start, 3)
+    result["cpu_seconds"] = round(_cpu_seconds() - cpu_start, 3)
     result["ok"] = True
     result["shared_bytes"] = int(getattr(compiled.metadata, "shared", 0) or 0)
     ptx = compiled.asm.get("ptx")
     if isinstance(ptx, bytes):
         ptx = ptx.decode()
     result["ptx"] = count_ptx(ptx) if ptx else None
+    result["ptx_lines"] = ptx.count("\n") if ptx else None
     result.update(resource_usage(compiled.asm.get("cubin")))
     if dump_dir:
         stem = f"{task.module}.{task.kernel}.spec{task.spec_index}"
@@ -646,6 +715,60 @@ def compile_all(tasks: list[CompileTask], jobs: int, dump_dir: str | None) -> li
 # ----------------------------------------------------------------------------
 
 
+LAUNCH_SETS = ("cover", "variants", "all")
+
+
+def select_launch_specs(entries: list[dict[str, Any]], launch_set: str) -> list[dict[str, Any]]:
+    """The recorded specs to compile: "all" distinct ones; "variants": one per variant (specs that differ
+    only in the divisibility of row extents or the types of unread placeholder pointers collapse);
+    "cover": a covering set of the variants (every argument type, constant, divisibility and pair of
+    constexpr values at least once; see launch_specs.covering). Bookkeeping keys are dropped."""
+    keep = {"all": lambda i, e: True, "variants": lambda i, e: e["variant"] == i,
+            "cover": lambda i, e: e["cover"]}[launch_set]
+    return [{k: v for k, v in e.items() if k not in ("variant", "cover", "unused")}
+            for i, e in enumerate(entries) if keep(i, e)]
+
+
+def load_launch_specs(source: str, failures: list[Failure],
+                      launch_set: str = "cover") -> tuple[dict[str, dict[str, list[Any]]], dict[str, Any]]:
+    """Specs recorded from real launches, by module and kernel name: ``source`` "record" runs
+    ``launch_specs.py`` (TRITON_INTERPRET=1, in a subprocess), "none" records nothing, else a saved JSON
+    file; ``launch_set`` selects among them (:func:`select_launch_specs`)."""
+    if source == "none":
+        return {}, {}
+    start = time.perf_counter()
+    if source == "record":
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp, "launch_specs.json")
+            env = {**os.environ, "TRITON_INTERPRET": "1"}
+            try:
+                proc = subprocess.run([sys.executable, str(LAUNCH_SPECS_SCRIPT), "--json", str(out)], env=env,
+                                      capture_output=True, text=True, timeout=600)
+            except subprocess.TimeoutExpired:
+                failures.append(Failure("launch-specs", str(LAUNCH_SPECS_SCRIPT), "recording took over 600 s"))
+                return {}, {}
+            if proc.returncode != 0 or not out.exists():
+                failures.append(Failure("launch-specs", str(LAUNCH_SPECS_SCRIPT),
+                                        f"recording failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"))
+                return {}, {}
+            data = json.loads(out.read_text())
+    else:
+        try:
+            data = json.loads(Path(source).read_text())
+        except (OSError, ValueError) as exc:
+            failures.append(Failure("launch-specs", source, f"cannot read recorded launch specs: {exc}"))
+            return {}, {}
+    recorded = data["specs"]
+    specs = {module: {name: select_launch_specs(entries, launch_set) for name, entries in kernels.items()}
+             for module, kernels in recorded.items()}
+    info = {"source": source, "set": launch_set, "runs": data.get("runs", []), "launches": data.get("launches"),
+            "distinct": sum(len(v) for kernels in recorded.values() for v in kernels.values()),
+            "compiled": sum(len(v) for kernels in specs.values() for v in kernels.values()),
+            "seconds": round(time.perf_counter() - start, 2)}
+    return specs, info
+
+
+
 def run_check(
     package: str | None = None,
     path: str | None = None,
@@ -653,8 +776,14 @@ def run_check(
     kernel_filter: str | None = None,
     jobs: int = 1,
     dump_dir: str | None = None,
+    launch_specs: str = "auto",
+    launch_set: str = "cover",
 ) -> CheckReport:
-    """Discover, validate and compile; the report says what failed."""
+    """Discover, validate and compile; the report says what failed.
+
+    ``launch_specs``: "auto" records launches (``launch_specs.py``) when checking the default package,
+    "record", "none", or the path of a saved recording.
+    """
     if _interpreter_active():
         raise CheckSetupError(
             "TRITON_INTERPRET is set: kernels are decorated as interpreter objects; "
@@ -665,14 +794,17 @@ def run_check(
     pkg = load_package(package, path)
     report = CheckReport(package=pkg.__name__, targets=list(targets), triton_version=triton.__version__)
 
+    if launch_specs == "auto":
+        launch_specs = "record" if path is None and pkg.__name__ == DEFAULT_PACKAGE else "none"
+    recorded, report.launch_specs = load_launch_specs(launch_specs, failures, launch_set)
     kernels: list[Kernel] = []
     for module in iter_modules(pkg, failures):
-        found, device_functions = discover(module, failures)
+        found, device_functions = discover(module, failures, recorded.get(module.__name__))
         kernels.extend(found)
         report.device_functions.extend(device_functions)
     if kernel_filter:
         kernels = [k for k in kernels if kernel_filter in f"{k.module}.{k.name}"]
-        failures = [f for f in failures if kernel_filter in f.where]
+        failures = [f for f in failures if kernel_filter in f.where or f.kind == "launch-specs"]
 
     tasks: list[CompileTask] = []
     for kernel in kernels:
@@ -714,7 +846,8 @@ def run_check(
 
 def format_table(report: CheckReport) -> str:
     """The per-compile results as an aligned text table, with a legend of the specs."""
-    head = ["kernel", "spec", "cfg", "sm", "warps", "stages", "smem", "regs", "lmem", *_PTX_COLUMNS.values(), "sec"]
+    head = ["kernel", "spec", "cfg", "sm", "warps", "stages", "smem", "regs", "stack", "lmem", *_PTX_COLUMNS.values(),
+            "sec"]
     rows: list[list[str]] = []
     prefix = report.package + "."
     legend: dict[str, str] = {}
@@ -746,6 +879,7 @@ def format_table(report: CheckReport) -> str:
         rows.append([
             *shape, smem,
             "?" if res["registers"] is None else str(res["registers"]),
+            "?" if res["stack_bytes"] is None else str(res["stack_bytes"]),
             "?" if res["local_bytes"] is None else str(res["local_bytes"]),
             *(str(ptx.get(key, "?")) for key in _PTX_COLUMNS), f"{res['seconds']:.1f}",
         ])
@@ -763,11 +897,28 @@ def format_table(report: CheckReport) -> str:
 
     text = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
     text.append("")
-    text.append("smem: dynamic shared memory bytes per block ('!' = above the target limit); regs/lmem: registers per")
-    text.append("thread and local (spill) bytes from cuobjdump; PTX counts: ldsm=ldmatrix, cpasync=cp.async,")
+    text.append("smem: dynamic shared memory bytes per block ('!' = above the target limit); regs/stack/lmem: registers")
+    text.append("per thread, stack frame and local (spill) bytes from cuobjdump; PTX counts: ldsm=ldmatrix, cpasync=cp.async,")
     text.append("tma=cp.async.bulk, ldg/stg=ld/st.global (2/4: .v2/.v4 vector), bar=bar.sync, f64=fp64 instructions.")
     text.extend(f"  {key}: {value}" for key, value in legend.items())
     return "\n".join(text)
+
+
+def format_markdown(report: CheckReport, cc: int = 90) -> str:
+    """The resources of every compile for ``sm_{cc}`` as a Markdown table (the README's kernel resources)."""
+    rows = [r for r in report.results if r["cc"] == cc and r["ok"]]
+    lines = [
+        "| kernel | variant | warps | regs | stack / spill B | ld.v4 / ld | st.v4 / st | wgmma | mma |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        ptx = r["ptx"] or {}
+        lines.append(
+            f"| {r['kernel']} | {r['spec_label']} | {r['num_warps']} | {r['registers']} | "
+            f"{r['stack_bytes']} / {r['local_bytes']} | {ptx.get('ld.global.v4')} / {ptx.get('ld.global')} | "
+            f"{ptx.get('st.global.v4')} / {ptx.get('st.global')} | {ptx.get('wgmma')} | {ptx.get('mma')} |"
+        )
+    return "\n".join(lines)
 
 
 def format_summary(report: CheckReport) -> str:
@@ -778,6 +929,11 @@ def format_summary(report: CheckReport) -> str:
         f"{report.kernels_compiled}/{report.kernels_discovered} kernels compiled, {compiles} compiles, "
         f"{len(report.device_functions)} device function(s), {report.seconds:.1f} s"
     )
+    info = report.launch_specs
+    if info:
+        head += (f"\nrecorded launches ({info['source']}): {info['launches']} launches in {len(info['runs'])} runs, "
+                 f"{info['distinct']} distinct specialisations, {info['compiled']} compiled (--launch-set "
+                 f"{info['set']}), recording {info['seconds']:.1f} s")
     if report.ok:
         return head + "\nOK"
     lines = [head, f"FAILED: {len(report.failures)} problem(s)"]
@@ -803,7 +959,19 @@ def main(argv: list[str] | None = None) -> int:
         help="parallel compile processes, 0 = one per CPU (default 1: a compile takes ~0.3 s, and on small "
         "machines the workers' start-up costs more than they save)",
     )
+    parser.add_argument(
+        "--launch-specs", default="auto", metavar="auto|record|none|PATH",
+        help="specs recorded from real launches (tests/launch_specs.py): auto = record them when checking "
+        "fastres.kernels; none; or a file written by launch_specs.py --json",
+    )
+    parser.add_argument(
+        "--launch-set", choices=LAUNCH_SETS, default="cover",
+        help="which recorded specs to compile: cover (default: a covering set, for CI), variants (one per "
+        "code variant), all (every distinct specialisation)",
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="write the full report as JSON")
+    parser.add_argument("--markdown", default=None, metavar="PATH",
+                        help="write the sm_90 resources (the README's table) as Markdown")
     parser.add_argument("--dump-dir", default=None, help="write each compile's TTGIR and PTX here")
     args = parser.parse_args(argv)
 
@@ -815,7 +983,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dump_dir:
         os.makedirs(args.dump_dir, exist_ok=True)
     try:
-        report = run_check(args.package, args.path, targets, args.kernel, jobs, args.dump_dir)
+        report = run_check(args.package, args.path, targets, args.kernel, jobs, args.dump_dir, args.launch_specs,
+                           args.launch_set)
     except (CheckSetupError, ImportError) as exc:
         hint = ""
         if isinstance(exc, ImportError) and args.path is None:
@@ -827,6 +996,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2, default=str))
+    if args.markdown:
+        Path(args.markdown).write_text(format_markdown(report) + "\n")
     return 0 if report.ok else 1
 
 

@@ -150,7 +150,8 @@ def failures_of(report: dict[str, Any], kind: str) -> list[dict[str, Any]]:
 
 
 def test_real_package_compiles_for_sm80_and_sm90(tmp_path: Path) -> None:
-    proc, report = run_checker("--json", str(tmp_path / "report.json"))
+    # Records the launches of the models (launch_specs.py) and compiles their covering set.
+    proc, report = run_checker("--jobs", "2", "--json", str(tmp_path / "report.json"))
     assert report is not None, f"checker wrote no report (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     assert proc.returncode == 0, f"AOT compile check of fastres.kernels failed:\n{proc.stdout[-8000:]}"
     assert report["package"] == "fastres.kernels"
@@ -158,6 +159,18 @@ def test_real_package_compiles_for_sm80_and_sm90(tmp_path: Path) -> None:
     assert report["kernels_compiled"] == report["kernels_discovered"]
     assert {r["target"] for r in report["results"]} == {"sm_80", "sm_90"}
     assert all(r["ok"] for r in report["results"])
+    recorded = report["launch_specs"]
+    assert recorded["source"] == "record" and recorded["set"] == "cover"
+    assert 0 < recorded["compiled"] < recorded["distinct"]
+    conv = [r for r in report["results"] if r["kernel"] == "_conv_kernel"]
+    assert conv and all(r["runs"] for r in conv), "conv specs come from recorded launches"
+    # channels_last activations and weights: the channel strides are the JIT's constant 1.
+    assert all(r["constexprs"]["sa_c"] == 1 and r["constexprs"]["so_c"] == 1 for r in conv)
+    # Issue 10's targets on sm_90: no spills anywhere, no stack frame and at most 168 registers in the conv
+    # kernel (one weight-gradient variant, bf16 32x32 with both prologues, still has a 16-byte frame).
+    sm90 = [r for r in report["results"] if r["cc"] == 90 and r["registers"] is not None]
+    assert all(r["local_bytes"] == 0 for r in sm90), [(r["kernel"], r["spec_label"]) for r in sm90 if r["local_bytes"]]
+    assert all(r["stack_bytes"] == 0 and r["registers"] <= 168 for r in sm90 if r["kernel"] == "_conv_kernel")
 
 
 def test_good_package_passes_with_full_report(tmp_path: Path) -> None:
@@ -329,3 +342,44 @@ def test_shared_memory_above_limit_fails_per_target(tmp_path: Path) -> None:
     }
     assert failures_of(report, "compile-error") == []
     assert "166912" in proc.stdout and "232448" in proc.stdout
+
+
+RUNTIME_CONSTANT = HEADER + """
+@triton.jit
+def _copy_kernel(x_ptr, y_ptr, n, stride, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    tl.store(y_ptr + offsets * stride, tl.load(x_ptr + offsets * stride, mask=mask), mask=mask)
+
+
+AOT_SPECS = {
+    "_copy_kernel": [
+        # stride == 1 at launch: the JIT makes it a constant, and the accesses vectorise.
+        {"signature": {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "stride": "constexpr"},
+         "constexprs": {"BLOCK": 1024, "stride": 1}, "divisible_by_16": ["x_ptr", "y_ptr", "n"], "label": "unit"},
+        {"signature": {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "stride": "i32"},
+         "constexprs": {"BLOCK": 1024}, "divisible_by_16": ["x_ptr", "y_ptr", "n"], "label": "strided"},
+    ],
+}
+"""
+
+
+def test_runtime_constants_compile_as_the_jit_specialises_them(tmp_path: Path) -> None:
+    package = make_package(tmp_path, "aot_fixture_const", {"mod": RUNTIME_CONSTANT})
+    proc, report = run_checker("--path", str(package), "--targets", "90", "--json", str(tmp_path / "report.json"))
+    assert proc.returncode == 0, proc.stdout
+    assert report is not None and report["launch_specs"] == {}  # another package: nothing recorded
+    by_label = {r["spec_label"]: r for r in report["results"]}
+    assert by_label["unit"]["constexprs"]["stride"] == 1
+    assert by_label["unit"]["ptx"]["ld.global.v4"] > 0
+    assert by_label["strided"]["ptx"]["ld.global.v4"] == 0
+
+
+def test_only_the_jits_constants_may_be_typed_constexpr(tmp_path: Path) -> None:
+    bad = RUNTIME_CONSTANT.replace('"constexprs": {"BLOCK": 1024, "stride": 1}', '"constexprs": {"BLOCK": 1024, "stride": 2}')
+    package = make_package(tmp_path, "aot_fixture_const_bad", {"mod": bad})
+    proc, report = run_checker("--path", str(package), "--targets", "90", "--json", str(tmp_path / "report.json"))
+    assert proc.returncode == 1
+    assert report is not None
+    message = {f["where"]: f["message"] for f in report["failures"]}["aot_fixture_const_bad.mod._copy_kernel spec unit"]
+    assert "['stride'] must be strings" in message and "1 or None" in message

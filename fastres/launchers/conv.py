@@ -29,9 +29,12 @@ EPI_NONE, EPI_STATS, EPI_RELU_GRAD = kernels.EPI_NONE, kernels.EPI_STATS, kernel
 RES_NONE, RES_TENSOR, RES_BN = kernels.RES_NONE, kernels.RES_TENSOR, kernels.RES_BN
 
 CONV_BLOCK_M = 64
-WGRAD_BLOCK_P = 64
-FINALIZE_ELEMENTS = 4096  # per loop iteration of a finalize: BLOCK_T x BLOCK_C
+WGRAD_BLOCK_P = 32  # rows per step: with the BN-grad prologue on dY, 64 needs ~200 registers on sm_90 (16-bit)
+FINALIZE_ELEMENTS = 1024  # per loop iteration of a finalize: BLOCK_T x BLOCK_C (8 per thread: few registers)
+TAIL_ELEMENTS = 4096  # per program of the elementwise tail kernels: BLOCK_M x BLOCK_C
+TAIL_STEP_BYTES = 16  # per thread and tensor in a loop step of a tail program: one 128-bit access, few registers
 NUM_WARPS = 4
+INT32_LIMIT = 2**31  # offsets below this take the kernels' 32-bit path (IDX64=False)
 
 
 class BatchNormArgs(NamedTuple):
@@ -100,6 +103,12 @@ def _block(n: int, lo: int, hi: int) -> int:
 
 def out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
+
+
+def _needs_int64(*layouts: tuple[tuple[int, ...], tuple[int, ...]]) -> bool:
+    """Whether some (shape, strides) reaches an element offset of 2**31 or more: the kernels' ``IDX64``.
+    Below that, 32-bit offsets address every element (and the kernels' row and pixel indices fit too)."""
+    return any(sum((n - 1) * st for n, st in zip(shape, stride) if n > 0) >= INT32_LIMIT for shape, stride in layouts)
 
 
 def _strides_like(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
@@ -210,15 +219,23 @@ def _plan_conv(a_shape, a_stride, w_shape, w_stride, stride, padding, transposed
     out_shape = (N, CO, HO, WO)
     out_stride = _strides_like(out_shape, channels_last)
     M = N * HO * WO
-    n_tiles = _cdiv(M, CONV_BLOCK_M)
+    if transposed:
+        # One sub-problem per output phase (h % stride, w % stride); each gets the row tiles of the largest.
+        n_tiles = stride * stride * _cdiv(N * _cdiv(HO, stride) * _cdiv(WO, stride), CONV_BLOCK_M)
+    else:
+        n_tiles = _cdiv(M, CONV_BLOCK_M)
     block_n = _block(CO, 16, 64)
+    # A prologue holds its operand tile(s) in fp32 for the BatchNorm math: 32 channels per step keep those
+    # variants within 168 registers on sm_90 (with 64: up to 176).
+    block_k = _block(CA, 16, 64 if prologue == PRO_NONE else 32)
     sw_o, sw_a = (w_stride[1], w_stride[0]) if transposed else (w_stride[0], w_stride[1])
     # The residual (checked to have out's layout) is addressed with out's strides.
     ints = (HA, WA, CA, HO, WO, CO, M, *a_stride, *out_stride, *out_stride, sw_o, sw_a, w_stride[2], w_stride[3])
     meta = dict(R=R, S=S, STRIDE=stride, PAD=padding, TRANSPOSED=transposed, PROLOGUE=prologue, EPILOGUE=epilogue,
                 HAS_AFFINE=has_affine, HAS_RESIDUAL=has_residual, RELU=relu, TRACK=track, CUMULATIVE=cumulative,
                 DOT_PRECISION="tf32" if tf32 else "ieee", UPCAST_DOT=_upcast_dot(dtype, device_type),
-                BLOCK_M=CONV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=_block(CA, 16, 64),
+                IDX64=_needs_int64((a_shape, a_stride), (out_shape, out_stride), (w_shape, w_stride)),
+                BLOCK_M=CONV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
                 BLOCK_T=_finalize_block_t(n_tiles, block_n), num_warps=NUM_WARPS)
     return _ConvPlan(out_shape, out_stride, (n_tiles, _cdiv(CO, block_n)), n_tiles, ints, meta)
 
@@ -315,6 +332,7 @@ def _plan_wgrad(dy_shape, dy_stride, x_shape, x_stride, w_shape, g_stride, strid
     ints = (H, W, C, P, Q, K, M, rows_per_split, *dy_stride, *x_stride, *g_stride)
     meta = dict(R=R, S=S, STRIDE=stride, PAD=padding, DY_PROLOGUE=dy_prologue, X_PROLOGUE=x_prologue,
                 DOT_PRECISION="tf32" if tf32 else "ieee", UPCAST_DOT=_upcast_dot(dtype, device_type),
+                IDX64=_needs_int64((dy_shape, dy_stride), (x_shape, x_stride), (w_shape, g_stride)),
                 SPLIT=splits > 1, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=WGRAD_BLOCK_P, num_warps=NUM_WARPS)
     return _WgradPlan((tiles, splits), ints, splits * K * C * R * S if splits > 1 else 0, meta)
 
@@ -355,12 +373,16 @@ class _TailPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def _plan_tail(shape, residual_mode) -> _TailPlan:
+def _plan_tail(shape, itemsize, residual_mode, *layouts) -> _TailPlan:
+    """``itemsize``: bytes per activation element; ``layouts``: the (shape, strides) of every tensor the kernel
+    addresses."""
     N, C, H, W = shape
     block_c = _block(C, 1, 64)
-    block_m = max(16, min(256, 4096 // block_c))
+    block_m = max(16, min(256, TAIL_ELEMENTS // block_c))
     n_tiles = _cdiv(N * H * W, block_m)
-    meta = dict(RESIDUAL=residual_mode, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=NUM_WARPS)
+    meta = dict(RESIDUAL=residual_mode, IDX64=_needs_int64(*layouts), BLOCK_M=block_m, BLOCK_C=block_c,
+                SUB_M=max(1, min(block_m, NUM_WARPS * 32 * TAIL_STEP_BYTES // itemsize // block_c)),
+                num_warps=NUM_WARPS)
     return _TailPlan((n_tiles, _cdiv(C, block_c)), n_tiles, (N, H, W, C), meta)
 
 
@@ -371,9 +393,11 @@ def _residual_mode(residual, residual_stats) -> int:
 def bn_relu_apply(y: torch.Tensor, stats: torch.Tensor, residual: torch.Tensor | None = None,
                   residual_stats: torch.Tensor | None = None) -> torch.Tensor:
     """relu(y * scale + shift + residual), the residual through its own BN (packed stats) if given."""
-    plan = _plan_tail(tuple(y.shape), _residual_mode(residual, residual_stats))
-    out = torch.empty_like(y)
     res = y if residual is None else residual
+    plan = _plan_tail(tuple(y.shape), y.element_size(), _residual_mode(residual, residual_stats),
+                      (tuple(y.shape), y.stride()),
+                      (tuple(res.shape), res.stride()))
+    out = torch.empty_like(y)
     launch(kernels._bn_relu_apply_kernel, plan.grid,
            y, res, out, stats, _unused(y.device) if residual_stats is None else residual_stats,
            *plan.ints, *y.stride(), *res.stride(), **plan.meta)
@@ -390,7 +414,10 @@ def bn_relu_backward(dout: torch.Tensor, y: torch.Tensor, stats: torch.Tensor, b
     """
     device = y.device
     mode = _residual_mode(residual, residual_stats)
-    plan = _plan_tail(tuple(y.shape), mode)
+    res = y if residual is None else residual
+    plan = _plan_tail(tuple(y.shape), y.element_size(), mode, (tuple(y.shape), y.stride()),
+                      (tuple(res.shape), res.stride()),
+                      (tuple(dout.shape), dout.stride()))
     C = y.shape[1]
     g = torch.empty_like(y)
     ws = _workspace(device)
@@ -401,7 +428,6 @@ def bn_relu_backward(dout: torch.Tensor, y: torch.Tensor, stats: torch.Tensor, b
     coefs = BackwardCoefs(coef[0], *_param_grads(bn_weight))
     res_coefs = BackwardCoefs(coef[1], *_param_grads(residual_bn_weight)) if n_bn == 2 else None
     unused = _unused(device)
-    res = y if residual is None else residual
     launch(kernels._bn_relu_backward_kernel, plan.grid,
            dout, y, res, g, stats, unused if residual_stats is None else residual_stats,
            bn_weight, coefs.packed, coefs.dweight, coefs.dbias,
