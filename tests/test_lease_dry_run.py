@@ -42,7 +42,6 @@ def dry_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason='fails after merging the sm_90 kernel rewrite (aot branch); to fix next session', strict=False)
 def test_dry_run_passes_and_reports_every_stage(dry_run):
     run, out = dry_run
     why = _describe(run, out)

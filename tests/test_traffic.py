@@ -83,7 +83,6 @@ def test_roles_explain_every_byte_they_were_learned_from(roles):
 
 @needs_interpreter
 @pytest.mark.slow
-@pytest.mark.xfail(reason='fails after merging the sm_90 kernel rewrite (aot branch); to fix next session', strict=False)
 def test_roles_predict_every_launch_of_a_resnet20_step_exactly(roles):
     """Roles learned on the one-block-per-stage net at batch 2, 4x4 give, for every
     launch of a ResNet-20 training step at batch 3, 6x6 (forward, backward,
@@ -121,7 +120,6 @@ def test_recording_compiled_kernels_is_refused():
 
 
 @needs_interpreter
-@pytest.mark.xfail(reason='fails after merging the sm_90 kernel rewrite (aot branch); to fix next session', strict=False)
 def test_resnet20_step_launches_and_traffic_against_eager(roles):
     fused = T.fastres_step_traffic(roles, 512, 32, None)
     eager = T.eager_step_traffic(512, 32, None)

@@ -138,7 +138,7 @@ class _Launch:
         return groups
 
 
-_TILE_PREFIXES = ("BLOCK", "num_warps", "num_stages", "num_ctas")
+_TILE_PREFIXES = ("BLOCK", "SUB_", "num_warps", "num_stages", "num_ctas")
 
 
 def _launch_key(kernel: Any, args: tuple, meta: dict) -> tuple:
