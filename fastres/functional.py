@@ -32,12 +32,13 @@ gradients run the reference ops.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ._backend import KERNEL_DTYPES, uses_kernels
+from . import ops  # noqa: F401  (registers torch.ops.fastres.*)
 from .launchers import conv as L
 from .reference.nn import ResidualBlock as PlainResidualBlock
 
@@ -65,7 +66,8 @@ def _bn_config(bn: nn.BatchNorm2d, where: str) -> _BN:
     keep_running = update or not batch_stats
     args = L.BatchNormArgs(params["weight"], params["bias"], running_mean if keep_running else None,
                            buffers["running_var"] if keep_running else None,
-                           buffers["num_batches_tracked"] if update else None, bn.momentum, bn.eps)
+                           buffers["num_batches_tracked"] if update else None,
+                           None if bn.momentum is None else float(bn.momentum), float(bn.eps))
     return _BN(args, batch_stats, update)
 
 
@@ -128,89 +130,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class ConvBNReLUFunction(torch.autograd.Function):
-    """Training-mode ``relu(batch_norm(conv2d(x, weight)))`` with batch statistics."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bn_weight, bn_bias, stride: int, padding: int, bn: L.BatchNormArgs):
-        y, stats = L.conv(x, weight, stride, padding, dtype=x.dtype, epilogue=L.EPI_STATS, bn=bn)
-        out = L.bn_relu_apply(y, stats)
-        ctx.save_for_backward(x, weight, bn_weight, y, stats)
-        ctx.conv = (stride, padding)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, bn_weight, y, stats = ctx.saved_tensors
-        stride, padding = ctx.conv
-        g, coefs, _ = L.bn_relu_backward(dout, y, stats, bn_weight)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx, _ = L.conv(g, weight, stride, padding, dtype=x.dtype, transposed=True, out_hw=tuple(x.shape[2:]),
-                           prologue=L.PRO_BN_GRAD, a2=y, pro=coefs.packed)
-        dweight = L.conv_wgrad(g, x, weight, stride, padding, dy2=y, dy_pro=coefs.packed)
-        return dx, dweight, coefs.dweight, coefs.dbias, None, None, None
-
-
-class ResidualBlockFunction(torch.autograd.Function):
-    """Training-mode residual block: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + residual)``.
-
-    ``residual`` is ``x`` or ``bnd(convd(x))`` when the downsample weights are given.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w1, g1, b1, w2, g2, b2, wd, gd, bd, stride: int,
-                bns: tuple[L.BatchNormArgs, L.BatchNormArgs, Optional[L.BatchNormArgs]]):
-        dtype = x.dtype
-        bn1, bn2, bnd = bns
-        y1, s1 = L.conv(x, w1, stride, 1, dtype=dtype, epilogue=L.EPI_STATS, bn=bn1)
-        y2, s2 = L.conv(y1, w2, 1, 1, dtype=dtype, prologue=L.PRO_BN_RELU, pro=s1, epilogue=L.EPI_STATS, bn=bn2)
-        if wd is not None:
-            yd, sd = L.conv(x, wd, stride, 1, dtype=dtype, epilogue=L.EPI_STATS, bn=bnd)
-            out = L.bn_relu_apply(y2, s2, yd, sd)
-            ctx.save_for_backward(x, w1, g1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd)
-        else:
-            out = L.bn_relu_apply(y2, s2, x)
-            ctx.save_for_backward(x, w1, g1, y1, s1, w2, g2, y2, s2)
-        ctx.stride = stride
-        ctx.bn1 = bn1
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        saved = ctx.saved_tensors
-        x, w1, g1, y1, s1, w2, g2, y2, s2 = saved[:9]
-        has_down = len(saved) > 9
-        stride = ctx.stride
-        dtype = x.dtype
-        if has_down:
-            wd, gd, yd, sd = saved[9:]
-            g, coefs2, coefs_d = L.bn_relu_backward(dout, y2, s2, g2, yd, sd, gd)
-        else:
-            g, coefs2, _ = L.bn_relu_backward(dout, y2, s2, g2, x)
-        # dL/d(y1) through conv2: BN2 backward on load, ReLU1 mask and BN1's backward in the epilogue.
-        g1_masked, coefs1 = L.conv(g, w2, 1, 1, dtype=dtype, transposed=True, out_hw=tuple(y1.shape[2:]),
-                                   prologue=L.PRO_BN_GRAD, a2=y2, pro=coefs2.packed, epilogue=L.EPI_RELU_GRAD,
-                                   ey=y1, bn=ctx.bn1, stats=s1)
-        dw2 = L.conv_wgrad(g, y1, w2, 1, 1, dy2=y2, dy_pro=coefs2.packed, x_pro=s1)
-        dwd = dgd = dbd = None
-        residual_grad = g
-        if has_down:
-            dwd = L.conv_wgrad(g, x, wd, stride, 1, dy2=yd, dy_pro=coefs_d.packed)
-            dgd, dbd = coefs_d.dweight, coefs_d.dbias
-            residual_grad = None
-            if ctx.needs_input_grad[0]:
-                residual_grad, _ = L.conv(g, wd, stride, 1, dtype=dtype, transposed=True, out_hw=tuple(x.shape[2:]),
-                                          prologue=L.PRO_BN_GRAD, a2=yd, pro=coefs_d.packed)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx, _ = L.conv(g1_masked, w1, stride, 1, dtype=dtype, transposed=True, out_hw=tuple(x.shape[2:]),
-                           prologue=L.PRO_BN_GRAD, a2=y1, pro=coefs1.packed, residual=residual_grad)
-        dw1 = L.conv_wgrad(g1_masked, x, w1, stride, 1, dy2=y1, dy_pro=coefs1.packed)
-        return (dx, dw1, coefs1.dweight, coefs1.dbias, dw2, coefs2.dweight, coefs2.dbias, dwd, dgd, dbd,
-                None, None)
-
-
 def _needs_grad(x: torch.Tensor, *modules: nn.Module) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters()))
 
@@ -224,14 +143,17 @@ def _prepare(x: torch.Tensor, where: str) -> tuple[torch.Tensor, bool]:
     return x.to(dtype), True
 
 
-def _eval_conv(x, conv_weight, stride, padding, bn: _BN, dtype, **epilogue):
-    out, _ = L.conv(x, conv_weight, stride, padding, dtype=dtype, affine=bn.args, **epilogue)
-    return out
+def _eval_conv(x, conv_weight, stride, padding, bn: _BN, residual=None, relu=False):
+    a = bn.args
+    return torch.ops.fastres.conv_bn_eval(x, conv_weight, a.weight, a.bias, a.running_mean, a.running_var, a.eps,
+                                          stride, padding, residual, relu)
 
 
-# torch.compile runs the fused ops as they are (a graph break around each), so
-# compiled models get the same kernels and numbers as eager ones.
-@torch.compiler.disable
+def _bn_op_args(bn: L.BatchNormArgs) -> tuple:
+    """A BatchNorm's arguments of the training ops, in schema order."""
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps
+
+
 def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """``relu(bn(conv(x)))``, fused; exactly ``nn.Conv2d -> nn.BatchNorm2d -> nn.ReLU``
     (outputs, gradients, running statistics) in training and eval mode.
@@ -252,12 +174,13 @@ def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.
     out_hw = (L.out_size(x.shape[2], conv.kernel_size[0], stride, padding),
               L.out_size(x.shape[3], conv.kernel_size[1], stride, padding))
     if not bn_cfg.batch_stats:
-        return _eval_conv(x, conv.weight, stride, padding, bn_cfg, x.dtype, relu=True)
+        return _eval_conv(x, conv._parameters["weight"], stride, padding, bn_cfg, relu=True)
     _check_batch(bn_cfg, torch.Size((x.shape[0], conv.out_channels, *out_hw)))
-    return ConvBNReLUFunction.apply(x, conv.weight, bn.weight, bn.bias, stride, padding, bn_cfg.args)
+    out, _, _ = torch.ops.fastres.conv_bn_relu(x, conv._parameters["weight"], *_bn_op_args(bn_cfg.args),
+                                               stride, padding)
+    return out
 
 
-@torch.compiler.disable
 def residual_block(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
     """The notes' residual block (``fastres.nn.ResidualBlock`` or the reference
     one), fused: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + residual)``."""
@@ -295,20 +218,18 @@ def residual_block(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
     if not bn1.batch_stats:
         if not (bn1.batch_stats == bn2.batch_stats == (bnd.batch_stats if bnd else bn1.batch_stats)):
             return _reference_block(block, x_in)
-        dtype = x.dtype
-        h1 = _eval_conv(x, conv1._parameters["weight"], stride, 1, bn1, dtype, relu=True)
-        residual = x if down is None else _eval_conv(x, down[0]._parameters["weight"], stride, 1, bnd, dtype)
-        return _eval_conv(h1, conv2._parameters["weight"], 1, 1, bn2, dtype, residual=residual, relu=True)
+        h1 = _eval_conv(x, conv1._parameters["weight"], stride, 1, bn1, relu=True)
+        residual = x if down is None else _eval_conv(x, down[0]._parameters["weight"], stride, 1, bnd)
+        return _eval_conv(h1, conv2._parameters["weight"], 1, 1, bn2, residual=residual, relu=True)
     if not (bn2.batch_stats and (bnd is None or bnd.batch_stats)):
         return _reference_block(block, x_in)
     out_hw = L.out_size(x.shape[2], 3, stride, 1), L.out_size(x.shape[3], 3, stride, 1)
     _check_batch(bn1, torch.Size((x.shape[0], width, *out_hw)))
-    wd, gd, bd = ((down[0]._parameters["weight"], bnd.args.weight, bnd.args.bias) if down is not None
-                  else (None, None, None))
-    bns = (bn1.args, bn2.args, bnd.args if bnd is not None else None)
-    return ResidualBlockFunction.apply(x, conv1._parameters["weight"], bn1.args.weight, bn1.args.bias,
-                                       conv2._parameters["weight"], bn2.args.weight, bn2.args.bias, wd, gd, bd,
-                                       stride, bns)
+    down_args = ((down[0]._parameters["weight"], *_bn_op_args(bnd.args)) if down is not None
+                 else (None,) * 7 + (0.0,))
+    out = torch.ops.fastres.residual_block(x, conv1._parameters["weight"], *_bn_op_args(bn1.args),
+                                           conv2._parameters["weight"], *_bn_op_args(bn2.args), *down_args, stride)
+    return out[0]
 
 
 def _reference_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -346,12 +346,11 @@ def test_state_dicts_load_either_way():
 
 
 def test_block_under_torch_compile():
-    """torch.compile runs the fused ops as they are: same numbers, running statistics and grads.
-
-    On CPU the compiled graph uses the "aot_eager" backend (no C++ toolchain needed)."""
+    """torch.compile(fullgraph=True) of a fused block (its op in the graph): same numbers, running
+    statistics and grads. On CPU the compiled graph uses the "aot_eager" backend (no C++ toolchain needed)."""
     block = fastres.convert(_make_block(8, 8, 1, False, seed=9)).to(DEVICE)
     twin = copy.deepcopy(block)
-    compiled = torch.compile(twin, backend="inductor" if DEVICE.type == "cuda" else "aot_eager")
+    compiled = torch.compile(twin, fullgraph=True, backend="inductor" if DEVICE.type == "cuda" else "aot_eager")
     x = torch.randn(2, 8, 8, 8, device=DEVICE).to(memory_format=torch.channels_last)
     outs = []
     for model in (block, compiled):

@@ -118,6 +118,19 @@ def _strides_like(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...
     return (C * H * W, H * W, W, 1)
 
 
+def conv_output_layout(a_shape, a_stride, w_shape, stride: int, padding: int, transposed: bool = False,
+                       out_hw: tuple[int, int] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, strides) of :func:`conv`'s output: the operand's memory format (channels_last in,
+    channels_last out). Plain arithmetic on sizes, so fake (meta) implementations use it too."""
+    N, CA, HA, WA = a_shape
+    K, C, R, S = w_shape
+    CO = C if transposed else K
+    HO, WO = out_hw if transposed else (out_size(HA, R, stride, padding), out_size(WA, S, stride, padding))
+    channels_last = CA > 1 and a_stride[1] == 1 and tuple(a_stride) != _strides_like(a_shape, False)
+    out_shape = (N, CO, HO, WO)
+    return out_shape, _strides_like(out_shape, channels_last)
+
+
 # ------------------------------------------------------------------ workspace
 
 class _Workspace:
@@ -213,11 +226,8 @@ def _plan_conv(a_shape, a_stride, w_shape, w_stride, stride, padding, transposed
                tf32, prologue, epilogue, has_affine, has_residual, relu, track, cumulative) -> _ConvPlan:
     N, CA, HA, WA = a_shape
     K, C, R, S = w_shape
-    CO = C if transposed else K
-    HO, WO = out_hw if transposed else (out_size(HA, R, stride, padding), out_size(WA, S, stride, padding))
-    channels_last = CA > 1 and a_stride[1] == 1 and a_stride != _strides_like(a_shape, False)
-    out_shape = (N, CO, HO, WO)
-    out_stride = _strides_like(out_shape, channels_last)
+    out_shape, out_stride = conv_output_layout(a_shape, a_stride, w_shape, stride, padding, transposed, out_hw)
+    CO, HO, WO = out_shape[1:]
     M = N * HO * WO
     if transposed:
         # One sub-problem per output phase (h % stride, w % stride); each gets the row tiles of the largest.

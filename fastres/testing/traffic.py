@@ -446,7 +446,8 @@ class OpTraffic(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         packet = func.overloadpacket
-        if self.paused or packet in _ALLOCATIONS or torch.Tag.inplace_view in func.tags:
+        # fastres's own ops (torch.ops.fastres.*) move memory through their launches, which roles count.
+        if self.paused or packet in _ALLOCATIONS or torch.Tag.inplace_view in func.tags or func.namespace == "fastres":
             return out
         reads, writes = _ByteSet(), _ByteSet()
         for i, arg in enumerate(func._schema.arguments):

@@ -1,0 +1,306 @@
+"""The fused ops as PyTorch operators: ``torch.ops.fastres.*``.
+
+Being real operators (not Python functions that autograd calls) is what lets
+``torch.compile(..., fullgraph=True)`` trace a fastres model in one graph,
+``torch.export`` export it and ``torch.library.opcheck`` check it. Each op has
+
+* a schema that declares the BatchNorm running statistics it updates in place
+  (``Tensor(a!)?``), so functionalization (AOTAutograd, export) knows;
+* one implementation for CPU and CUDA: the launchers (``fastres.launchers.conv``),
+  compiled kernels on CUDA, Triton's interpreter on CPU;
+* a fake implementation that allocates exactly what the real one returns
+  (shapes, dtypes, strides), from the same layout rule the launchers use;
+* for the training ops, an autograd kernel: a ``torch.autograd.Function`` that
+  runs the op below autograd, saves the activations it returns and calls the
+  backward op.
+
+Why ``torch.library.Library`` rather than ``custom_op``/``triton_op``: an op
+that mutates its inputs (the running statistics) cannot take
+``register_autograd``, and the kernels finish their reductions through a
+persistent per-stream workspace whose counters the launches themselves reset,
+which Inductor's functionalization of ``wrap_triton`` kernels would not keep.
+Inductor sees each op as one opaque call and compiles everything around it.
+
+Training ops return the activations their backward needs next to the output
+(``y``: raw conv outputs, ``stats``: packed ``[4, C]`` BatchNorm rows), marked
+non-differentiable. Absent optional outputs (no downsample, no input gradient)
+are empty tensors: an operator returns tensors, never None.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .launchers import conv as L
+
+__all__ = ["conv_bn_relu", "conv_bn_relu_backward", "residual_block", "residual_block_backward", "conv_bn_eval"]
+
+_lib = torch.library.Library("fastres", "DEF")
+
+_BN_ARGS = "Tensor {p}weight, Tensor {p}bias, Tensor(a{i}!)? {p}running_mean, Tensor(b{i}!)? {p}running_var, " \
+           "Tensor(c{i}!)? {p}num_batches_tracked, float? {p}momentum, float {p}eps"
+
+_lib.define("conv_bn_relu(Tensor x, Tensor weight, " + _BN_ARGS.format(p="bn_", i="") +
+            ", int stride, int padding) -> (Tensor out, Tensor y, Tensor stats)")
+_lib.define("conv_bn_relu_backward(Tensor dout, Tensor x, Tensor weight, Tensor bn_weight, Tensor y, Tensor stats, "
+            "int stride, int padding, bool input_grad) "
+            "-> (Tensor dx, Tensor dweight, Tensor dbn_weight, Tensor dbn_bias)")
+_lib.define("residual_block(Tensor x, Tensor conv1_weight, " + _BN_ARGS.format(p="bn1_", i="1") +
+            ", Tensor conv2_weight, " + _BN_ARGS.format(p="bn2_", i="2") +
+            ", Tensor? down_weight, Tensor? bnd_weight, Tensor? bnd_bias, Tensor(a3!)? bnd_running_mean, "
+            "Tensor(b3!)? bnd_running_var, Tensor(c3!)? bnd_num_batches_tracked, float? bnd_momentum, float bnd_eps, "
+            "int stride) -> (Tensor out, Tensor y1, Tensor stats1, Tensor y2, Tensor stats2, Tensor yd, Tensor statsd)")
+_lib.define("residual_block_backward(Tensor dout, Tensor x, Tensor conv1_weight, Tensor bn1_weight, "
+            "Tensor bn1_bias, float bn1_eps, Tensor y1, Tensor stats1, Tensor conv2_weight, Tensor bn2_weight, "
+            "Tensor y2, Tensor stats2, Tensor? down_weight, Tensor? bnd_weight, Tensor? yd, Tensor? statsd, "
+            "int stride, bool input_grad) -> (Tensor dx, Tensor dconv1_weight, Tensor dbn1_weight, "
+            "Tensor dbn1_bias, Tensor dconv2_weight, Tensor dbn2_weight, Tensor dbn2_bias, Tensor ddown_weight, "
+            "Tensor dbnd_weight, Tensor dbnd_bias)")
+_lib.define("conv_bn_eval(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor bn_running_mean, "
+            "Tensor bn_running_var, float bn_eps, int stride, int padding, Tensor? residual, bool relu) -> Tensor")
+
+
+def _impl(name: str):
+    """Register the decorated function as op ``name``'s CPU and CUDA implementation."""
+    def register(fn):
+        for key in ("CPU", "CUDA"):
+            _lib.impl(name, fn, key)
+        return fn
+    return register
+
+
+def _is_plain_eager(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` is plain eager work: a real tensor, no tracing, no fake, functional or
+    functorch-wrapped tensor, no dispatch mode. The autograd kernels then call the implementations
+    directly: the dispatcher's boxed call of a Python op with up to 26 arguments costs about 30 us of
+    host time, as much as the launches it wraps. Anything else goes through the op, so that tracers
+    and modes see it."""
+    return (type(x) is torch.Tensor and _get_current_dispatch_mode() is None
+            and not torch._is_functional_tensor(x) and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+            and not torch.compiler.is_compiling())
+
+
+def _absent(like: torch.Tensor) -> torch.Tensor:
+    """An absent optional output (an op returns tensors, never None)."""
+    return like.new_empty(0)
+
+
+def _empty_conv_output(a: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *, dtype: torch.dtype,
+                       a_stride: Optional[tuple] = None, transposed: bool = False, out_hw=None) -> torch.Tensor:
+    shape, strides = L.conv_output_layout(tuple(a.shape), a.stride() if a_stride is None else a_stride,
+                                          tuple(weight.shape), stride, padding, transposed, out_hw)
+    return a.new_empty_strided(shape, strides, dtype=dtype)
+
+
+def _stats_like(y: torch.Tensor) -> torch.Tensor:
+    return y.new_empty((4, y.shape[1]), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------ conv + BN + ReLU
+
+@_impl("conv_bn_relu")
+def conv_bn_relu(x, weight, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked,
+                 bn_momentum, bn_eps, stride, padding):
+    """Training-mode ``relu(batch_norm(conv2d(x, weight)))``: (out, y, stats)."""
+    bn = L.BatchNormArgs(bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked,
+                         bn_momentum, bn_eps)
+    y, stats = L.conv(x, weight, stride, padding, dtype=x.dtype, epilogue=L.EPI_STATS, bn=bn)
+    return L.bn_relu_apply(y, stats), y, stats
+
+
+@torch.library.register_fake("fastres::conv_bn_relu")
+def _conv_bn_relu_fake(x, weight, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked,
+                       bn_momentum, bn_eps, stride, padding):
+    y = _empty_conv_output(x, weight, stride, padding, dtype=x.dtype)
+    return torch.empty_like(y), y, _stats_like(y)
+
+
+@_impl("conv_bn_relu_backward")
+def conv_bn_relu_backward(dout, x, weight, bn_weight, y, stats, stride, padding, input_grad):
+    g, coefs, _ = L.bn_relu_backward(dout, y, stats, bn_weight)
+    dx = _absent(x)
+    if input_grad:
+        dx, _ = L.conv(g, weight, stride, padding, dtype=x.dtype, transposed=True, out_hw=tuple(x.shape[2:]),
+                       prologue=L.PRO_BN_GRAD, a2=y, pro=coefs.packed)
+    dweight = L.conv_wgrad(g, x, weight, stride, padding, dy2=y, dy_pro=coefs.packed)
+    return dx, dweight, coefs.dweight, coefs.dbias
+
+
+@torch.library.register_fake("fastres::conv_bn_relu_backward")
+def _conv_bn_relu_backward_fake(dout, x, weight, bn_weight, y, stats, stride, padding, input_grad):
+    dx = _absent(x)
+    if input_grad:  # dx is conv's (transposed) output of g, which has y's layout
+        dx = _empty_conv_output(y, weight, stride, padding, dtype=x.dtype, transposed=True,
+                                out_hw=tuple(x.shape[2:]))
+    return dx, torch.empty_like(weight), torch.empty_like(bn_weight), torch.empty_like(bn_weight)
+
+
+class _ConvBNReLUAutograd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                momentum, eps, stride, padding):
+        args = (x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                stride, padding)
+        if _is_plain_eager(x):
+            out, y, stats = conv_bn_relu(*args)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                out, y, stats = torch.ops.fastres.conv_bn_relu(*args)
+        ctx.save_for_backward(x, weight, bn_weight, y, stats)
+        ctx.conv = (stride, padding)
+        ctx.mark_non_differentiable(y, stats)
+        ctx.set_materialize_grads(False)  # no zero tensors for the gradients of y and stats
+        return out, y, stats
+
+    @staticmethod
+    def backward(ctx, dout, _dy, _dstats):
+        x, weight, bn_weight, y, stats = ctx.saved_tensors
+        input_grad = ctx.needs_input_grad[0]
+        backward = conv_bn_relu_backward if _is_plain_eager(dout) else torch.ops.fastres.conv_bn_relu_backward
+        dx, dweight, dbn_weight, dbn_bias = backward(dout, x, weight, bn_weight, y, stats, *ctx.conv, input_grad)
+        return (dx if input_grad else None), dweight, dbn_weight, dbn_bias, None, None, None, None, None, None, None
+
+
+_lib.impl("conv_bn_relu", _ConvBNReLUAutograd.apply, "Autograd")
+
+
+# ------------------------------------------------------------------ residual block
+
+@_impl("residual_block")
+def residual_block(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var, bn1_num_batches_tracked,
+                   bn1_momentum, bn1_eps, conv2_weight, bn2_weight, bn2_bias, bn2_running_mean, bn2_running_var,
+                   bn2_num_batches_tracked, bn2_momentum, bn2_eps, down_weight, bnd_weight, bnd_bias,
+                   bnd_running_mean, bnd_running_var, bnd_num_batches_tracked, bnd_momentum, bnd_eps, stride):
+    """Training-mode ``relu(bn2(conv2(relu(bn1(conv1(x))))) + residual)``, ``residual`` ``x`` or
+    ``bnd(down(x))``: (out, y1, stats1, y2, stats2, yd, statsd), the last two empty without a downsample."""
+    dtype = x.dtype
+    bn1 = L.BatchNormArgs(bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var, bn1_num_batches_tracked,
+                          bn1_momentum, bn1_eps)
+    bn2 = L.BatchNormArgs(bn2_weight, bn2_bias, bn2_running_mean, bn2_running_var, bn2_num_batches_tracked,
+                          bn2_momentum, bn2_eps)
+    y1, s1 = L.conv(x, conv1_weight, stride, 1, dtype=dtype, epilogue=L.EPI_STATS, bn=bn1)
+    y2, s2 = L.conv(y1, conv2_weight, 1, 1, dtype=dtype, prologue=L.PRO_BN_RELU, pro=s1, epilogue=L.EPI_STATS, bn=bn2)
+    if down_weight is None:
+        return L.bn_relu_apply(y2, s2, x), y1, s1, y2, s2, _absent(x), _absent(s1)
+    bnd = L.BatchNormArgs(bnd_weight, bnd_bias, bnd_running_mean, bnd_running_var, bnd_num_batches_tracked,
+                          bnd_momentum, bnd_eps)
+    yd, sd = L.conv(x, down_weight, stride, 1, dtype=dtype, epilogue=L.EPI_STATS, bn=bnd)
+    return L.bn_relu_apply(y2, s2, yd, sd), y1, s1, y2, s2, yd, sd
+
+
+@torch.library.register_fake("fastres::residual_block")
+def _residual_block_fake(x, conv1_weight, *args):
+    conv2_weight, down_weight, stride = args[7], args[15], args[-1]
+    y1 = _empty_conv_output(x, conv1_weight, stride, 1, dtype=x.dtype)
+    y2 = _empty_conv_output(y1, conv2_weight, 1, 1, dtype=x.dtype)
+    s1, s2 = _stats_like(y1), _stats_like(y2)
+    if down_weight is None:
+        yd, sd = _absent(x), _absent(s1)
+    else:
+        yd = _empty_conv_output(x, down_weight, stride, 1, dtype=x.dtype)
+        sd = _stats_like(yd)
+    return torch.empty_like(y2), y1, s1, y2, s2, yd, sd
+
+
+@_impl("residual_block_backward")
+def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps, y1, stats1, conv2_weight,
+                            bn2_weight, y2, stats2, down_weight, bnd_weight, yd, statsd, stride, input_grad):
+    dtype = x.dtype
+    has_down = down_weight is not None
+    if has_down:
+        g, coefs2, coefs_d = L.bn_relu_backward(dout, y2, stats2, bn2_weight, yd, statsd, bnd_weight)
+    else:
+        g, coefs2, _ = L.bn_relu_backward(dout, y2, stats2, bn2_weight, x)
+    # dL/d(y1) through conv2: BN2 backward on load, ReLU1 mask and BN1's backward in the epilogue.
+    bn1 = L.BatchNormArgs(bn1_weight, bn1_bias, None, None, None, None, bn1_eps)
+    g1_masked, coefs1 = L.conv(g, conv2_weight, 1, 1, dtype=dtype, transposed=True, out_hw=tuple(y1.shape[2:]),
+                               prologue=L.PRO_BN_GRAD, a2=y2, pro=coefs2.packed, epilogue=L.EPI_RELU_GRAD,
+                               ey=y1, bn=bn1, stats=stats1)
+    dw2 = L.conv_wgrad(g, y1, conv2_weight, 1, 1, dy2=y2, dy_pro=coefs2.packed, x_pro=stats1)
+    dwd, dgd, dbd = _absent(x), _absent(stats1), _absent(stats1)
+    residual_grad = g
+    if has_down:
+        dwd = L.conv_wgrad(g, x, down_weight, stride, 1, dy2=yd, dy_pro=coefs_d.packed)
+        dgd, dbd = coefs_d.dweight, coefs_d.dbias
+        residual_grad = None
+        if input_grad:
+            residual_grad, _ = L.conv(g, down_weight, stride, 1, dtype=dtype, transposed=True,
+                                      out_hw=tuple(x.shape[2:]), prologue=L.PRO_BN_GRAD, a2=yd, pro=coefs_d.packed)
+    dx = _absent(x)
+    if input_grad:
+        dx, _ = L.conv(g1_masked, conv1_weight, stride, 1, dtype=dtype, transposed=True, out_hw=tuple(x.shape[2:]),
+                       prologue=L.PRO_BN_GRAD, a2=y1, pro=coefs1.packed, residual=residual_grad)
+    dw1 = L.conv_wgrad(g1_masked, x, conv1_weight, stride, 1, dy2=y1, dy_pro=coefs1.packed)
+    return dx, dw1, coefs1.dweight, coefs1.dbias, dw2, coefs2.dweight, coefs2.dbias, dwd, dgd, dbd
+
+
+@torch.library.register_fake("fastres::residual_block_backward")
+def _residual_block_backward_fake(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps, y1, stats1, conv2_weight,
+                                  bn2_weight, y2, stats2, down_weight, bnd_weight, yd, statsd, stride, input_grad):
+    dx = _absent(x)
+    if input_grad:  # g has y2's layout; g1_masked is conv2's transposed output of it; dx conv1's of that
+        g1_masked = _empty_conv_output(y2, conv2_weight, 1, 1, dtype=x.dtype, transposed=True,
+                                       out_hw=tuple(y1.shape[2:]))
+        dx = _empty_conv_output(g1_masked, conv1_weight, stride, 1, dtype=x.dtype, transposed=True,
+                                out_hw=tuple(x.shape[2:]))
+    dwd, dgd, dbd = _absent(x), _absent(stats1), _absent(stats1)
+    if down_weight is not None:
+        dwd, dgd, dbd = torch.empty_like(down_weight), torch.empty_like(bnd_weight), torch.empty_like(bnd_weight)
+    return (dx, torch.empty_like(conv1_weight), torch.empty_like(bn1_weight), torch.empty_like(bn1_weight),
+            torch.empty_like(conv2_weight), torch.empty_like(bn2_weight), torch.empty_like(bn2_weight), dwd, dgd, dbd)
+
+
+class _ResidualBlockAutograd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *args):
+        if _is_plain_eager(args[0]):
+            outputs = residual_block(*args)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                outputs = torch.ops.fastres.residual_block(*args)
+        x, w1, g1, b1, eps1, w2, g2 = args[0], args[1], args[2], args[3], args[8], args[9], args[10]
+        wd, gd, stride = args[17], args[18], args[25]
+        _, y1, s1, y2, s2, yd, sd = outputs
+        ctx.save_for_backward(x, w1, g1, b1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd)
+        ctx.eps1, ctx.stride = eps1, stride
+        ctx.mark_non_differentiable(*outputs[1:])
+        ctx.set_materialize_grads(False)  # no zero tensors for the gradients of the saved activations
+        return outputs
+
+    @staticmethod
+    def backward(ctx, dout, *_saved_grads):
+        x, w1, g1, b1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd = ctx.saved_tensors
+        has_down = wd is not None
+        input_grad = ctx.needs_input_grad[0]
+        backward = residual_block_backward if _is_plain_eager(dout) else torch.ops.fastres.residual_block_backward
+        dx, dw1, dg1, db1, dw2, dg2, db2, dwd, dgd, dbd = backward(
+            dout, x, w1, g1, b1, ctx.eps1, y1, s1, w2, g2, y2, s2, wd, gd,
+            yd if has_down else None, sd if has_down else None, ctx.stride, input_grad)
+        if not has_down:
+            dwd = dgd = dbd = None
+        none4 = (None,) * 4  # running statistics, num_batches_tracked, momentum, eps
+        return ((dx if input_grad else None), dw1, dg1, db1, *none4, None, dw2, dg2, db2, *none4, None,
+                dwd, dgd, dbd, *none4, None, None)
+
+
+_lib.impl("residual_block", _ResidualBlockAutograd.apply, "Autograd")
+
+
+# ------------------------------------------------------------------ eval mode
+
+@_impl("conv_bn_eval")
+def conv_bn_eval(x, weight, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, stride, padding,
+                 residual, relu):
+    """Eval-mode ``conv2d -> BatchNorm2d (running statistics)`` [``+ residual``] [``-> ReLU``], one launch."""
+    affine = L.BatchNormArgs(bn_weight, bn_bias, bn_running_mean, bn_running_var, None, None, bn_eps)
+    out, _ = L.conv(x, weight, stride, padding, dtype=x.dtype, affine=affine, residual=residual, relu=relu)
+    return out
+
+
+@torch.library.register_fake("fastres::conv_bn_eval")
+def _conv_bn_eval_fake(x, weight, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_eps, stride, padding,
+                       residual, relu):
+    return _empty_conv_output(x, weight, stride, padding, dtype=x.dtype)

@@ -1,0 +1,179 @@
+"""fastres as PyTorch operators (``torch.ops.fastres.*``, ``fastres/ops.py``).
+
+* ``torch.library.opcheck`` on every op (schema and mutations, fake against real
+  outputs, autograd registration, AOT dispatch with dynamic shapes), contiguous
+  and channels_last, fp32 and bf16, training and eval;
+* ``torch.compile(fastres.resnet20(), fullgraph=True)``: one graph, no break,
+  and eager's outputs, gradients and running statistics;
+* ``torch.export.export`` of an eval-mode fastres model.
+
+On CPU the kernels run under the interpreter and the compiled graphs use the
+"aot_eager" backend (Inductor's CPU backend needs a C++ toolchain and minutes).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastres
+from fastres import functional as F
+from fastres import ops  # noqa: F401  (the ops are registered on import)
+
+from optim_cases import DEVICE
+
+CL = torch.channels_last
+BACKEND = "inductor" if DEVICE.type == "cuda" else "aot_eager"
+OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _bn(channels: int, gen: torch.Generator) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=gen)
+        bn.bias.uniform_(-0.5, 0.5, generator=gen)
+        bn.running_mean.uniform_(-0.5, 0.5, generator=gen)
+        bn.running_var.uniform_(0.5, 1.5, generator=gen)
+    return bn.to(DEVICE)
+
+
+def _input(shape, dtype, memory_format, gen):
+    x = torch.randn(shape, generator=gen).to(DEVICE, dtype).to(memory_format=memory_format)
+    return x.requires_grad_(True)
+
+
+def _bn_args(bn: nn.BatchNorm2d) -> tuple:
+    return F._bn_op_args(F._bn_config(bn, "test").args)
+
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args, test_utils=OPCHECK_TESTS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
+def test_opcheck_conv_bn_relu(dtype, memory_format):
+    gen = torch.Generator().manual_seed(1)
+    conv_weight = (0.3 * torch.randn(5, 3, 3, 3, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
+    bn = _bn(5, gen)
+    x = _input((2, 3, 5, 5), dtype, memory_format, gen)
+    _opcheck(torch.ops.fastres.conv_bn_relu.default, (x, conv_weight, *_bn_args(bn), 2, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
+@pytest.mark.parametrize("down", [False, True])
+def test_opcheck_residual_block(dtype, memory_format, down):
+    gen = torch.Generator().manual_seed(2)
+    cin, cout, stride = (3, 4, 2) if down else (4, 4, 1)
+    w1 = (0.3 * torch.randn(cout, cin, 3, 3, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
+    w2 = (0.3 * torch.randn(cout, cout, 3, 3, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
+    bn1, bn2 = _bn(cout, gen), _bn(cout, gen)
+    bn1.momentum = None  # the cumulative average: num_batches_tracked is read and written
+    if down:
+        wd = (0.3 * torch.randn(cout, cin, 3, 3, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
+        down_args = (wd, *_bn_args(_bn(cout, gen)))
+    else:
+        down_args = (None,) * 7 + (0.0,)
+    x = _input((2, cin, 5, 5), dtype, memory_format, gen)
+    _opcheck(torch.ops.fastres.residual_block.default, (x, w1, *_bn_args(bn1), w2, *_bn_args(bn2), *down_args, stride))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
+def test_opcheck_eval(dtype, memory_format):
+    gen = torch.Generator().manual_seed(3)
+    conv_weight = (0.3 * torch.randn(4, 4, 3, 3, generator=gen)).to(DEVICE, dtype)
+    bn = _bn(4, gen).eval()
+    x = _input((2, 4, 5, 5), dtype, memory_format, gen).detach()
+    residual = torch.randn(2, 4, 5, 5, generator=gen).to(DEVICE, dtype).to(memory_format=memory_format)
+    for res, relu in ((None, True), (residual, True), (None, False)):
+        _opcheck(torch.ops.fastres.conv_bn_eval.default,
+                 (x, conv_weight, bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var, bn.eps,
+                  1, 1, res, relu))
+
+
+def test_opcheck_backward_ops():
+    """The backward ops on their own: schema (nothing mutated), fake against real outputs."""
+    gen = torch.Generator().manual_seed(4)
+    model = fastres.nn.ResidualBlock(3, 4, stride=2, downsample=fastres.reference.nn.downsample(3, 4, 2))
+    model = model.to(DEVICE).to(memory_format=CL)
+    x = _input((2, 3, 5, 5), torch.float32, CL, gen).detach()
+    args = (x, model.conv1.weight, *_bn_args(model.bn1), model.conv2.weight, *_bn_args(model.bn2),
+            model.downsample[0].weight, *_bn_args(model.downsample[1]), 2)
+    with torch.no_grad():
+        out, y1, s1, y2, s2, yd, sd = torch.ops.fastres.residual_block(*args)
+    dout = torch.randn(out.shape, generator=gen).to(DEVICE)  # contiguous: autograd's grads need not be channels_last
+    for input_grad in (True, False):
+        bwd = (dout, x, model.conv1.weight.detach(), model.bn1.weight.detach(), model.bn1.bias.detach(), model.bn1.eps,
+               y1, s1, model.conv2.weight.detach(), model.bn2.weight.detach(), y2, s2,
+               model.downsample[0].weight.detach(), model.downsample[1].weight.detach(), yd, sd, 2, input_grad)
+        torch.library.opcheck(torch.ops.fastres.residual_block_backward.default, bwd,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def _small_resnet20(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = fastres.resnet20().to(DEVICE).to(memory_format=CL)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # non-trivial statistics and affine parameters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.2, 0.2, generator=gen)
+    return model
+
+
+def _train_step(model, x, y):
+    out = model(x)
+    loss = nn.functional.cross_entropy(out, y)
+    loss.backward()
+    return out
+
+
+@pytest.mark.slow
+def test_resnet20_compiles_fullgraph_with_eager_numbers():
+    """torch.compile(fullgraph=True) of the fastres ResNet-20: two training steps and an eval
+    forward give eager's outputs, every gradient and every buffer; dynamo sees one graph."""
+    eager = _small_resnet20(5)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, fullgraph=True, backend=BACKEND)
+    gen = torch.Generator().manual_seed(6)
+    for step in range(2):
+        x = torch.randn(3, 3, 6, 6, generator=gen).to(DEVICE).to(memory_format=CL)
+        y = torch.randint(0, 10, (3,), generator=gen).to(DEVICE)
+        out_eager = _train_step(eager, x, y)
+        out_compiled = _train_step(compiled, x, y)
+        torch.testing.assert_close(out_compiled, out_eager, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}.grad: {m}")
+    for (name, b), c in zip(eager.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    eager.eval()
+    twin.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dynamo_sees_one_graph_without_breaks():
+    model = _small_resnet20(7)
+    x = torch.randn(2, 3, 4, 4).to(DEVICE).to(memory_format=CL)
+    explanation = torch._dynamo.explain(model)(x)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    calls = {str(node.target) for g in explanation.graphs for node in g.graph.nodes if node.op == "call_function"}
+    assert {"fastres.conv_bn_relu", "fastres.residual_block"} <= calls, calls
+
+
+def test_export_of_an_eval_model():
+    """torch.export of an eval-mode model: the fused eval op in the graph (under no_grad; with grad
+    enabled eval-mode calls that need gradients take PyTorch's ops), eager's output."""
+    model = _small_resnet20(8).eval()
+    x = torch.randn(2, 3, 6, 6).to(DEVICE).to(memory_format=CL)
+    with torch.no_grad():
+        exported = torch.export.export(model, (x,))
+        targets = {str(node.target) for node in exported.graph.nodes}
+        assert "fastres.conv_bn_eval.default" in targets, targets
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
