@@ -177,3 +177,22 @@ def test_export_of_an_eval_model():
         targets = {str(node.target) for node in exported.graph.nodes}
         assert "fastres.conv_bn_eval.default" in targets, targets
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_compiled_optimizer_step_gives_the_eager_step(name):
+    """torch.compile(optimizer.step) does not break: it runs fastres's step (one launch) as it is."""
+    gen = torch.Generator().manual_seed(9)
+    params = [torch.randn(shape, generator=gen).to(DEVICE).requires_grad_(True) for shape in ((7,), (3, 5))]
+    twins = [p.detach().clone().requires_grad_(True) for p in params]
+    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1)
+    eager, compiled = (getattr(fastres.optim, name)(ps, **kwargs) for ps in (params, twins))
+    compiled_step = torch.compile(compiled.step, backend=BACKEND)
+    for _ in range(2):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+            q.grad = p.grad.clone()
+        eager.step()
+        compiled_step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)

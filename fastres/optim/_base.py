@@ -146,6 +146,9 @@ class FusedOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ step
 
+    # torch.compile(optimizer.step) runs the step as it is: it is one launch per bucket already, and
+    # dynamo would trace into the planning and Triton's launcher (on CPU, its interpreter) and fail.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         """Perform one optimization step (one kernel launch per bucket).
