@@ -34,7 +34,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from typing import Optional
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ._backend import KERNEL_DTYPES, uses_kernels
@@ -69,6 +72,32 @@ def _bn_config(bn: nn.BatchNorm2d, where: str) -> _BN:
                            buffers["num_batches_tracked"] if update else None,
                            None if bn.momentum is None else float(bn.momentum), float(bn.eps))
     return _BN(args, batch_stats, update)
+
+
+def _sync_group_name(bn: nn.SyncBatchNorm) -> Optional[str]:
+    """The process group an ``nn.SyncBatchNorm`` synchronises over now (None: it acts as BatchNorm2d,
+    as in eval mode or a group of one rank)."""
+    if not (bn.training and dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    return group.group_name if dist.get_world_size(group) > 1 else None
+
+
+def _bn_group(norms) -> tuple[bool, Optional[str]]:
+    """(fusable, process group name) of a fused op's BatchNorms: ``nn.BatchNorm2d``, or
+    ``nn.SyncBatchNorm`` (fused with its collectives when it synchronises). Other norms, or BatchNorms
+    that disagree on the group, take the PyTorch ops."""
+    names = set()
+    for bn in norms:
+        if type(bn) is nn.SyncBatchNorm:
+            names.add(_sync_group_name(bn))
+        elif type(bn) is nn.BatchNorm2d:
+            names.add(None)
+        else:
+            return False, None
+    if len(names) > 1:
+        return False, None
+    return True, names.pop()
 
 
 def _conv_config(conv: nn.Conv2d, in_channels: int, where: str) -> tuple[int, int]:
@@ -165,7 +194,8 @@ def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.
     x_in = x
     x, fused = _prepare(x, where)
     stride, padding = _conv_config(conv, x.shape[1], where)
-    if type(bn) is not nn.BatchNorm2d:  # e.g. SyncBatchNorm: its statistics span processes
+    fusable, bn_group = _bn_group((bn,))
+    if not fusable:
         return torch.relu(bn(conv(x_in)))
     bn_cfg = _bn_config(bn, where)
     _check_devices(where, x, conv, bn)
@@ -177,7 +207,7 @@ def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.
         return _eval_conv(x, conv._parameters["weight"], stride, padding, bn_cfg, relu=True)
     _check_batch(bn_cfg, torch.Size((x.shape[0], conv.out_channels, *out_hw)))
     out, _, _ = torch.ops.fastres.conv_bn_relu(x, conv._parameters["weight"], *_bn_op_args(bn_cfg.args),
-                                               stride, padding)
+                                               stride, padding, bn_group)
     return out
 
 
@@ -191,7 +221,8 @@ def residual_block(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
     conv1, bn1_module, conv2, bn2_module = children["conv1"], children["bn1"], children["conv2"], children["bn2"]
     down = children.get("downsample")
     norms = [bn1_module, bn2_module] + ([down[1]] if isinstance(down, nn.Sequential) and len(down) == 2 else [])
-    if any(type(bn) is not nn.BatchNorm2d for bn in norms):  # e.g. SyncBatchNorm: statistics span processes
+    fusable, bn_group = _bn_group(norms)
+    if not fusable:
         return _reference_block(block, x_in)
     if down is not None and not (isinstance(down, nn.Sequential) and len(down) == 2):
         raise ValueError(f"{where}: downsample must be nn.Sequential(conv, BatchNorm2d), got {down!r}")
@@ -228,7 +259,8 @@ def residual_block(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
     down_args = ((down[0]._parameters["weight"], *_bn_op_args(bnd.args)) if down is not None
                  else (None,) * 7 + (0.0,))
     out = torch.ops.fastres.residual_block(x, conv1._parameters["weight"], *_bn_op_args(bn1.args),
-                                           conv2._parameters["weight"], *_bn_op_args(bn2.args), *down_args, stride)
+                                           conv2._parameters["weight"], *_bn_op_args(bn2.args), *down_args, stride,
+                                           bn_group)
     return out[0]
 
 

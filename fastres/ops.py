@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from . import _sync_bn as S
 from .launchers import conv as L
 
 __all__ = ["conv_bn_relu", "conv_bn_relu_backward", "residual_block", "residual_block_backward", "conv_bn_eval"]
@@ -44,19 +45,19 @@ _BN_ARGS = "Tensor {p}weight, Tensor {p}bias, Tensor(a{i}!)? {p}running_mean, Te
            "Tensor(c{i}!)? {p}num_batches_tracked, float? {p}momentum, float {p}eps"
 
 _lib.define("conv_bn_relu(Tensor x, Tensor weight, " + _BN_ARGS.format(p="bn_", i="") +
-            ", int stride, int padding) -> (Tensor out, Tensor y, Tensor stats)")
+            ", int stride, int padding, str? bn_group=None) -> (Tensor out, Tensor y, Tensor stats)")
 _lib.define("conv_bn_relu_backward(Tensor dout, Tensor x, Tensor weight, Tensor bn_weight, Tensor y, Tensor stats, "
-            "int stride, int padding, bool input_grad) "
+            "int stride, int padding, bool input_grad, str? bn_group=None) "
             "-> (Tensor dx, Tensor dweight, Tensor dbn_weight, Tensor dbn_bias)")
 _lib.define("residual_block(Tensor x, Tensor conv1_weight, " + _BN_ARGS.format(p="bn1_", i="1") +
             ", Tensor conv2_weight, " + _BN_ARGS.format(p="bn2_", i="2") +
             ", Tensor? down_weight, Tensor? bnd_weight, Tensor? bnd_bias, Tensor(a3!)? bnd_running_mean, "
             "Tensor(b3!)? bnd_running_var, Tensor(c3!)? bnd_num_batches_tracked, float? bnd_momentum, float bnd_eps, "
-            "int stride) -> (Tensor out, Tensor y1, Tensor stats1, Tensor y2, Tensor stats2, Tensor yd, Tensor statsd)")
+            "int stride, str? bn_group=None) -> (Tensor out, Tensor y1, Tensor stats1, Tensor y2, Tensor stats2, Tensor yd, Tensor statsd)")
 _lib.define("residual_block_backward(Tensor dout, Tensor x, Tensor conv1_weight, Tensor bn1_weight, "
             "Tensor bn1_bias, float bn1_eps, Tensor y1, Tensor stats1, Tensor conv2_weight, Tensor bn2_weight, "
             "Tensor y2, Tensor stats2, Tensor? down_weight, Tensor? bnd_weight, Tensor? yd, Tensor? statsd, "
-            "int stride, bool input_grad) -> (Tensor dx, Tensor dconv1_weight, Tensor dbn1_weight, "
+            "int stride, bool input_grad, str? bn_group=None) -> (Tensor dx, Tensor dconv1_weight, Tensor dbn1_weight, "
             "Tensor dbn1_bias, Tensor dconv2_weight, Tensor dbn2_weight, Tensor dbn2_bias, Tensor ddown_weight, "
             "Tensor dbnd_weight, Tensor dbnd_bias)")
 _lib.define("conv_bn_eval(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor bn_running_mean, "
@@ -103,24 +104,29 @@ def _stats_like(y: torch.Tensor) -> torch.Tensor:
 
 @_impl("conv_bn_relu")
 def conv_bn_relu(x, weight, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked,
-                 bn_momentum, bn_eps, stride, padding):
-    """Training-mode ``relu(batch_norm(conv2d(x, weight)))``: (out, y, stats)."""
+                 bn_momentum, bn_eps, stride, padding, bn_group=None):
+    """Training-mode ``relu(batch_norm(conv2d(x, weight)))``: (out, y, stats). ``bn_group``: the name of
+    the process group a synchronised BatchNorm spans (``fastres._sync_bn``)."""
+    group = S.group_named(bn_group) if bn_group else None
     bn = L.BatchNormArgs(bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked,
                          bn_momentum, bn_eps)
-    y, stats = L.conv(x, weight, stride, padding, dtype=x.dtype, epilogue=L.EPI_STATS, bn=bn)
+    y, stats = L.conv(x, weight, stride, padding, dtype=x.dtype, epilogue=L.EPI_STATS, bn=S.local_args(bn, group))
+    stats = S.maybe_sync_stats(y, stats, bn, group)
     return L.bn_relu_apply(y, stats), y, stats
 
 
 @torch.library.register_fake("fastres::conv_bn_relu")
 def _conv_bn_relu_fake(x, weight, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked,
-                       bn_momentum, bn_eps, stride, padding):
+                       bn_momentum, bn_eps, stride, padding, bn_group=None):
     y = _empty_conv_output(x, weight, stride, padding, dtype=x.dtype)
     return torch.empty_like(y), y, _stats_like(y)
 
 
 @_impl("conv_bn_relu_backward")
-def conv_bn_relu_backward(dout, x, weight, bn_weight, y, stats, stride, padding, input_grad):
+def conv_bn_relu_backward(dout, x, weight, bn_weight, y, stats, stride, padding, input_grad, bn_group=None):
+    group = S.group_named(bn_group) if bn_group else None
     g, coefs, _ = L.bn_relu_backward(dout, y, stats, bn_weight)
+    coefs = S.maybe_sync_coefs(coefs, stats, bn_weight, y, group)
     dx = _absent(x)
     if input_grad:
         dx, _ = L.conv(g, weight, stride, padding, dtype=x.dtype, transposed=True, out_hw=tuple(x.shape[2:]),
@@ -130,7 +136,7 @@ def conv_bn_relu_backward(dout, x, weight, bn_weight, y, stats, stride, padding,
 
 
 @torch.library.register_fake("fastres::conv_bn_relu_backward")
-def _conv_bn_relu_backward_fake(dout, x, weight, bn_weight, y, stats, stride, padding, input_grad):
+def _conv_bn_relu_backward_fake(dout, x, weight, bn_weight, y, stats, stride, padding, input_grad, bn_group=None):
     dx = _absent(x)
     if input_grad:  # dx is conv's (transposed) output of g, which has y's layout
         dx = _empty_conv_output(y, weight, stride, padding, dtype=x.dtype, transposed=True,
@@ -141,9 +147,9 @@ def _conv_bn_relu_backward_fake(dout, x, weight, bn_weight, y, stats, stride, pa
 class _ConvBNReLUAutograd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps, stride, padding):
+                momentum, eps, stride, padding, bn_group=None):
         args = (x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                stride, padding)
+                stride, padding, bn_group)
         if _is_plain_eager(x):
             out, y, stats = conv_bn_relu(*args)
         else:
@@ -151,6 +157,7 @@ class _ConvBNReLUAutograd(torch.autograd.Function):
                 out, y, stats = torch.ops.fastres.conv_bn_relu(*args)
         ctx.save_for_backward(x, weight, bn_weight, y, stats)
         ctx.conv = (stride, padding)
+        ctx.bn_group = bn_group
         ctx.mark_non_differentiable(y, stats)
         ctx.set_materialize_grads(False)  # no zero tensors for the gradients of y and stats
         return out, y, stats
@@ -160,8 +167,9 @@ class _ConvBNReLUAutograd(torch.autograd.Function):
         x, weight, bn_weight, y, stats = ctx.saved_tensors
         input_grad = ctx.needs_input_grad[0]
         backward = conv_bn_relu_backward if _is_plain_eager(dout) else torch.ops.fastres.conv_bn_relu_backward
-        dx, dweight, dbn_weight, dbn_bias = backward(dout, x, weight, bn_weight, y, stats, *ctx.conv, input_grad)
-        return (dx if input_grad else None), dweight, dbn_weight, dbn_bias, None, None, None, None, None, None, None
+        dx, dweight, dbn_weight, dbn_bias = backward(dout, x, weight, bn_weight, y, stats, *ctx.conv, input_grad,
+                                                    ctx.bn_group)
+        return (dx if input_grad else None), dweight, dbn_weight, dbn_bias, *(None,) * 8
 
 
 _lib.impl("conv_bn_relu", _ConvBNReLUAutograd.apply, "Autograd")
@@ -173,7 +181,8 @@ _lib.impl("conv_bn_relu", _ConvBNReLUAutograd.apply, "Autograd")
 def residual_block(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var, bn1_num_batches_tracked,
                    bn1_momentum, bn1_eps, conv2_weight, bn2_weight, bn2_bias, bn2_running_mean, bn2_running_var,
                    bn2_num_batches_tracked, bn2_momentum, bn2_eps, down_weight, bnd_weight, bnd_bias,
-                   bnd_running_mean, bnd_running_var, bnd_num_batches_tracked, bnd_momentum, bnd_eps, stride):
+                   bnd_running_mean, bnd_running_var, bnd_num_batches_tracked, bnd_momentum, bnd_eps, stride,
+                   bn_group=None):
     """Training-mode ``relu(bn2(conv2(relu(bn1(conv1(x))))) + residual)``, ``residual`` ``x`` or
     ``bnd(down(x))``: (out, y1, stats1, y2, stats2, yd, statsd), the last two empty without a downsample."""
     dtype = x.dtype
@@ -181,19 +190,24 @@ def residual_block(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_
                           bn1_momentum, bn1_eps)
     bn2 = L.BatchNormArgs(bn2_weight, bn2_bias, bn2_running_mean, bn2_running_var, bn2_num_batches_tracked,
                           bn2_momentum, bn2_eps)
-    y1, s1 = L.conv(x, conv1_weight, stride, 1, dtype=dtype, epilogue=L.EPI_STATS, bn=bn1)
-    y2, s2 = L.conv(y1, conv2_weight, 1, 1, dtype=dtype, prologue=L.PRO_BN_RELU, pro=s1, epilogue=L.EPI_STATS, bn=bn2)
+    group = S.group_named(bn_group) if bn_group else None
+    y1, s1 = L.conv(x, conv1_weight, stride, 1, dtype=dtype, epilogue=L.EPI_STATS, bn=S.local_args(bn1, group))
+    s1 = S.maybe_sync_stats(y1, s1, bn1, group)
+    y2, s2 = L.conv(y1, conv2_weight, 1, 1, dtype=dtype, prologue=L.PRO_BN_RELU, pro=s1, epilogue=L.EPI_STATS,
+                    bn=S.local_args(bn2, group))
+    s2 = S.maybe_sync_stats(y2, s2, bn2, group)
     if down_weight is None:
         return L.bn_relu_apply(y2, s2, x), y1, s1, y2, s2, _absent(x), _absent(s1)
     bnd = L.BatchNormArgs(bnd_weight, bnd_bias, bnd_running_mean, bnd_running_var, bnd_num_batches_tracked,
                           bnd_momentum, bnd_eps)
-    yd, sd = L.conv(x, down_weight, stride, 1, dtype=dtype, epilogue=L.EPI_STATS, bn=bnd)
+    yd, sd = L.conv(x, down_weight, stride, 1, dtype=dtype, epilogue=L.EPI_STATS, bn=S.local_args(bnd, group))
+    sd = S.maybe_sync_stats(yd, sd, bnd, group)
     return L.bn_relu_apply(y2, s2, yd, sd), y1, s1, y2, s2, yd, sd
 
 
 @torch.library.register_fake("fastres::residual_block")
 def _residual_block_fake(x, conv1_weight, *args):
-    conv2_weight, down_weight, stride = args[7], args[15], args[-1]
+    conv2_weight, down_weight, stride = args[7], args[15], args[23]
     y1 = _empty_conv_output(x, conv1_weight, stride, 1, dtype=x.dtype)
     y2 = _empty_conv_output(y1, conv2_weight, 1, 1, dtype=x.dtype)
     s1, s2 = _stats_like(y1), _stats_like(y2)
@@ -207,18 +221,23 @@ def _residual_block_fake(x, conv1_weight, *args):
 
 @_impl("residual_block_backward")
 def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps, y1, stats1, conv2_weight,
-                            bn2_weight, y2, stats2, down_weight, bnd_weight, yd, statsd, stride, input_grad):
+                            bn2_weight, y2, stats2, down_weight, bnd_weight, yd, statsd, stride, input_grad,
+                            bn_group=None):
     dtype = x.dtype
+    group = S.group_named(bn_group) if bn_group else None
     has_down = down_weight is not None
     if has_down:
         g, coefs2, coefs_d = L.bn_relu_backward(dout, y2, stats2, bn2_weight, yd, statsd, bnd_weight)
+        coefs_d = S.maybe_sync_coefs(coefs_d, statsd, bnd_weight, yd, group)
     else:
         g, coefs2, _ = L.bn_relu_backward(dout, y2, stats2, bn2_weight, x)
+    coefs2 = S.maybe_sync_coefs(coefs2, stats2, bn2_weight, y2, group)
     # dL/d(y1) through conv2: BN2 backward on load, ReLU1 mask and BN1's backward in the epilogue.
     bn1 = L.BatchNormArgs(bn1_weight, bn1_bias, None, None, None, None, bn1_eps)
     g1_masked, coefs1 = L.conv(g, conv2_weight, 1, 1, dtype=dtype, transposed=True, out_hw=tuple(y1.shape[2:]),
                                prologue=L.PRO_BN_GRAD, a2=y2, pro=coefs2.packed, epilogue=L.EPI_RELU_GRAD,
                                ey=y1, bn=bn1, stats=stats1)
+    coefs1 = S.maybe_sync_coefs(coefs1, stats1, bn1_weight, y1, group)
     dw2 = L.conv_wgrad(g, y1, conv2_weight, 1, 1, dy2=y2, dy_pro=coefs2.packed, x_pro=stats1)
     dwd, dgd, dbd = _absent(x), _absent(stats1), _absent(stats1)
     residual_grad = g
@@ -239,7 +258,8 @@ def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps
 
 @torch.library.register_fake("fastres::residual_block_backward")
 def _residual_block_backward_fake(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps, y1, stats1, conv2_weight,
-                                  bn2_weight, y2, stats2, down_weight, bnd_weight, yd, statsd, stride, input_grad):
+                                  bn2_weight, y2, stats2, down_weight, bnd_weight, yd, statsd, stride, input_grad,
+                                  bn_group=None):
     dx = _absent(x)
     if input_grad:  # g has y2's layout; g1_masked is conv2's transposed output of it; dx conv1's of that
         g1_masked = _empty_conv_output(y2, conv2_weight, 1, 1, dtype=x.dtype, transposed=True,
@@ -263,6 +283,7 @@ class _ResidualBlockAutograd(torch.autograd.Function):
                 outputs = torch.ops.fastres.residual_block(*args)
         x, w1, g1, b1, eps1, w2, g2 = args[0], args[1], args[2], args[3], args[8], args[9], args[10]
         wd, gd, stride = args[17], args[18], args[25]
+        ctx.bn_group = args[26] if len(args) > 26 else None
         _, y1, s1, y2, s2, yd, sd = outputs
         ctx.save_for_backward(x, w1, g1, b1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd)
         ctx.eps1, ctx.stride = eps1, stride
@@ -278,12 +299,12 @@ class _ResidualBlockAutograd(torch.autograd.Function):
         backward = residual_block_backward if _is_plain_eager(dout) else torch.ops.fastres.residual_block_backward
         dx, dw1, dg1, db1, dw2, dg2, db2, dwd, dgd, dbd = backward(
             dout, x, w1, g1, b1, ctx.eps1, y1, s1, w2, g2, y2, s2, wd, gd,
-            yd if has_down else None, sd if has_down else None, ctx.stride, input_grad)
+            yd if has_down else None, sd if has_down else None, ctx.stride, input_grad, ctx.bn_group)
         if not has_down:
             dwd = dgd = dbd = None
         none4 = (None,) * 4  # running statistics, num_batches_tracked, momentum, eps
         return ((dx if input_grad else None), dw1, dg1, db1, *none4, None, dw2, dg2, db2, *none4, None,
-                dwd, dgd, dbd, *none4, None, None)
+                dwd, dgd, dbd, *none4, None, None, None)[:len(ctx.needs_input_grad)]
 
 
 _lib.impl("residual_block", _ResidualBlockAutograd.apply, "Autograd")

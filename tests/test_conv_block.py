@@ -316,16 +316,6 @@ def test_mixed_devices():
         stem(torch.randn(2, 3, 8, 8, device=DEVICE))
 
 
-def test_sync_batchnorm_takes_the_pytorch_ops():
-    """convert_sync_batchnorm keeps state_dict keys; the fused block then runs the plain ops (no kernels)."""
-    block = torch.nn.SyncBatchNorm.convert_sync_batchnorm(fastres.nn.ResidualBlock(8, 8).to(DEVICE))
-    assert type(block) is fastres.nn.ResidualBlock and isinstance(block.bn1, torch.nn.SyncBatchNorm)
-    block.eval()  # SyncBatchNorm needs a process group only in training
-    with count_launches() as launches:
-        block(torch.randn(2, 8, 8, 8, device=DEVICE))
-    assert sum(launches.values()) == 0
-
-
 def test_identity_block_needs_matching_shapes():
     with pytest.raises(ValueError, match="identity residual needs stride 1"):
         fastres.nn.ResidualBlock(8, 16)
