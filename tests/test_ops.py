@@ -63,9 +63,9 @@ def test_opcheck_conv_bn_relu(dtype, memory_format):
     _opcheck(torch.ops.fastres.conv_bn_relu.default, (x, conv_weight, *_bn_args(bn), 2, 1))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
-@pytest.mark.parametrize("down", [False, True])
+@pytest.mark.parametrize("dtype, memory_format, down", [
+    (torch.float32, torch.contiguous_format, False), (torch.float32, CL, True),
+    (torch.bfloat16, torch.contiguous_format, True), (torch.bfloat16, CL, False)])
 def test_opcheck_residual_block(dtype, memory_format, down):
     gen = torch.Generator().manual_seed(2)
     cin, cout, stride = (3, 4, 2) if down else (4, 4, 1)
