@@ -26,6 +26,20 @@ import pytest  # noqa: E402
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+EXAMPLE_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_cifar.py")
+
+
+@pytest.fixture(scope="module")
+def train_cifar():
+    """``examples/train_cifar.py`` imported as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_cifar_example", EXAMPLE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def device() -> torch.device:
     """The device whose tensors take the Triton kernels in this session."""

@@ -2,21 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_cifar.py"
-
-
-@pytest.fixture(scope="module")
-def train_cifar():
-    spec = importlib.util.spec_from_file_location("train_cifar_config", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _resolve(train_cifar, argv, device="cuda", world_size=1):

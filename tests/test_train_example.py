@@ -35,14 +35,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def train_cifar():
-    spec = importlib.util.spec_from_file_location("train_cifar_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _args(tmp_path: Path, *extra: str) -> list[str]:
     # --data points at an empty folder: the synthetic stand-in, whatever ./data holds.
     return [*TINY, "--data", str(tmp_path / "no-cifar"), *extra]
