@@ -506,8 +506,10 @@ class Runner:
             return
         interrupted = False
         with open(self.out / "tests.log", "w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=self.env,
-                                    start_new_session=True)
+            # PYTHONSAFEPATH: `python -m pytest` would put the checkout first on sys.path, and its fastres has
+            # no fastres.kernels (the wheel maps kernels/ there): the installed package must be the one tested.
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                    env=dict(self.env, PYTHONSAFEPATH="1"), start_new_session=True)
             try:
                 rc = proc.wait(timeout=max(0.5, deadline - interrupt_s - time.time()))
             except subprocess.TimeoutExpired:

@@ -9,14 +9,16 @@ A reduction across programs (BatchNorm's statistics, a weight gradient's
 splits) is finished in the same launch by the last program to arrive::
 
     forward   conv1 (+ BN1 statistics and running statistics)
+                [+ the downsample conv and its BN's, in the same launch: x read once]
               conv2 (BN1 + ReLU applied as its operand loads; + BN2 statistics)
-              [downsample conv (+ its BN's statistics)]
-              tail: relu(BN2(y2) + residual)                    3 launches (4 with downsample)
+              tail: relu(BN2(y2) + residual)                    3 launches
     backward  tail: g = dout * relu', BN2's (and BNd's) backward coefficients and parameter grads
               conv2 data grad (BN2 backward in its operand loads; ReLU1 mask and BN1's backward in its epilogue)
               conv2 weight grad (BN2 backward and BN1 + ReLU recomputed in its operand loads)
-              conv1 data grad (+ residual grad in its epilogue); conv1 weight grad
-                                                                5 launches (7 with downsample)
+              [downsample weight grad]
+              conv1 data grad (+ the residual's grad in its epilogue, or the downsample's data grad
+                summed in the same launch); conv1 weight grad
+                                                                5 launches (6 with downsample)
 
 Saved for backward: the block input, the raw conv outputs y1, y2 (and the
 downsample's) and per-channel vectors; the normalised activations and the

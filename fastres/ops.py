@@ -191,17 +191,28 @@ def residual_block(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_
     bn2 = L.BatchNormArgs(bn2_weight, bn2_bias, bn2_running_mean, bn2_running_var, bn2_num_batches_tracked,
                           bn2_momentum, bn2_eps)
     group = S.group_named(bn_group) if bn_group else None
-    y1, s1 = L.conv(x, conv1_weight, stride, 1, dtype=dtype, epilogue=L.EPI_STATS, bn=S.local_args(bn1, group))
+    bnd = None
+    if down_weight is not None:
+        bnd = L.BatchNormArgs(bnd_weight, bnd_bias, bnd_running_mean, bnd_running_var, bnd_num_batches_tracked,
+                              bnd_momentum, bnd_eps)
+    if (bnd is not None and L.pair_bn_flags_match(S.local_args(bn1, group), S.local_args(bnd, group))
+            and down_weight.stride() == conv1_weight.stride() and down_weight.dtype == conv1_weight.dtype):
+        # conv1 and the projection read x once, in one launch.
+        y1, s1, yd, sd = L.conv_pair(x, conv1_weight, down_weight, stride, 1, dtype=dtype,
+                                     bn=S.local_args(bn1, group), bn2=S.local_args(bnd, group))
+        sd = S.maybe_sync_stats(yd, sd, bnd, group)
+    else:
+        y1, s1 = L.conv(x, conv1_weight, stride, 1, dtype=dtype, epilogue=L.EPI_STATS, bn=S.local_args(bn1, group))
+        if bnd is not None:
+            yd, sd = L.conv(x, down_weight, stride, 1, dtype=dtype, epilogue=L.EPI_STATS,
+                            bn=S.local_args(bnd, group))
+            sd = S.maybe_sync_stats(yd, sd, bnd, group)
     s1 = S.maybe_sync_stats(y1, s1, bn1, group)
     y2, s2 = L.conv(y1, conv2_weight, 1, 1, dtype=dtype, prologue=L.PRO_BN_RELU, pro=s1, epilogue=L.EPI_STATS,
                     bn=S.local_args(bn2, group))
     s2 = S.maybe_sync_stats(y2, s2, bn2, group)
     if down_weight is None:
         return L.bn_relu_apply(y2, s2, x), y1, s1, y2, s2, _absent(x), _absent(s1)
-    bnd = L.BatchNormArgs(bnd_weight, bnd_bias, bnd_running_mean, bnd_running_var, bnd_num_batches_tracked,
-                          bnd_momentum, bnd_eps)
-    yd, sd = L.conv(x, down_weight, stride, 1, dtype=dtype, epilogue=L.EPI_STATS, bn=S.local_args(bnd, group))
-    sd = S.maybe_sync_stats(yd, sd, bnd, group)
     return L.bn_relu_apply(y2, s2, yd, sd), y1, s1, y2, s2, yd, sd
 
 
@@ -240,16 +251,20 @@ def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps
     coefs1 = S.maybe_sync_coefs(coefs1, stats1, bn1_weight, y1, group)
     dw2 = L.conv_wgrad(g, y1, conv2_weight, 1, 1, dy2=y2, dy_pro=coefs2.packed, x_pro=stats1)
     dwd, dgd, dbd = _absent(x), _absent(stats1), _absent(stats1)
-    residual_grad = g
     if has_down:
         dwd = L.conv_wgrad(g, x, down_weight, stride, 1, dy2=yd, dy_pro=coefs_d.packed)
         dgd, dbd = coefs_d.dweight, coefs_d.dbias
-        residual_grad = None
-        if input_grad:
+    dx = _absent(x)
+    if input_grad and has_down and L.same_layout(g, g1_masked) and L.same_layout(yd, g1_masked):
+        # Both data gradients in one launch: conv1's and the projection's.
+        dx, _ = L.conv(g1_masked, conv1_weight, stride, 1, dtype=dtype, transposed=True, out_hw=tuple(x.shape[2:]),
+                       prologue=L.PRO_BN_GRAD, a2=y1, pro=coefs1.packed,
+                       b=g, b2=yd, pro_b=coefs_d.packed, weight_b=down_weight)
+    elif input_grad:
+        residual_grad = g
+        if has_down:
             residual_grad, _ = L.conv(g, down_weight, stride, 1, dtype=dtype, transposed=True,
                                       out_hw=tuple(x.shape[2:]), prologue=L.PRO_BN_GRAD, a2=yd, pro=coefs_d.packed)
-    dx = _absent(x)
-    if input_grad:
         dx, _ = L.conv(g1_masked, conv1_weight, stride, 1, dtype=dtype, transposed=True, out_hw=tuple(x.shape[2:]),
                        prologue=L.PRO_BN_GRAD, a2=y1, pro=coefs1.packed, residual=residual_grad)
     dw1 = L.conv_wgrad(g1_masked, x, conv1_weight, stride, 1, dy2=y1, dy_pro=coefs1.packed)

@@ -39,6 +39,11 @@ EPI_NONE = 0
 EPI_STATS = 1  # per-tile mean and M2 of the output, per channel
 EPI_RELU_GRAD = 2  # out = acc * (y * scale + shift > 0); per-tile sum(out), sum(out * (y - mean) * invstd)
 
+# Paired convolutions in one launch of ``_conv_kernel`` (a downsampling block's conv1 and projection).
+PAIR_NONE = 0
+PAIR_OUTPUTS = 1  # one operand, two weights and BatchNorms, two outputs: the second half of axis 1 is the second
+PAIR_OPERANDS = 2  # out = conv(A', W) + conv(B', W2): two operands with their prologues summed into one output
+
 # Residual modes of the elementwise kernels.
 RES_NONE = 0
 RES_TENSOR = 1  # + r
@@ -229,20 +234,66 @@ def _bn_backward_finalize(part_g_ptr, part_gx_ptr, weight_ptr, stats_ptr, coef_p
 
 
 @triton.jit
+def _accumulate_taps(acc, a_ptr, a2_ptr, pro_ptr, w_ptr, n, hb, wb, row_mask, offs_k, offs_o, o_mask,
+                     HA, WA, CA, k_tiles, taps_r, taps_s, r0, s0, sa_n, sa_c, sa_h, sa_w, sw_o, sw_a, sw_r, sw_s,
+                     STRIDE: tl.constexpr, TRANSPOSED: tl.constexpr, PROLOGUE: tl.constexpr, COMPUTE: tl.constexpr,
+                     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += the implicit GEMM of operand A' (``a`` through the prologue) with W over every tap and
+    channel tile: step (i, j) of the tap loop is tap (r0 + i, s0 + j) reading source pixel (hb + i, wb + j);
+    transposed, tap (r0 + STRIDE * i, s0 + STRIDE * j) reading (hb - i, wb - j)."""
+    # Index math hoisted out of the loop: per step only scalars change (the tap's offset and bounds).
+    a_base = n * sa_n + hb * sa_h + wb * sa_w
+    w_base = offs_k[:, None] * sw_a + offs_o[None, :] * sw_o + r0 * sw_r + s0 * sw_s
+    # One flat loop over (tap, channel tile), so that loads of the next step are pipelined across taps.
+    for step in range(0, taps_r * taps_s * k_tiles):
+        tap = step // k_tiles
+        k0 = (step - tap * k_tiles) * BLOCK_K
+        i = tap // taps_s
+        j = tap - i * taps_s
+        if TRANSPOSED:
+            di = -i
+            dj = -j
+            dr = STRIDE * i
+            ds = STRIDE * j
+        else:
+            di = i
+            dj = j
+            dr = i
+            ds = j
+        valid = row_mask & (hb >= -di) & (hb < HA - di) & (wb >= -dj) & (wb < WA - dj)
+        offs_a = k0 + offs_k
+        a_mask_c = offs_a < CA
+        a_mask = valid[:, None] & a_mask_c[None, :]
+        a_offs = (a_base + (di * sa_h + dj * sa_w))[:, None] + offs_a[None, :] * sa_c
+        a = _prologue(a_ptr + a_offs, a2_ptr + a_offs, a_mask, offs_a[None, :], a_mask_c[None, :],
+                      pro_ptr, CA, PROLOGUE)
+        w_mask = a_mask_c[:, None] & o_mask[None, :]
+        w_offs = w_base + (k0 * sw_a + dr * sw_r + ds * sw_s)
+        w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)
+        w = _dot_operand(w.to(tl.float32), COMPUTE, UPCAST_DOT)
+        acc = tl.dot(_dot_operand(a, COMPUTE, UPCAST_DOT), w, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _conv_kernel(
     a_ptr, a2_ptr, w_ptr, out_ptr, res_ptr, ey_ptr, pro_ptr,
     bn_weight_ptr, bn_bias_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr,
     stats_ptr, coef_ptr, dweight_ptr, dbias_ptr, part_ptr, counter_ptr,
+    w2_ptr, out2_ptr, b_ptr, b2_ptr, pro_b_ptr,
+    bn2_weight_ptr, bn2_bias_ptr, running_mean2_ptr, running_var2_ptr, num_batches2_ptr, stats2_ptr,
     HA, WA, CA, HO, WO, CO, M,
     sa_n, sa_c, sa_h, sa_w,
     so_n, so_c, so_h, so_w,
     sr_n, sr_c, sr_h, sr_w,
     sw_o, sw_a, sw_r, sw_s,
-    momentum, eps,
+    sb_n, sb_c, sb_h, sb_w,
+    sw2_o, sw2_a, sw2_r, sw2_s,
+    momentum, eps, momentum2, eps2,
     R: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr,
     PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr,
     HAS_AFFINE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    TRACK: tl.constexpr, CUMULATIVE: tl.constexpr,
+    TRACK: tl.constexpr, CUMULATIVE: tl.constexpr, PAIR: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -264,15 +315,42 @@ def _conv_kernel(
       coefficients (``coef``) and parameter gradients.
     * ``HAS_AFFINE``: eval-mode BatchNorm folded in, its scale and shift
       computed here from the running statistics.
+
+    Pairs (a downsampling block's conv1 and projection conv, which read the same x):
+
+    * ``PAIR_OUTPUTS``: axis 1 is twice the output's channel tiles; the second
+      half convolves A with ``w2`` (``w``'s shape and strides) into ``out2``
+      through BN ``bn2_*`` (stats ``stats2``, partials and counters past the
+      first half's).
+    * ``PAIR_OPERANDS``: out = conv(A', W) + conv(B', W2), B (``b``, BN input
+      ``b2``, prologue rows ``pro_b``) with A's shape, its strides ``sb_*``.
     """
     COMPUTE: tl.constexpr = out_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    n_cols = tl.num_programs(1)
+    n_tiles = tl.num_programs(0)
+    if PAIR == 1:
+        # Pointers are selected per program: both halves run the same code.
+        n_cols = tl.cdiv(CO, BLOCK_N)
+        second = pid_n >= n_cols
+        pid_n = pid_n - second.to(tl.int32) * n_cols
+        w_ptr = tl.where(second, w2_ptr, w_ptr)  # the launcher checked that w2 has w's strides
+        out_ptr = tl.where(second, out2_ptr, out_ptr)
+        bn_weight_ptr = tl.where(second, bn2_weight_ptr, bn_weight_ptr)
+        bn_bias_ptr = tl.where(second, bn2_bias_ptr, bn_bias_ptr)
+        running_mean_ptr = tl.where(second, running_mean2_ptr, running_mean_ptr)
+        running_var_ptr = tl.where(second, running_var2_ptr, running_var_ptr)
+        num_batches_ptr = tl.where(second, num_batches2_ptr, num_batches_ptr)
+        stats_ptr = tl.where(second, stats2_ptr, stats_ptr)
+        momentum = tl.where(second, momentum2, momentum)
+        eps = tl.where(second, eps2, eps)
+        part_ptr += second.to(tl.int64) * 2 * n_tiles.to(tl.int64) * CO
+        counter_ptr += second.to(tl.int32) * (n_cols + 1)
     offs_o = _index(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), IDX64)
     o_mask = offs_o < CO
     offs_k = _index(tl.arange(0, BLOCK_K), IDX64)
-    # Step (i, j) of the tap loop is tap (r0 + i, s0 + j) reading source pixel (hb + i, wb + j); transposed,
-    # tap (r0 + STRIDE * i, s0 + STRIDE * j) reading (hb - i, wb - j).
+    # The taps each row reads start at source pixel (hb, wb) (see _accumulate_taps).
     if TRANSPOSED:
         # dX[h] = sum over r of dY[(h + PAD - r) / STRIDE] W[r], where the division is exact. With
         # STRIDE > 1 the rows are split by output phase (h % STRIDE, w % STRIDE): each phase takes only the
@@ -305,40 +383,17 @@ def _conv_kernel(
         wb = wo * STRIDE - PAD
         taps_r = R
         taps_s = S
-    # Index math hoisted out of the loop: per step only scalars change (the tap's offset and bounds).
-    a_base = n * sa_n + hb * sa_h + wb * sa_w
-    w_base = offs_k[:, None] * sw_a + offs_o[None, :] * sw_o + r0 * sw_r + s0 * sw_s
     k_tiles = tl.cdiv(CA, BLOCK_K)
-
-    # One flat loop over (tap, channel tile), so that loads of the next step are pipelined across taps.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(0, taps_r * taps_s * k_tiles):
-        tap = step // k_tiles
-        k0 = (step - tap * k_tiles) * BLOCK_K
-        i = tap // taps_s
-        j = tap - i * taps_s
-        if TRANSPOSED:
-            di = -i
-            dj = -j
-            dr = STRIDE * i
-            ds = STRIDE * j
-        else:
-            di = i
-            dj = j
-            dr = i
-            ds = j
-        valid = row_mask & (hb >= -di) & (hb < HA - di) & (wb >= -dj) & (wb < WA - dj)
-        offs_a = k0 + offs_k
-        a_mask_c = offs_a < CA
-        a_mask = valid[:, None] & a_mask_c[None, :]
-        a_offs = (a_base + (di * sa_h + dj * sa_w))[:, None] + offs_a[None, :] * sa_c
-        a = _prologue(a_ptr + a_offs, a2_ptr + a_offs, a_mask, offs_a[None, :], a_mask_c[None, :],
-                      pro_ptr, CA, PROLOGUE)
-        w_mask = a_mask_c[:, None] & o_mask[None, :]
-        w_offs = w_base + (k0 * sw_a + dr * sw_r + ds * sw_s)
-        w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)
-        w = _dot_operand(w.to(tl.float32), COMPUTE, UPCAST_DOT)
-        acc = tl.dot(_dot_operand(a, COMPUTE, UPCAST_DOT), w, acc, input_precision=DOT_PRECISION)
+    acc = _accumulate_taps(acc, a_ptr, a2_ptr, pro_ptr, w_ptr, n, hb, wb, row_mask, offs_k, offs_o, o_mask,
+                           HA, WA, CA, k_tiles, taps_r, taps_s, r0, s0, sa_n, sa_c, sa_h, sa_w,
+                           sw_o, sw_a, sw_r, sw_s, STRIDE, TRANSPOSED, PROLOGUE, COMPUTE, UPCAST_DOT, DOT_PRECISION,
+                           BLOCK_K)
+    if PAIR == 2:
+        acc = _accumulate_taps(acc, b_ptr, b2_ptr, pro_b_ptr, w2_ptr, n, hb, wb, row_mask, offs_k, offs_o, o_mask,
+                               HA, WA, CA, k_tiles, taps_r, taps_s, r0, s0, sb_n, sb_c, sb_h, sb_w,
+                               sw2_o, sw2_a, sw2_r, sw2_s, STRIDE, TRANSPOSED, PROLOGUE, COMPUTE, UPCAST_DOT,
+                               DOT_PRECISION, BLOCK_K)
 
     mask = row_mask[:, None] & o_mask[None, :]
     out_offs = (n * so_n + ho * so_h + wo * so_w)[:, None] + offs_o[None, :] * so_c
@@ -353,7 +408,6 @@ def _conv_kernel(
         acc += tl.load(res_ptr + res_offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    n_tiles = tl.num_programs(0)
     part0_ptr = part_ptr + pid_m.to(tl.int64) * CO + offs_o
     part1_ptr = part0_ptr + n_tiles.to(tl.int64) * CO
     if EPILOGUE == 1:
@@ -374,7 +428,7 @@ def _conv_kernel(
     tl.store(out_ptr + out_offs, to_storage(acc, COMPUTE), mask=mask)
     if EPILOGUE == 1:
         _bn_forward_finalize_last(part_ptr, counter_ptr, stats_ptr, bn_weight_ptr, bn_bias_ptr, running_mean_ptr,
-                                  running_var_ptr, num_batches_ptr, offs_o, o_mask, pid_n, tl.num_programs(1),
+                                  running_var_ptr, num_batches_ptr, offs_o, o_mask, pid_n, n_cols,
                                   n_tiles, M, CO, momentum, eps, BLOCK_M, TRACK, CUMULATIVE, BLOCK_T)
     elif EPILOGUE == 2:
         if _arrived_last(counter_ptr + pid_n, n_tiles):
@@ -597,7 +651,7 @@ def _bn_relu_backward_kernel(
 
 
 # Called from the kernels above; compiled as part of them.
-DEVICE_FUNCTIONS = ("_dot_operand", "_pixel_coords", "_index", "_prologue", "_rows", "_offsets", "_stats_row",
+DEVICE_FUNCTIONS = ("_accumulate_taps", "_dot_operand", "_pixel_coords", "_index", "_prologue", "_rows", "_offsets", "_stats_row",
                     "_tail_pre_activation", "_arrived_last", "_bn_forward_finalize", "_bn_forward_finalize_last",
                     "_bn_backward_finalize")
 

@@ -178,7 +178,8 @@ def describe(name: str, spec: dict[str, Any]) -> str:
     c = spec["constexprs"]
     if name == "_conv_kernel":
         kind = "dgrad" if c["TRANSPOSED"] else ("eval" if c["HAS_AFFINE"] else "fwd")
-        flags = "".join(["+res" if c["HAS_RESIDUAL"] else "", "+relu" if c["RELU"] else "",
+        flags = "".join([{0: "", 1: " pair-out", 2: " pair-in"}[c.get("PAIR", 0)],
+                         "+res" if c["HAS_RESIDUAL"] else "", "+relu" if c["RELU"] else "",
                          "" if c["EPILOGUE"] != 1 or c["TRACK"] else " norun",
                          " cumul" if c["EPILOGUE"] == 1 and c["CUMULATIVE"] else ""])
         dot = " tf32" if c["DOT_PRECISION"] == "tf32" else ""

@@ -14,14 +14,16 @@ from fastres.testing import stub_launches
 from fastres.testing import traffic as T
 
 # Measured today (batch 512, 3x32x32, channels_last, fp32; `python -m
-# fastres.testing.traffic`): 83 Triton launches + 15 aten ops = 98 kernels,
-# 5.142 GB against eager's 7.266 GB (0.708x). (Before BatchNorm's finalizes and
+# fastres.testing.traffic`): 79 Triton launches + 15 aten ops = 94 kernels,
+# 4.991 GB against eager's 7.266 GB (0.687x); a downsampling block's conv1 and
+# projection share their forward and data-gradient launches. (83 + 15 and
+# 0.708x before that; before BatchNorm's finalizes and
 # the split sums moved into the producing launches and weight grads were
 # written in the parameters' memory format: 146 + 39 = 185, 0.707x.) Lower
 # these as the launch structure improves; the issue's goals are 110 kernels and 0.6x.
-MAX_TRITON_LAUNCHES = 83
-MAX_KERNELS_PER_STEP = 98  # Triton launches + the aten ops around them (pooling, classifier, loss, optimizer table upload)
-MAX_TRAFFIC_RATIO = 0.712  # fastres bytes / eager bytes, whole step
+MAX_TRITON_LAUNCHES = 79
+MAX_KERNELS_PER_STEP = 94  # Triton launches + the aten ops around them (pooling, classifier, loss, optimizer table upload)
+MAX_TRAFFIC_RATIO = 0.690  # fastres bytes / eager bytes, whole step
 
 needs_interpreter = pytest.mark.skipif(not _backend.INTERPRET, reason="learning roles needs Triton's interpreter")
 CL = torch.channels_last

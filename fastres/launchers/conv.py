@@ -27,6 +27,7 @@ from .core import launch
 PRO_NONE, PRO_BN_RELU, PRO_BN_GRAD = kernels.PRO_NONE, kernels.PRO_BN_RELU, kernels.PRO_BN_GRAD
 EPI_NONE, EPI_STATS, EPI_RELU_GRAD = kernels.EPI_NONE, kernels.EPI_STATS, kernels.EPI_RELU_GRAD
 RES_NONE, RES_TENSOR, RES_BN = kernels.RES_NONE, kernels.RES_TENSOR, kernels.RES_BN
+PAIR_NONE, PAIR_OUTPUTS, PAIR_OPERANDS = kernels.PAIR_NONE, kernels.PAIR_OUTPUTS, kernels.PAIR_OPERANDS
 
 CONV_BLOCK_M = 64
 WGRAD_BLOCK_P = 32  # rows per step: with the BN-grad prologue on dY, 64 needs ~200 registers on sm_90 (16-bit)
@@ -70,12 +71,17 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def check_same_layout(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
-    """Kernels address ``t`` with ``like``'s strides: they must agree wherever a
-    dimension has more than one element (a size-1 dimension's stride is never used)."""
+def same_layout(t: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether kernels can address ``t`` with ``like``'s strides: same shape, and the strides agree
+    wherever a dimension has more than one element (a size-1 dimension's stride is never used)."""
     if t.stride() == like.stride() and t.shape == like.shape:  # the usual case, cheaply
-        return
-    if t.shape != like.shape or any(a != b for a, b, n in zip(t.stride(), like.stride(), t.shape) if n > 1):
+        return True
+    return t.shape == like.shape and all(a == b for a, b, n in zip(t.stride(), like.stride(), t.shape) if n > 1)
+
+
+def check_same_layout(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    """Kernels address ``t`` with ``like``'s strides: a clear error unless :func:`same_layout`."""
+    if not same_layout(t, like):
         raise ValueError(f"{name} has shape {tuple(t.shape)} and strides {t.stride()}, "
                          f"expected {tuple(like.shape)} with strides {like.stride()}")
 
@@ -223,7 +229,8 @@ class _ConvPlan(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def _plan_conv(a_shape, a_stride, w_shape, w_stride, stride, padding, transposed, out_hw, dtype, device_type,
-               tf32, prologue, epilogue, has_affine, has_residual, relu, track, cumulative) -> _ConvPlan:
+               tf32, prologue, epilogue, has_affine, has_residual, relu, track, cumulative,
+               pair=PAIR_NONE, b_stride=None, w2_stride=None) -> _ConvPlan:
     N, CA, HA, WA = a_shape
     K, C, R, S = w_shape
     out_shape, out_stride = conv_output_layout(a_shape, a_stride, w_shape, stride, padding, transposed, out_hw)
@@ -237,17 +244,23 @@ def _plan_conv(a_shape, a_stride, w_shape, w_stride, stride, padding, transposed
     block_n = _block(CO, 16, 64)
     # A prologue holds its operand tile(s) in fp32 for the BatchNorm math: 32 channels per step keep those
     # variants within 168 registers on sm_90 (with 64: up to 176).
-    block_k = _block(CA, 16, 64 if prologue == PRO_NONE else 32)
+    # Paired outputs select their pointers per program: also 32 (with 64, 183 registers in bf16).
+    block_k = _block(CA, 16, 64 if prologue == PRO_NONE and pair != PAIR_OUTPUTS else 32)
     sw_o, sw_a = (w_stride[1], w_stride[0]) if transposed else (w_stride[0], w_stride[1])
     # The residual (checked to have out's layout) is addressed with out's strides.
-    ints = (HA, WA, CA, HO, WO, CO, M, *a_stride, *out_stride, *out_stride, sw_o, sw_a, w_stride[2], w_stride[3])
+    w2_stride = w_stride if w2_stride is None else w2_stride
+    sw2_o, sw2_a = (w2_stride[1], w2_stride[0]) if transposed else (w2_stride[0], w2_stride[1])
+    ints = (HA, WA, CA, HO, WO, CO, M, *a_stride, *out_stride, *out_stride, sw_o, sw_a, w_stride[2], w_stride[3],
+            *(a_stride if b_stride is None else b_stride), sw2_o, sw2_a, w2_stride[2], w2_stride[3])
     meta = dict(R=R, S=S, STRIDE=stride, PAD=padding, TRANSPOSED=transposed, PROLOGUE=prologue, EPILOGUE=epilogue,
                 HAS_AFFINE=has_affine, HAS_RESIDUAL=has_residual, RELU=relu, TRACK=track, CUMULATIVE=cumulative,
+                PAIR=pair,
                 DOT_PRECISION="tf32" if tf32 else "ieee", UPCAST_DOT=_upcast_dot(dtype, device_type),
                 IDX64=_needs_int64((a_shape, a_stride), (out_shape, out_stride), (w_shape, w_stride)),
                 BLOCK_M=CONV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
                 BLOCK_T=_finalize_block_t(n_tiles, block_n), num_warps=NUM_WARPS)
-    return _ConvPlan(out_shape, out_stride, (n_tiles, _cdiv(CO, block_n)), n_tiles, ints, meta)
+    n_cols = _cdiv(CO, block_n) * (2 if pair == PAIR_OUTPUTS else 1)
+    return _ConvPlan(out_shape, out_stride, (n_tiles, n_cols), n_tiles, ints, meta)
 
 
 def conv(a: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *, dtype: torch.dtype,
@@ -255,14 +268,19 @@ def conv(a: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *, dt
          prologue: int = PRO_NONE, a2: torch.Tensor | None = None, pro: torch.Tensor | None = None,
          epilogue: int = EPI_NONE, ey: torch.Tensor | None = None, bn: BatchNormArgs | None = None,
          stats: torch.Tensor | None = None, affine: BatchNormArgs | None = None,
-         residual: torch.Tensor | None = None, relu: bool = False):
+         residual: torch.Tensor | None = None, relu: bool = False,
+         b: torch.Tensor | None = None, b2: torch.Tensor | None = None, pro_b: torch.Tensor | None = None,
+         weight_b: torch.Tensor | None = None):
     """One implicit-GEMM convolution launch.
 
     Forward (``transposed=False``): out = conv2d(A', weight) with A' the
     prologue of ``a`` (``pro``: packed per-channel rows). Data gradient
     (``transposed=True``): ``a`` is dY and out is dX of spatial size ``out_hw``.
     ``affine`` folds an eval-mode BatchNorm into the output, then ``residual``
-    is added and ``relu`` applied. Epilogues:
+    is added and ``relu`` applied. With ``b`` (same shape as ``a``, BN input
+    ``b2``, prologue rows ``pro_b``) and ``weight_b``, out also gets the
+    convolution of B' with ``weight_b`` (``PAIR_OPERANDS``: a downsampling
+    block's two data gradients). Epilogues:
 
     * ``EPI_STATS``: returns ``(out, stats)``, the batch statistics of the
       output through BatchNorm ``bn`` (packed ``[4, CO]``; running statistics
@@ -271,14 +289,55 @@ def conv(a: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *, dt
       to ``ey`` with its forward ``stats``; returns ``(out, BackwardCoefs)`` of that BN.
     * otherwise returns ``(out, None)``.
     """
-    device = a.device
     if a2 is not None:
         check_same_layout("conv: the prologue's second operand", a2, a)
-    track = bn is not None and bn.running_mean is not None
+    pair = PAIR_NONE
+    if b is not None:
+        check_same_layout("conv: the paired operand", b, a)
+        if b2 is not None:
+            check_same_layout("conv: the paired operand's second operand", b2, a)
+        pair = PAIR_OPERANDS
+    track = bn is not None and bn.running_mean is not None and epilogue == EPI_STATS
     plan = _plan_conv(tuple(a.shape), a.stride(), tuple(weight.shape), weight.stride(), stride, padding, transposed,
-                      out_hw, dtype, device.type, dot_precision(dtype, device) == "tf32", prologue, epilogue,
-                      affine is not None, residual is not None, relu, track and epilogue == EPI_STATS,
-                      track and epilogue == EPI_STATS and bn.momentum is None)
+                      out_hw, dtype, a.device.type, dot_precision(dtype, a.device) == "tf32", prologue, epilogue,
+                      affine is not None, residual is not None, relu, track, track and bn.momentum is None,
+                      pair, None, None if weight_b is None else weight_b.stride())
+    out, extra, _, _ = _launch_conv(plan, a, weight, dtype, a2, pro, epilogue, ey, bn, stats, affine, residual,
+                                    b=b, b2=b2, pro_b=pro_b, weight_b=weight_b)
+    return out, extra
+
+
+def pair_bn_flags_match(bn: BatchNormArgs, bn2: BatchNormArgs) -> bool:
+    """Whether two BatchNorms can share a ``conv_pair`` launch (their kernel variant flags agree)."""
+    def flags(b: BatchNormArgs) -> tuple[bool, bool]:  # the kernel's (TRACK, CUMULATIVE)
+        track = b.running_mean is not None
+        return track, track and b.momentum is None
+
+    return flags(bn) == flags(bn2)
+
+
+def conv_pair(a: torch.Tensor, weight: torch.Tensor, weight2: torch.Tensor, stride: int, padding: int, *,
+              dtype: torch.dtype, bn: BatchNormArgs, bn2: BatchNormArgs):
+    """Two forward convolutions of one operand, each with its BatchNorm statistics (``EPI_STATS``), in one
+    launch that reads ``a`` once (``PAIR_OUTPUTS``: a downsampling block's conv1 and projection).
+    ``weight2`` has ``weight``'s shape and strides; the BNs must agree on ``pair_bn_flags_match``.
+    Returns ``(out, stats, out2, stats2)``."""
+    if weight2.shape != weight.shape or weight2.stride() != weight.stride():
+        raise ValueError(f"conv_pair: weight2 has shape {tuple(weight2.shape)} and strides {weight2.stride()}, "
+                         f"expected weight's {tuple(weight.shape)} and {weight.stride()}")
+    track = bn.running_mean is not None
+    plan = _plan_conv(tuple(a.shape), a.stride(), tuple(weight.shape), weight.stride(), stride, padding, False,
+                      None, dtype, a.device.type, dot_precision(dtype, a.device) == "tf32", PRO_NONE, EPI_STATS,
+                      False, False, False, track, track and bn.momentum is None, PAIR_OUTPUTS, None, weight2.stride())
+    return _launch_conv(plan, a, weight, dtype, None, None, EPI_STATS, None, bn, None, None, None,
+                        weight2=weight2, bn2=bn2)
+
+
+def _launch_conv(plan: _ConvPlan, a, weight, dtype, a2, pro, epilogue, ey, bn, stats, affine, residual, *,
+                 b=None, b2=None, pro_b=None, weight_b=None, weight2=None, bn2=None):
+    """Allocate the outputs of a planned ``_conv_kernel`` launch and launch it:
+    ``(out, extra, out2, stats2)``, the last two for ``PAIR_OUTPUTS`` only."""
+    device = a.device
     out = torch.empty_strided(plan.out_shape, plan.out_stride, dtype=dtype, device=device)
     if ey is not None:
         check_same_layout("conv: the epilogue's BN input", ey, out)
@@ -286,17 +345,20 @@ def conv(a: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *, dt
         check_same_layout("conv: the residual", residual, out)
     unused = _unused(device)
     CO = plan.out_shape[1]
-    extra = None
+    paired_outputs = weight2 is not None
+    extra = out2 = stats2 = None
     part = counter = stats_arg = coef = dweight = dbias = unused
     norm = bn if bn is not None else affine
     momentum, eps = 0.0, 0.0
     if norm is not None:
         eps = float(norm.eps)
         momentum = 0.0 if norm.momentum is None else float(norm.momentum)
+    track = plan.meta["TRACK"]
     if epilogue != EPI_NONE:
+        halves = 2 if paired_outputs else 1
         ws = _workspace(device)
-        part = ws.partials(2 * plan.n_tiles * CO)
-        counter = ws.counters(plan.grid[1] + 1)
+        part = ws.partials(halves * 2 * plan.n_tiles * CO)
+        counter = ws.counters(plan.grid[1] + halves)
         if epilogue == EPI_STATS:
             stats_arg = extra = torch.empty((4, CO), dtype=torch.float32, device=device)
         else:
@@ -304,6 +366,14 @@ def conv(a: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *, dt
             coef = torch.empty((3, CO), dtype=torch.float32, device=device)
             extra = BackwardCoefs(coef, *_param_grads(bn.weight))
             dweight, dbias = extra.dweight, extra.dbias
+    second = (unused,) * 6 + (0.0, 0.0)  # bn2's weight, bias, running mean, var, num_batches, stats; momentum, eps
+    if paired_outputs:
+        out2 = torch.empty_strided(plan.out_shape, plan.out_stride, dtype=dtype, device=device)
+        stats2 = torch.empty((4, CO), dtype=torch.float32, device=device)
+        second = (bn2.weight, bn2.bias, bn2.running_mean if track else unused, bn2.running_var if track else unused,
+                  bn2.num_batches_tracked if track else unused, stats2,
+                  0.0 if bn2.momentum is None else float(bn2.momentum), float(bn2.eps))
+    w2 = weight2 if paired_outputs else (weight_b if weight_b is not None else weight)
     launch(kernels._conv_kernel, plan.grid,
            a, a if a2 is None else a2, weight, out, out if residual is None else residual,
            out if ey is None else ey, unused if pro is None else pro,
@@ -312,9 +382,12 @@ def conv(a: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *, dt
            norm.running_var if norm is not None and norm.running_var is not None else unused,
            norm.num_batches_tracked if track else unused,
            stats_arg, coef, dweight, dbias, part, counter,
-           *plan.ints, momentum, eps,
+           w2, out2 if out2 is not None else out, b if b is not None else a,
+           b2 if b2 is not None else (b if b is not None else a), pro_b if pro_b is not None else unused,
+           *second[:6],
+           *plan.ints, momentum, eps, *second[6:],
            **plan.meta)
-    return out, extra
+    return out, extra, out2, stats2
 
 
 # ------------------------------------------------------------------ weight gradient
