@@ -538,11 +538,13 @@ def warm_block(cfg: Config, case, dtype: torch.dtype, use_tf32: bool, row: bool)
     synchronize(cfg)
 
 
-def model_check(cfg: Config, model_name: str) -> dict:
+def model_check(cfg: Config, model_name: str, compile_mode: Optional[str] = None) -> dict:
     """fastres's model + fastres.optim.SGD against eager + torch.optim.SGD from the same weights, and float64.
 
     Losses of every step and every parameter and buffer after the last step, by test_conv_block's three-way
-    rule (fastres's error against float64 at most twice eager fp32's, plus its fp32 ATOL).
+    rule (fastres's error against float64 at most twice eager fp32's, plus its fp32 ATOL). With
+    ``compile_mode`` the fastres model runs as ``torch.compile(model, fullgraph=True, mode=compile_mode)``
+    (its fused ops in the graph; "reduce-overhead": CUDA graphs), issue 11's compiled path.
     """
     import test_conv_block
 
@@ -557,6 +559,10 @@ def model_check(cfg: Config, model_name: str) -> dict:
         model = model.to(cfg.device, memory_format=torch.channels_last).train()
         opt_cls = fastres.optim.SGD if key == "fused" else torch.optim.SGD
         opt = opt_cls(model.parameters(), **test_train.RECIPE)
+        module = model  # state_dict keys without the compiled wrapper's prefix
+        if key == "fused" and compile_mode is not None:
+            model = torch.compile(model, fullgraph=True, backend=cfg.compile_backend,
+                                  mode=None if compile_mode == "default" else compile_mode)
         gen = torch.Generator().manual_seed(1)
         losses = []
         with poisoned(cfg) if key == "fused" else contextlib.nullcontext():
@@ -568,7 +574,7 @@ def model_check(cfg: Config, model_name: str) -> dict:
                 loss.backward()
                 opt.step()
                 losses.append(loss.detach())
-        runs[key] = (torch.stack(losses), model.state_dict())
+        runs[key] = (torch.stack(losses), module.state_dict())
     atol = 4e-3 if cfg.device == "cuda" else 2e-5  # TF32 on a GPU (the default, for eager and fastres)
     with fp32_atol(atol):
         (lf, sf), (lt, st), (lo, so) = runs["fused"], runs["torch"], runs["oracle"]
@@ -581,10 +587,13 @@ def model_check(cfg: Config, model_name: str) -> dict:
     return {"batch": batch, "steps": steps, "image_hw": hw, "losses": [float(v) for v in runs["fused"][0]]}
 
 
-def warm_model(cfg: Config, model_name: str) -> None:
+def warm_model(cfg: Config, model_name: str, compile_mode: Optional[str] = None) -> None:
     batch, hw, _ = cfg.models[model_name]
     model = test_train.build_model(model_name, fused=True).to(cfg.device, memory_format=torch.channels_last)
     opt = fastres.optim.SGD(model.parameters(), **test_train.RECIPE)
+    if compile_mode is not None:  # fills inductor's on-disk caches for the check
+        model = torch.compile(model, fullgraph=True, backend=cfg.compile_backend,
+                              mode=None if compile_mode == "default" else compile_mode)
     x = torch.randn(batch, 3, hw, hw, device=cfg.device).to(memory_format=torch.channels_last)
     F.cross_entropy(model(x), torch.zeros(batch, dtype=torch.long, device=cfg.device)).backward()
     opt.step()
@@ -596,6 +605,10 @@ def batch_suffix(case) -> str:
     return "" if case.batch == 512 else f" b{case.batch}"
 
 
+# torch.compile(fastres model, fullgraph=True) modes checked against eager (issue 11).
+COMPILE_CHECK_MODES = ("default", "reduce-overhead")
+
+
 def block_checks(cfg: Config) -> list:
     combos = [(c, m) for c in cfg.block_cases for m in BLOCK_MODES]
     if cfg.dry:  # the identity block in IEEE fp32, the downsample block in bf16
@@ -603,6 +616,13 @@ def block_checks(cfg: Config) -> list:
     items = [Item(f"model {name} {steps} SGD steps", "check", functools.partial(model_check, cfg, name),
                   functools.partial(warm_model, cfg, name), cfg.scaled(f"batch {batch}, {hw}x{hw}, {steps} step"))
              for name, (batch, hw, steps) in cfg.models.items()]
+    first = next(iter(cfg.models))  # resnet20 (the dry run's tiny net)
+    batch, hw, steps = cfg.models[first]
+    for mode in COMPILE_CHECK_MODES if not cfg.dry else ("default",):
+        items.append(Item(f"model {first} compiled {mode} {steps} SGD steps", "check",
+                          functools.partial(model_check, cfg, first, mode),
+                          functools.partial(warm_model, cfg, first, mode),
+                          cfg.scaled(f"batch {batch}, {hw}x{hw}, {steps} step, aot_eager"), warm_first=True))
     for case, mode in combos:
         dtype, use_tf32 = BLOCK_MODES[mode]
         items.append(Item(f"block {case.net} {case.name}{batch_suffix(case)} {mode}", "check",
