@@ -184,9 +184,27 @@ def test_state_keys_and_dtypes_match_torch_for_every_optimizer():
 # ---------------------------------------------------------------------------
 # param groups, zero_grad, closures
 # ---------------------------------------------------------------------------
+def _torch_steps_after_add_param_group(name: str) -> bool:
+    """Whether this torch's optimizer steps a group added after construction: torch.optim.Adagrad of
+    torch 2.11 creates its state in __init__ only and raises KeyError('sum') (2.13's does not)."""
+    p = torch.zeros(1, requires_grad=True)
+    q = torch.zeros(1, requires_grad=True)
+    opt = oc.torch_cls(name)([p], lr=0.1)
+    opt.add_param_group({"params": [q]})
+    p.grad, q.grad = torch.ones(1), torch.ones(1)
+    try:
+        opt.step()
+    except KeyError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("name", oc.OPTIMIZERS)
 def test_add_param_group(name):
     """A group added after a few steps gets its own hyperparameters; then two launches per step."""
+    if not _torch_steps_after_add_param_group(name):
+        pytest.skip(f"torch {torch.__version__}'s {name} cannot step a group added after construction "
+                    "(KeyError), so there is nothing to compare against")
     first = [oc.group(oc.P((3,)), oc.P((1025,)))]
     added = [oc.group(oc.P(()), oc.P((8, 3, 3, 3)))]
     options = oc.FULL_STATE_OPTIONS[name]
