@@ -538,6 +538,11 @@ def warm_block(cfg: Config, case, dtype: torch.dtype, use_tf32: bool, row: bool)
     synchronize(cfg)
 
 
+def compiled_model(cfg: Config, model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``torch.compile(model, fullgraph=True)`` in ``mode`` ("default" or a torch.compile mode)."""
+    return torch.compile(model, fullgraph=True, backend=cfg.compile_backend, mode=None if mode == "default" else mode)
+
+
 def model_check(cfg: Config, model_name: str, compile_mode: Optional[str] = None) -> dict:
     """fastres's model + fastres.optim.SGD against eager + torch.optim.SGD from the same weights, and float64.
 
@@ -561,8 +566,7 @@ def model_check(cfg: Config, model_name: str, compile_mode: Optional[str] = None
         opt = opt_cls(model.parameters(), **test_train.RECIPE)
         module = model  # state_dict keys without the compiled wrapper's prefix
         if key == "fused" and compile_mode is not None:
-            model = torch.compile(model, fullgraph=True, backend=cfg.compile_backend,
-                                  mode=None if compile_mode == "default" else compile_mode)
+            model = compiled_model(cfg, model, compile_mode)
         gen = torch.Generator().manual_seed(1)
         losses = []
         with poisoned(cfg) if key == "fused" else contextlib.nullcontext():
@@ -592,8 +596,7 @@ def warm_model(cfg: Config, model_name: str, compile_mode: Optional[str] = None)
     model = test_train.build_model(model_name, fused=True).to(cfg.device, memory_format=torch.channels_last)
     opt = fastres.optim.SGD(model.parameters(), **test_train.RECIPE)
     if compile_mode is not None:  # fills inductor's on-disk caches for the check
-        model = torch.compile(model, fullgraph=True, backend=cfg.compile_backend,
-                              mode=None if compile_mode == "default" else compile_mode)
+        model = compiled_model(cfg, model, compile_mode)
     x = torch.randn(batch, 3, hw, hw, device=cfg.device).to(memory_format=torch.channels_last)
     F.cross_entropy(model(x), torch.zeros(batch, dtype=torch.long, device=cfg.device)).backward()
     opt.step()

@@ -26,9 +26,10 @@ from torch.distributed import distributed_c10d
 from .launchers import conv as L
 
 
-def group_named(name: str):
-    """The process group a fused op was given by name (an operator schema cannot hold a group)."""
-    return distributed_c10d._resolve_process_group(name)
+def group_named(name: Optional[str]):
+    """The process group a fused op was given by name (an operator schema cannot hold a group); None
+    for an op whose BatchNorms do not synchronise."""
+    return distributed_c10d._resolve_process_group(name) if name else None
 
 
 def sync_stats(y: torch.Tensor, local: torch.Tensor, bn: L.BatchNormArgs, group) -> torch.Tensor:

@@ -34,9 +34,7 @@ gradients run the reference ops.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist

@@ -107,7 +107,7 @@ def conv_bn_relu(x, weight, bn_weight, bn_bias, bn_running_mean, bn_running_var,
                  bn_momentum, bn_eps, stride, padding, bn_group=None):
     """Training-mode ``relu(batch_norm(conv2d(x, weight)))``: (out, y, stats). ``bn_group``: the name of
     the process group a synchronised BatchNorm spans (``fastres._sync_bn``)."""
-    group = S.group_named(bn_group) if bn_group else None
+    group = S.group_named(bn_group)
     bn = L.BatchNormArgs(bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked,
                          bn_momentum, bn_eps)
     y, stats = L.conv(x, weight, stride, padding, dtype=x.dtype, epilogue=L.EPI_STATS, bn=S.local_args(bn, group))
@@ -124,7 +124,7 @@ def _conv_bn_relu_fake(x, weight, bn_weight, bn_bias, bn_running_mean, bn_runnin
 
 @_impl("conv_bn_relu_backward")
 def conv_bn_relu_backward(dout, x, weight, bn_weight, y, stats, stride, padding, input_grad, bn_group=None):
-    group = S.group_named(bn_group) if bn_group else None
+    group = S.group_named(bn_group)
     g, coefs, _ = L.bn_relu_backward(dout, y, stats, bn_weight)
     coefs = S.maybe_sync_coefs(coefs, stats, bn_weight, y, group)
     dx = _absent(x)
@@ -190,7 +190,7 @@ def residual_block(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_
                           bn1_momentum, bn1_eps)
     bn2 = L.BatchNormArgs(bn2_weight, bn2_bias, bn2_running_mean, bn2_running_var, bn2_num_batches_tracked,
                           bn2_momentum, bn2_eps)
-    group = S.group_named(bn_group) if bn_group else None
+    group = S.group_named(bn_group)
     bnd = None
     if down_weight is not None:
         bnd = L.BatchNormArgs(bnd_weight, bnd_bias, bnd_running_mean, bnd_running_var, bnd_num_batches_tracked,
@@ -235,7 +235,7 @@ def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps
                             bn2_weight, y2, stats2, down_weight, bnd_weight, yd, statsd, stride, input_grad,
                             bn_group=None):
     dtype = x.dtype
-    group = S.group_named(bn_group) if bn_group else None
+    group = S.group_named(bn_group)
     has_down = down_weight is not None
     if has_down:
         g, coefs2, coefs_d = L.bn_relu_backward(dout, y2, stats2, bn2_weight, yd, statsd, bnd_weight)

@@ -299,23 +299,25 @@ def conv(a: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *, dt
         if b2 is not None:
             check_same_layout("conv: the paired operand's second operand", b2, a)
         pair = PAIR_OPERANDS
-    track = bn is not None and bn.running_mean is not None and epilogue == EPI_STATS
+    track, cumulative = _bn_flags(bn) if epilogue == EPI_STATS else (False, False)
     plan = _plan_conv(tuple(a.shape), a.stride(), tuple(weight.shape), weight.stride(), stride, padding, transposed,
                       out_hw, dtype, a.device.type, dot_precision(dtype, a.device) == "tf32", prologue, epilogue,
-                      affine is not None, residual is not None, relu, track, track and bn.momentum is None,
+                      affine is not None, residual is not None, relu, track, cumulative,
                       pair, None, None if weight_b is None else weight_b.stride())
     out, extra, _, _ = _launch_conv(plan, a, weight, dtype, a2, pro, epilogue, ey, bn, stats, affine, residual,
                                     b=b, b2=b2, pro_b=pro_b, weight_b=weight_b)
     return out, extra
 
 
+def _bn_flags(bn: BatchNormArgs | None) -> tuple[bool, bool]:
+    """The statistics epilogue's (TRACK, CUMULATIVE): running statistics to update, momentum=None."""
+    track = bn is not None and bn.running_mean is not None
+    return track, track and bn.momentum is None
+
+
 def pair_bn_flags_match(bn: BatchNormArgs, bn2: BatchNormArgs) -> bool:
     """Whether two BatchNorms can share a ``conv_pair`` launch (their kernel variant flags agree)."""
-    def flags(b: BatchNormArgs) -> tuple[bool, bool]:  # the kernel's (TRACK, CUMULATIVE)
-        track = b.running_mean is not None
-        return track, track and b.momentum is None
-
-    return flags(bn) == flags(bn2)
+    return _bn_flags(bn) == _bn_flags(bn2)
 
 
 def conv_pair(a: torch.Tensor, weight: torch.Tensor, weight2: torch.Tensor, stride: int, padding: int, *,
@@ -327,10 +329,9 @@ def conv_pair(a: torch.Tensor, weight: torch.Tensor, weight2: torch.Tensor, stri
     if weight2.shape != weight.shape or weight2.stride() != weight.stride():
         raise ValueError(f"conv_pair: weight2 has shape {tuple(weight2.shape)} and strides {weight2.stride()}, "
                          f"expected weight's {tuple(weight.shape)} and {weight.stride()}")
-    track = bn.running_mean is not None
     plan = _plan_conv(tuple(a.shape), a.stride(), tuple(weight.shape), weight.stride(), stride, padding, False,
                       None, dtype, a.device.type, dot_precision(dtype, a.device) == "tf32", PRO_NONE, EPI_STATS,
-                      False, False, False, track, track and bn.momentum is None, PAIR_OUTPUTS, None, weight2.stride())
+                      False, False, False, *_bn_flags(bn), PAIR_OUTPUTS, None, weight2.stride())
     return _launch_conv(plan, a, weight, dtype, None, None, EPI_STATS, None, bn, None, None, None,
                         weight2=weight2, bn2=bn2)
 
