@@ -13,12 +13,12 @@ splits) is finished in the same launch by the last program to arrive::
               conv2 (BN1 + ReLU applied as its operand loads; + BN2 statistics)
               tail: relu(BN2(y2) + residual)                    3 launches
     backward  tail: g = dout * relu', BN2's (and BNd's) backward coefficients and parameter grads
-              conv2 data grad (BN2 backward in its operand loads; ReLU1 mask and BN1's backward in its epilogue)
-              conv2 weight grad (BN2 backward and BN1 + ReLU recomputed in its operand loads)
-              [downsample weight grad]
-              conv1 data grad (+ the residual's grad in its epilogue, or the downsample's data grad
-                summed in the same launch); conv1 weight grad
-                                                                5 launches (6 with downsample)
+              conv2 data + weight grad, one pass over g (BN2 backward in its operand loads; BN1 + ReLU
+                recomputed for the weight grad; ReLU1 mask and BN1's backward in the data grad's epilogue)
+              conv1 data + weight grad, one pass (+ the residual's grad in the data grad's epilogue)
+                                                                3 launches
+              with a downsample (stride 2): conv1's and the projection's data grads summed in one
+                launch, their weight grads in one launch each   5 launches
 
 Saved for backward: the block input, the raw conv outputs y1, y2 (and the
 downsample's) and per-channel vectors; the normalised activations and the

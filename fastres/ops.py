@@ -127,6 +127,9 @@ def conv_bn_relu_backward(dout, x, weight, bn_weight, y, stats, stride, padding,
     group = S.group_named(bn_group)
     g, coefs, _ = L.bn_relu_backward(dout, y, stats, bn_weight)
     coefs = S.maybe_sync_coefs(coefs, stats, bn_weight, y, group)
+    if input_grad and L.grads_fusable(weight, stride, padding):
+        dx, _, dweight = L.conv_grads(g, weight, x, dy2=y, dy_pro=coefs.packed)
+        return dx, dweight, coefs.dweight, coefs.dbias
     dx = _absent(x)
     if input_grad:
         dx, _ = L.conv(g, weight, stride, padding, dtype=x.dtype, transposed=True, out_hw=tuple(x.shape[2:]),
@@ -245,16 +248,25 @@ def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps
     coefs2 = S.maybe_sync_coefs(coefs2, stats2, bn2_weight, y2, group)
     # dL/d(y1) through conv2: BN2 backward on load, ReLU1 mask and BN1's backward in the epilogue.
     bn1 = L.BatchNormArgs(bn1_weight, bn1_bias, None, None, None, None, bn1_eps)
-    g1_masked, coefs1 = L.conv(g, conv2_weight, 1, 1, dtype=dtype, transposed=True, out_hw=tuple(y1.shape[2:]),
-                               prologue=L.PRO_BN_GRAD, a2=y2, pro=coefs2.packed, epilogue=L.EPI_RELU_GRAD,
-                               ey=y1, bn=bn1, stats=stats1)
+    if L.grads_fusable(conv2_weight, 1, 1):
+        # conv2's weight gradient in the same launch: g, y2 and y1 are read once.
+        g1_masked, coefs1, dw2 = L.conv_grads(g, conv2_weight, y1, dy2=y2, dy_pro=coefs2.packed, x_pro=stats1,
+                                              epilogue=L.EPI_RELU_GRAD, ey=y1, bn=bn1, stats=stats1)
+    else:
+        g1_masked, coefs1 = L.conv(g, conv2_weight, 1, 1, dtype=dtype, transposed=True,
+                                   out_hw=tuple(y1.shape[2:]), prologue=L.PRO_BN_GRAD, a2=y2, pro=coefs2.packed,
+                                   epilogue=L.EPI_RELU_GRAD, ey=y1, bn=bn1, stats=stats1)
+        dw2 = L.conv_wgrad(g, y1, conv2_weight, 1, 1, dy2=y2, dy_pro=coefs2.packed, x_pro=stats1)
     coefs1 = S.maybe_sync_coefs(coefs1, stats1, bn1_weight, y1, group)
-    dw2 = L.conv_wgrad(g, y1, conv2_weight, 1, 1, dy2=y2, dy_pro=coefs2.packed, x_pro=stats1)
     dwd, dgd, dbd = _absent(x), _absent(stats1), _absent(stats1)
     if has_down:
         dwd = L.conv_wgrad(g, x, down_weight, stride, 1, dy2=yd, dy_pro=coefs_d.packed)
         dgd, dbd = coefs_d.dweight, coefs_d.dbias
     dx = _absent(x)
+    if input_grad and not has_down and L.grads_fusable(conv1_weight, stride, 1) and L.same_layout(g, g1_masked):
+        # Both of conv1's gradients in one launch, the residual's gradient added to dx.
+        dx, _, dw1 = L.conv_grads(g1_masked, conv1_weight, x, dy2=y1, dy_pro=coefs1.packed, residual=g)
+        return dx, dw1, coefs1.dweight, coefs1.dbias, dw2, coefs2.dweight, coefs2.dbias, dwd, dgd, dbd
     if input_grad and has_down and L.same_layout(g, g1_masked) and L.same_layout(yd, g1_masked):
         # Both data gradients in one launch: conv1's and the projection's.
         dx, _ = L.conv(g1_masked, conv1_weight, stride, 1, dtype=dtype, transposed=True, out_hw=tuple(x.shape[2:]),

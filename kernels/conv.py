@@ -22,6 +22,10 @@ BatchNorm is split around the convolutions (see ``fastres/functional.py``):
   saved BN input ``y``; ``EPI_RELU_GRAD`` masks a data gradient by the ReLU of
   the previous BN (recomputed from its saved input) and writes that BN's
   per-tile backward sums.
+* ``_conv_grads_kernel`` computes a 3x3 stride-1 conv's data and weight
+  gradients in one pass over dY: a tile of pixels is both a tile of dX and a
+  slice of dW's sum, so dY, its BN input and the conv's input are read once
+  instead of twice.
 """
 
 import triton
@@ -276,6 +280,19 @@ def _accumulate_taps(acc, a_ptr, a2_ptr, pro_ptr, w_ptr, n, hb, wb, row_mask, of
 
 
 @triton.jit
+def _relu_grad_epilogue(acc, ey_ptrs, mask, stats_ptr, offs_o, o_mask, CO):
+    """``EPI_RELU_GRAD`` on a data-gradient tile: acc masked by relu'(BN(ey)) (the BN's packed forward
+    ``stats``), and the masked tile's per-channel sums of g and g * x_hat for that BN's backward."""
+    y = tl.load(ey_ptrs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(stats_ptr + offs_o, mask=o_mask, other=0.0)[None, :]
+    shift = tl.load(stats_ptr + CO + offs_o, mask=o_mask, other=0.0)[None, :]
+    mean = tl.load(stats_ptr + 2 * CO + offs_o, mask=o_mask, other=0.0)[None, :]
+    invstd = tl.load(stats_ptr + 3 * CO + offs_o, mask=o_mask, other=0.0)[None, :]
+    acc = tl.where(mask & (y * scale + shift > 0.0), acc, 0.0)
+    return acc, tl.sum(acc, axis=0), tl.sum(acc * (y - mean) * invstd, axis=0)
+
+
+@triton.jit
 def _conv_kernel(
     a_ptr, a2_ptr, w_ptr, out_ptr, res_ptr, ey_ptr, pro_ptr,
     bn_weight_ptr, bn_bias_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr,
@@ -417,14 +434,9 @@ def _conv_kernel(
         tl.store(part0_ptr, tile_mean, mask=o_mask)
         tl.store(part1_ptr, tl.sum(dev * dev, axis=0), mask=o_mask)
     elif EPILOGUE == 2:
-        y = tl.load(ey_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(stats_ptr + offs_o, mask=o_mask, other=0.0)[None, :]
-        shift = tl.load(stats_ptr + CO + offs_o, mask=o_mask, other=0.0)[None, :]
-        mean = tl.load(stats_ptr + 2 * CO + offs_o, mask=o_mask, other=0.0)[None, :]
-        invstd = tl.load(stats_ptr + 3 * CO + offs_o, mask=o_mask, other=0.0)[None, :]
-        acc = tl.where(mask & (y * scale + shift > 0.0), acc, 0.0)
-        tl.store(part0_ptr, tl.sum(acc, axis=0), mask=o_mask)
-        tl.store(part1_ptr, tl.sum(acc * (y - mean) * invstd, axis=0), mask=o_mask)
+        acc, sum_g, sum_gx = _relu_grad_epilogue(acc, ey_ptr + out_offs, mask, stats_ptr, offs_o, o_mask, CO)
+        tl.store(part0_ptr, sum_g, mask=o_mask)
+        tl.store(part1_ptr, sum_gx, mask=o_mask)
     tl.store(out_ptr + out_offs, to_storage(acc, COMPUTE), mask=mask)
     if EPILOGUE == 1:
         _bn_forward_finalize_last(part_ptr, counter_ptr, stats_ptr, bn_weight_ptr, bn_bias_ptr, running_mean_ptr,
@@ -512,6 +524,166 @@ def _conv_wgrad_kernel(
             for i in range(n_splits):
                 total += tl.load(part_ptr + i * kcrs + part_offs, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(grad_ptr + grad_offs, to_storage(total, grad_ty), mask=mask)
+
+
+@triton.jit
+def _wgrad_tap(acc, dy_t, x_ptrs, x_scale, x_shift, h, w, row_mask, c_mask, H, W, sx_h, sx_w,
+               DR: tl.constexpr, DS: tl.constexpr, X_PROLOGUE: tl.constexpr, COMPUTE: tl.constexpr,
+               UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += dY'^T X'(tap): tap (DR, DS) of a 3x3, padding-1, stride-1 conv's weight gradient over one row
+    tile (``dy_t``: the tile's dY' as [K, rows]; row m reads X' at (h + DR - 1, w + DS - 1), ``x_ptrs``
+    addressing (h, w); ``x_scale``/``x_shift``: [1, BLOCK_N] rows of X's BatchNorm for ``PRO_BN_RELU``)."""
+    hh = h + (DR - 1)
+    ww = w + (DS - 1)
+    mask = (row_mask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W))[:, None] & c_mask[None, :]
+    x = tl.load(x_ptrs + ((DR - 1) * sx_h + (DS - 1) * sx_w), mask=mask, other=0.0).to(tl.float32)
+    if X_PROLOGUE == 1:
+        x = tl.where(mask, tl.maximum(x * x_scale + x_shift, 0.0), 0.0)
+    return tl.dot(dy_t, _dot_operand(x, COMPUTE, UPCAST_DOT), acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _conv_grads_kernel(
+    dy_ptr, dy2_ptr, dy_pro_ptr, w_ptr, x_ptr, x_pro_ptr, out_ptr, grad_ptr, res_ptr, ey_ptr,
+    bn_weight_ptr, stats_ptr, coef_ptr, dweight_ptr, dbias_ptr, part_ptr, counter_ptr,
+    H, W, C, K, M,
+    sd_n, sd_c, sd_h, sd_w,
+    sx_n, sx_c, sx_h, sx_w,
+    so_n, so_c, so_h, so_w,
+    sw_k, sw_c, sw_r, sw_s,
+    sg_k, sg_c, sg_r, sg_s,
+    X_PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KW: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """Both gradients of a 3x3, padding-1, stride-1 conv in one pass over dY: dX (as ``_conv_kernel``'s
+    transposed launch, with its ``EPI_RELU_GRAD`` or residual epilogue) and dW (as ``_conv_wgrad_kernel``).
+
+    dY' (dY through the ``PRO_BN_GRAD`` prologue: ``dy2`` the BN input, ``dy_pro`` its backward
+    coefficients) is [N, H, W, K], X' (X through ``X_PROLOGUE``) and dX are [N, H, W, C]: the same
+    pixels, so a row tile of pixels is both a tile of dX and a slice of the weight gradient's sum. K fits
+    one tile (``BLOCK_KW``); axis 1 is C's tiles of ``BLOCK_N``.
+
+    Programs are persistent: program p takes row tiles p, p + P, ... and keeps its partial dW (nine
+    [K, BLOCK_N] taps) and BatchNorm sums in registers, so partials cost P x 9 x K x C floats rather than
+    one set per row tile. ``part`` holds [2, P, C] BN sums (``EPI_RELU_GRAD``), then per column [P, 9,
+    BLOCK_KW, BLOCK_N] dW; the last program of a column sums them in program order (deterministic) and
+    writes dW in the weight's own strides ``sg_*`` and the BN's backward coefficients.
+    """
+    COMPUTE: tl.constexpr = out_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    col = tl.program_id(1)
+    n_tiles = tl.cdiv(M, BLOCK_M)
+    offs_c = _index(col * BLOCK_N + tl.arange(0, BLOCK_N), IDX64)
+    c_mask = offs_c < C
+    offs_k = _index(tl.arange(0, BLOCK_K), IDX64)
+    offs_kw = _index(tl.arange(0, BLOCK_KW), IDX64)
+    kw_mask = offs_kw < K
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    dw00 = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
+    dw01 = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
+    dw02 = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
+    dw10 = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
+    dw11 = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
+    dw12 = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
+    dw20 = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
+    dw21 = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
+    dw22 = tl.zeros((BLOCK_KW, BLOCK_N), dtype=tl.float32)
+    sum_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sum_gx = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # X's BatchNorm rows, loaded once: nine taps reloading them per tile would hold nine copies.
+    x_scale = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+    x_shift = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+    if X_PROLOGUE == 1:
+        x_scale = _stats_row(x_pro_ptr, 0, offs_c, c_mask, C)
+        x_shift = _stats_row(x_pro_ptr, 1, offs_c, c_mask, C)
+    for tile in range(pid, n_tiles, n_programs):
+        offs_m = tile * BLOCK_M + _index(tl.arange(0, BLOCK_M), IDX64)  # pixel counts fit 32 bits
+        row_mask = offs_m < M
+        n, h, w = _pixel_coords(offs_m, H, W)
+        # dX: dY' at (h + 1 - r, w + 1 - s) against W[:, :, r, s] (the stride-1 transposed conv).
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _accumulate_taps(acc, dy_ptr, dy2_ptr, dy_pro_ptr, w_ptr, n, h + 1, w + 1, row_mask, offs_k, offs_c,
+                               c_mask, H, W, K, k_tiles, 3, 3, 0, 0, sd_n, sd_c, sd_h, sd_w, sw_c, sw_k, sw_r, sw_s,
+                               1, True, 2, COMPUTE, UPCAST_DOT, DOT_PRECISION, BLOCK_K)
+        mask = row_mask[:, None] & c_mask[None, :]
+        out_offs = (n * so_n + h * so_h + w * so_w)[:, None] + offs_c[None, :] * so_c
+        if EPILOGUE == 2:
+            acc, tile_g, tile_gx = _relu_grad_epilogue(acc, ey_ptr + out_offs, mask, stats_ptr, offs_c, c_mask, C)
+            sum_g += tile_g
+            sum_gx += tile_gx
+        if HAS_RESIDUAL:
+            acc += tl.load(res_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + out_offs, to_storage(acc, COMPUTE), mask=mask)
+        # dW: the tile's dY' (all K, as [K, rows]) against X' at each of the nine taps.
+        dy_offs = offs_kw[:, None] * sd_c + (n * sd_n + h * sd_h + w * sd_w)[None, :]
+        dy_mask = kw_mask[:, None] & row_mask[None, :]
+        dy_t = _prologue(dy_ptr + dy_offs, dy2_ptr + dy_offs, dy_mask, offs_kw[:, None], kw_mask[:, None],
+                         dy_pro_ptr, K, 2)
+        dy_t = _dot_operand(dy_t, COMPUTE, UPCAST_DOT)
+        x_ptrs = x_ptr + ((n * sx_n + h * sx_h + w * sx_w)[:, None] + offs_c[None, :] * sx_c)
+        dw00 = _wgrad_tap(dw00, dy_t, x_ptrs, x_scale, x_shift, h, w, row_mask, c_mask, H, W, sx_h, sx_w,
+                          0, 0, X_PROLOGUE, COMPUTE, UPCAST_DOT, DOT_PRECISION)
+        dw01 = _wgrad_tap(dw01, dy_t, x_ptrs, x_scale, x_shift, h, w, row_mask, c_mask, H, W, sx_h, sx_w,
+                          0, 1, X_PROLOGUE, COMPUTE, UPCAST_DOT, DOT_PRECISION)
+        dw02 = _wgrad_tap(dw02, dy_t, x_ptrs, x_scale, x_shift, h, w, row_mask, c_mask, H, W, sx_h, sx_w,
+                          0, 2, X_PROLOGUE, COMPUTE, UPCAST_DOT, DOT_PRECISION)
+        dw10 = _wgrad_tap(dw10, dy_t, x_ptrs, x_scale, x_shift, h, w, row_mask, c_mask, H, W, sx_h, sx_w,
+                          1, 0, X_PROLOGUE, COMPUTE, UPCAST_DOT, DOT_PRECISION)
+        dw11 = _wgrad_tap(dw11, dy_t, x_ptrs, x_scale, x_shift, h, w, row_mask, c_mask, H, W, sx_h, sx_w,
+                          1, 1, X_PROLOGUE, COMPUTE, UPCAST_DOT, DOT_PRECISION)
+        dw12 = _wgrad_tap(dw12, dy_t, x_ptrs, x_scale, x_shift, h, w, row_mask, c_mask, H, W, sx_h, sx_w,
+                          1, 2, X_PROLOGUE, COMPUTE, UPCAST_DOT, DOT_PRECISION)
+        dw20 = _wgrad_tap(dw20, dy_t, x_ptrs, x_scale, x_shift, h, w, row_mask, c_mask, H, W, sx_h, sx_w,
+                          2, 0, X_PROLOGUE, COMPUTE, UPCAST_DOT, DOT_PRECISION)
+        dw21 = _wgrad_tap(dw21, dy_t, x_ptrs, x_scale, x_shift, h, w, row_mask, c_mask, H, W, sx_h, sx_w,
+                          2, 1, X_PROLOGUE, COMPUTE, UPCAST_DOT, DOT_PRECISION)
+        dw22 = _wgrad_tap(dw22, dy_t, x_ptrs, x_scale, x_shift, h, w, row_mask, c_mask, H, W, sx_h, sx_w,
+                          2, 2, X_PROLOGUE, COMPUTE, UPCAST_DOT, DOT_PRECISION)
+
+    # This program's partials, [9, K, BLOCK_N] per program (columns past C hold zeros: stored whole).
+    tap_numel = K * BLOCK_N
+    column = part_ptr + col.to(tl.int64) * n_programs * (9 * tap_numel)
+    if EPILOGUE == 2:
+        column += 2 * n_programs.to(tl.int64) * C
+        tl.store(part_ptr + pid.to(tl.int64) * C + offs_c, sum_g, mask=c_mask)
+        tl.store(part_ptr + (n_programs + pid).to(tl.int64) * C + offs_c, sum_gx, mask=c_mask)
+    mine = column + pid.to(tl.int64) * (9 * tap_numel) + offs_kw[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tap_mask = kw_mask[:, None]
+    tl.store(mine, dw00, mask=tap_mask)
+    tl.store(mine + tap_numel, dw01, mask=tap_mask)
+    tl.store(mine + 2 * tap_numel, dw02, mask=tap_mask)
+    tl.store(mine + 3 * tap_numel, dw10, mask=tap_mask)
+    tl.store(mine + 4 * tap_numel, dw11, mask=tap_mask)
+    tl.store(mine + 5 * tap_numel, dw12, mask=tap_mask)
+    tl.store(mine + 6 * tap_numel, dw20, mask=tap_mask)
+    tl.store(mine + 7 * tap_numel, dw21, mask=tap_mask)
+    tl.store(mine + 8 * tap_numel, dw22, mask=tap_mask)
+    if _arrived_last(counter_ptr + col, n_programs):
+        # dW of this column: the programs' partials summed in program order, BLOCK_E values of BLOCK_T
+        # programs per step (independent loads, few sequential steps).
+        grad_ty = grad_ptr.dtype.element_ty
+        offs_p = tl.arange(0, BLOCK_T)
+        for e0 in range(0, 9 * tap_numel, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)
+            e_mask = offs_e < 9 * tap_numel
+            total = tl.zeros((BLOCK_E,), dtype=tl.float32)
+            for p0 in range(0, n_programs, BLOCK_T):
+                progs = p0 + offs_p
+                ptrs = column + progs[:, None].to(tl.int64) * (9 * tap_numel) + offs_e[None, :]
+                total += tl.sum(tl.load(ptrs, mask=(progs < n_programs)[:, None] & e_mask[None, :], other=0.0,
+                                        cache_modifier=".cg"), axis=0)
+            tap = offs_e // tap_numel
+            k = (offs_e // BLOCK_N) % K
+            c = col * BLOCK_N + offs_e % BLOCK_N
+            r = tap // 3
+            grad_offs = k * sg_k + c * sg_c + r * sg_r + (tap - 3 * r) * sg_s
+            tl.store(grad_ptr + grad_offs, to_storage(total, grad_ty), mask=e_mask & (c < C))
+        if EPILOGUE == 2:
+            _bn_backward_finalize(part_ptr, part_ptr + n_programs.to(tl.int64) * C, bn_weight_ptr, stats_ptr,
+                                  coef_ptr, dweight_ptr, dbias_ptr, offs_c, c_mask, n_programs, M, C, BLOCK_T)
 
 
 @triton.jit
@@ -651,7 +823,7 @@ def _bn_relu_backward_kernel(
 
 
 # Called from the kernels above; compiled as part of them.
-DEVICE_FUNCTIONS = ("_accumulate_taps", "_dot_operand", "_pixel_coords", "_index", "_prologue", "_rows", "_offsets", "_stats_row",
+DEVICE_FUNCTIONS = ("_accumulate_taps", "_relu_grad_epilogue", "_wgrad_tap", "_dot_operand", "_pixel_coords", "_index", "_prologue", "_rows", "_offsets", "_stats_row",
                     "_tail_pre_activation", "_arrived_last", "_bn_forward_finalize", "_bn_forward_finalize_last",
                     "_bn_backward_finalize")
 
@@ -664,6 +836,7 @@ DEVICE_FUNCTIONS = ("_accumulate_taps", "_dot_operand", "_pixel_coords", "_index
 AOT_SPECS = {
     "_conv_kernel": "launches",
     "_conv_wgrad_kernel": "launches",
+    "_conv_grads_kernel": "launches",
     "_bn_relu_apply_kernel": "launches",
     "_bn_relu_backward_kernel": "launches",
 }

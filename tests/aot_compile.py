@@ -153,7 +153,7 @@ SHARED_MEMORY_LIMITS = {
 }
 
 JSON_SCALARS = (bool, int, float, str, type(None))
-SPEC_KEYS = {"signature", "constexprs", "num_warps", "num_stages", "divisible_by_16", "label", "runs"}
+SPEC_KEYS = {"signature", "constexprs", "num_warps", "num_stages", "maxnreg", "divisible_by_16", "label", "runs"}
 LAUNCH_SPECS_SCRIPT = Path(__file__).with_name("launch_specs.py")
 FROM_LAUNCHES = "launches"  # AOT_SPECS[name] = "launches": the recorded launches are its only specs
 RULE = (
@@ -523,6 +523,8 @@ def build_tasks(kernel: Kernel, targets: list[int], failures: list[Failure]) -> 
             merged = {k: v for k, v in defaults.items() if k in constexpr_names}
             merged.update(constexprs)
             options = {"num_warps": num_warps, "num_stages": num_stages}
+            if spec.get("maxnreg") is not None:
+                options["maxnreg"] = spec["maxnreg"]
             config_label = ""
             if config is not None:
                 clash = sorted(set(constexprs) & set(config.kwargs))

@@ -159,6 +159,8 @@ def spec_of_launch(kernel: Any, args: tuple, meta: dict) -> tuple[str, str, dict
     spec = {"signature": signature, "constexprs": constexprs,
             "num_warps": meta.get("num_warps", 4), "num_stages": meta.get("num_stages", DEFAULT_NUM_STAGES),
             "divisible_by_16": divisible}
+    if meta.get("maxnreg") is not None:
+        spec["maxnreg"] = meta["maxnreg"]
     return fn.__module__, fn.__name__, spec
 
 
@@ -190,6 +192,11 @@ def describe(name: str, spec: dict[str, Any]) -> str:
         split = "" if "ROWS_PER_SPLIT" not in c else " 1split"
         return (f"wgrad s{c['STRIDE']} dy:{_PRO[c['DY_PROLOGUE']] or '-'} x:{_PRO[c['X_PROLOGUE']] or '-'} "
                 f"{_act(spec, 'x_ptr')}{dot} {c['BLOCK_K']}x{c['BLOCK_C']}{split}")
+    if name == "_conv_grads_kernel":
+        dot = " tf32" if c["DOT_PRECISION"] == "tf32" else ""
+        epi = _EPI[c["EPILOGUE"]] + ("+res" if c["HAS_RESIDUAL"] else "")
+        return (f"grads s1 bngrad>conv{epi} x:{_PRO[c['X_PROLOGUE']] or '-'} {_act(spec, 'x_ptr')}{dot} "
+                f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_KW']}")
     if name in ("_bn_relu_apply_kernel", "_bn_relu_backward_kernel"):
         kind = "apply" if name == "_bn_relu_apply_kernel" else "backward"
         return f"tail {kind}{_RES[c['RESIDUAL']]} {_act(spec, 'y_ptr')} {c['BLOCK_M']}x{c['BLOCK_C']}"
@@ -211,7 +218,8 @@ def variant_key(spec: dict[str, Any], unused: list[str]) -> str:
     its variant never reads (the launchers' placeholders)."""
     signature = {n: ("unused" if n in unused else t) for n, t in spec["signature"].items()}
     divisible = sorted(set(spec["divisible_by_16"]) - ROW_EXTENTS - set(unused))
-    return json.dumps([signature, spec["constexprs"], divisible, spec["num_warps"], spec["num_stages"]],
+    return json.dumps([signature, spec["constexprs"], divisible, spec["num_warps"], spec["num_stages"],
+                       spec.get("maxnreg")],
                       sort_keys=True, default=str)
 
 

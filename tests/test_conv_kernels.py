@@ -52,7 +52,8 @@ def test_strided_data_gradient_by_phase_matches_pytorch(size, stride, padding):
 
 
 def test_int64_offsets_give_the_same_results(int64_offsets):
-    """The IDX64 variants of all four kernels (conv, data gradient, weight gradient, tail) against PyTorch."""
+    """The IDX64 variants of all five kernels (conv, data gradient, weight gradient, both gradients, tail) against
+    PyTorch."""
     from test_conv_block import _compare_training, _make_block
 
     block = _make_block(5, 8, 2, True, seed=11)
@@ -64,8 +65,8 @@ def test_int64_offsets_give_the_same_results(int64_offsets):
 
     with observe_launches(observe):
         _compare_training(None, block.to(DEVICE), x.to(DEVICE), torch.float32, memory_format=torch.channels_last)
-    assert seen == {name: {True} for name in ("_conv_kernel", "_conv_wgrad_kernel", "_bn_relu_apply_kernel",
-                                              "_bn_relu_backward_kernel")}
+    assert seen == {name: {True} for name in ("_conv_kernel", "_conv_wgrad_kernel", "_conv_grads_kernel",
+                                              "_bn_relu_apply_kernel", "_bn_relu_backward_kernel")}
 
 
 def test_offsets_are_32_bit_below_the_limit():
@@ -78,3 +79,100 @@ def test_offsets_are_32_bit_below_the_limit():
                         False, None, torch.bfloat16, "cuda", False, L.PRO_NONE, L.EPI_STATS, False, False, False, True,
                         False)
     assert plan.meta["IDX64"] is True
+
+
+# ----------------------------------------------------------------- both gradients in one launch
+
+
+def _grads_reference(g, y2, coefs, x, w, x_stats, ey, ey_stats, bn_weight, residual):
+    """float64 dX (through the epilogue), dW and the epilogue BN's backward of ``conv_grads``."""
+    dy = g * coefs[0, None, :, None, None] + y2 * coefs[2, None, :, None, None] + coefs[1, None, :, None, None]
+    xp = x if x_stats is None else torch.relu(x * x_stats[0, None, :, None, None] + x_stats[1, None, :, None, None])
+    dx = torch.nn.grad.conv2d_input(x.shape, w, dy, padding=1)
+    dw = torch.nn.grad.conv2d_weight(xp, w.shape, dy, padding=1)
+    bn = None
+    if ey is not None:
+        s = ey_stats[:, None, :, None, None]
+        dx = dx * (ey * s[0] + s[1] > 0)
+        x_hat = (ey - s[2]) * s[3]
+        sum_g, sum_gx = dx.sum((0, 2, 3)), (dx * x_hat).sum((0, 2, 3))
+        m = dx.numel() / dx.shape[1]
+        coef_g = bn_weight * ey_stats[3]
+        coef_y = -coef_g * ey_stats[3] * sum_gx / m
+        bn = (torch.stack([coef_g, -coef_g * sum_g / m - coef_y * ey_stats[2], coef_y]), sum_gx, sum_g)
+    if residual is not None:
+        dx = dx + residual
+    return dx, dw, bn
+
+
+@pytest.mark.parametrize("n,k,c,h,w,channels_last,dtype,mode", [
+    (2, 16, 16, 5, 7, True, torch.float32, "relu_grad"),  # conv2 of a block: BN+ReLU on X, ReLU mask on dX
+    (1, 1, 1, 4, 4, False, torch.float32, "residual"),  # batch 1, one channel in and out, NCHW
+    (3, 20, 33, 6, 5, True, torch.float32, "both_x"),  # three channel columns, C and K not multiples of 16
+    (2, 8, 5, 16, 17, True, torch.float32, "residual"),  # more row tiles than programs
+    (2, 64, 17, 3, 9, True, torch.bfloat16, "relu_grad"),  # the widest dY one tile takes
+], ids=["block-conv2", "batch1-1ch-nchw", "odd-channels", "many-tiles", "k64-bf16"])
+def test_conv_grads_matches_pytorch(n, k, c, h, w, channels_last, dtype, mode):
+    """``conv_grads`` (dX and dW of a 3x3 stride-1 conv in one launch) against float64 PyTorch."""
+    gen = torch.Generator().manual_seed(n * 1000 + k * 10 + c)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    g, y2, x, ey, residual = rand(n, k, h, w), rand(n, k, h, w), rand(n, c, h, w), rand(n, c, h, w), rand(n, c, h, w)
+    wt = rand(k, c, 3, 3)
+    coefs = rand(3, k)
+    x_stats = torch.stack([rand(c), rand(c)]) if mode in ("relu_grad", "both_x") else None
+    ey_stats = torch.stack([rand(c), rand(c), rand(c), rand(c).abs() + 0.5]) if mode == "relu_grad" else None
+    bn_weight = rand(c)
+    use_ey, use_res = mode == "relu_grad", mode in ("residual", "both_x")
+    # The kernel sees the operands rounded to dtype: so does the reference.
+    g, y2, x, ey, residual, wt = (t.to(dtype).double() for t in (g, y2, x, ey, residual, wt))
+    expected = _grads_reference(g, y2, coefs, x, wt, x_stats, ey if use_ey else None, ey_stats, bn_weight,
+                                residual if use_res else None)
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def dev(t):
+        t = t.to(DEVICE)
+        return t.to(dtype, memory_format=fmt) if t.dim() == 4 else t.float()
+
+    def run():
+        bn = L.BatchNormArgs(dev(bn_weight), dev(bn_weight), None, None, None, None, 1e-5)
+        return L.conv_grads(dev(g), dev(wt), dev(x), dy2=dev(y2), dy_pro=dev(coefs),
+                            x_pro=None if x_stats is None else dev(x_stats),
+                            epilogue=L.EPI_RELU_GRAD if use_ey else L.EPI_NONE, ey=dev(ey) if use_ey else None,
+                            bn=bn if use_ey else None, stats=dev(ey_stats) if use_ey else None,
+                            residual=dev(residual) if use_res else None)
+
+    dx, extra, dw = run()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # relative to the largest value; bf16 rounds its output
+
+    def close(got, want, what):
+        err = (got.double().cpu() - want).abs().max().item()
+        assert err <= tol * max(want.abs().max().item(), 1e-12), f"{what}: max error {err:.3g}"
+
+    close(dx, expected[0], "dx")
+    close(dw, expected[1], "dW")
+    assert dx.stride() == x.to(memory_format=fmt).stride() and dw.stride() == wt.to(memory_format=fmt).stride()
+    if use_ey:
+        coef_ref, dweight_ref, dbias_ref = expected[2]
+        close(extra.packed, coef_ref, "BN backward coefficients")
+        close(extra.dweight, dweight_ref, "BN weight grad")
+        close(extra.dbias, dbias_ref, "BN bias grad")
+    else:
+        assert extra is None
+    # Partials are summed in program order: a second launch gives the same bits.
+    dx2, _, dw2 = run()
+    assert torch.equal(dx, dx2) and torch.equal(dw, dw2)
+
+
+def test_conv_grads_rejects_what_it_cannot_take():
+    dy, x = torch.randn(1, 65, 4, 4, device=DEVICE), torch.randn(1, 3, 4, 4, device=DEVICE)
+    coefs = torch.randn(3, 65, device=DEVICE)
+    with pytest.raises(ValueError, match=r"at most 64 output channels, got shape \(65, 3, 3, 3\)"):
+        L.conv_grads(dy, torch.randn(65, 3, 3, 3, device=DEVICE), x, dy2=dy, dy_pro=coefs)
+    with pytest.raises(ValueError, match=r"x has shape \(1, 3, 5, 4\)"):
+        L.conv_grads(dy[:, :8], torch.randn(8, 3, 3, 3, device=DEVICE), torch.randn(1, 3, 5, 4, device=DEVICE),
+                     dy2=dy[:, :8], dy_pro=coefs[:, :8])
+    assert not L.grads_fusable(torch.empty(8, 3, 1, 1), 1, 0) and not L.grads_fusable(torch.empty(8, 3, 3, 3), 2, 1)

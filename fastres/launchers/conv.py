@@ -449,6 +449,109 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: 
     return grad
 
 
+# ------------------------------------------------------------------ both gradients of a 3x3 conv
+
+GRADS_BLOCK_M = 32  # rows per tile
+GRADS_BLOCK_N = 16  # dX/dW channels per program
+# dY's channels, one tile padded to 64 for any K <= 64: the nine dW taps are [64, 16] wgmma accumulators on
+# sm_90; at 16 or 32 rows the dots fall back to mma.sync and the kernel takes more registers, not fewer.
+GRADS_MAX_K = 64
+# 8 warps share the taps' 36 KB of fp32 accumulators; capped at 168 registers (ptxas otherwise spends up to 172
+# on scheduling), with no stack at either target (the AOT check).
+GRADS_NUM_WARPS, GRADS_MAXNREG = 8, 168
+GRADS_BLOCK_T = 16  # partial rows per step of the final sums
+GRADS_BLOCK_E = 256  # partial columns per step: [16, 256] loads, 32 values per thread
+
+
+def grads_fusable(weight: torch.Tensor, stride: int, padding: int) -> bool:
+    """Whether :func:`conv_grads` takes this conv: 3x3, stride 1, padding 1, at most 64 output channels."""
+    return tuple(weight.shape[2:]) == (3, 3) and stride == 1 and padding == 1 and weight.shape[0] <= GRADS_MAX_K
+
+
+class _GradsPlan(NamedTuple):
+    out_shape: tuple[int, ...]
+    out_stride: tuple[int, ...]
+    grid: tuple[int, int]
+    part_numel: int
+    ints: tuple[int, ...]
+    meta: dict
+
+
+@functools.lru_cache(maxsize=None)
+def _plan_grads(dy_shape, dy_stride, x_shape, x_stride, w_shape, w_stride, g_stride, dtype, device_type, tf32,
+                num_sms, x_prologue, epilogue, has_residual) -> _GradsPlan:
+    N, K, H, W = dy_shape
+    itemsize = dtype.itemsize
+    C = x_shape[1]
+    M = N * H * W
+    out_shape, out_stride = conv_output_layout(dy_shape, dy_stride, w_shape, 1, 1, True, (H, W))
+    n_cols = _cdiv(C, GRADS_BLOCK_N)
+    n_tiles = _cdiv(M, GRADS_BLOCK_M)
+    # Persistent programs, at most one per SM (8 warps at 168 registers: one fits an SM's register file).
+    # Each keeps its partial dW in registers over its row tiles and writes it once; the last program reads
+    # them all back. On small activations (a ResNet's last stage) fewer programs keep those partials within
+    # a quarter of the activation bytes the launch reads.
+    partial_bytes = 2 * 9 * K * GRADS_BLOCK_N * 4  # per program: written, then read back
+    budget = M * (K + C) * itemsize // (4 * partial_bytes)
+    programs = max(1, min(n_tiles, _cdiv(num_sms, n_cols), _cdiv(budget, n_cols)))
+    part_numel = n_cols * programs * 9 * K * GRADS_BLOCK_N + (2 * programs * C if epilogue == EPI_RELU_GRAD else 0)
+    ints = (H, W, C, K, M, *dy_stride, *x_stride, *out_stride, *w_stride, *g_stride)
+    meta = dict(X_PROLOGUE=x_prologue, EPILOGUE=epilogue, HAS_RESIDUAL=has_residual,
+                DOT_PRECISION="tf32" if tf32 else "ieee", UPCAST_DOT=_upcast_dot(dtype, device_type),
+                IDX64=_needs_int64((dy_shape, dy_stride), (x_shape, x_stride), (out_shape, out_stride)),
+                BLOCK_M=GRADS_BLOCK_M, BLOCK_N=GRADS_BLOCK_N, BLOCK_K=16, BLOCK_KW=GRADS_MAX_K,
+                BLOCK_T=GRADS_BLOCK_T, BLOCK_E=GRADS_BLOCK_E, num_warps=GRADS_NUM_WARPS,
+                # One stage: pipelining the row-tile loop would multi-buffer its ten loads.
+                num_stages=1, maxnreg=GRADS_MAXNREG)
+    return _GradsPlan(out_shape, out_stride, (programs, n_cols), part_numel, ints, meta)
+
+
+def conv_grads(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, dy2: torch.Tensor,
+               dy_pro: torch.Tensor, x_pro: torch.Tensor | None = None, epilogue: int = EPI_NONE,
+               ey: torch.Tensor | None = None, bn: BatchNormArgs | None = None, stats: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None):
+    """dX and dW of ``conv2d(X', weight)`` (3x3, stride 1, padding 1: see :func:`grads_fusable`) for the
+    output gradient dY' = BN backward of ``dy`` (``dy2``: the BN input, ``dy_pro``: its packed backward
+    coefficients), in one launch that reads dY once. X' is ``x`` through BatchNorm + ReLU with packed
+    statistics ``x_pro`` if given. dX gets :func:`conv`'s transposed epilogue: ``EPI_RELU_GRAD`` (``ey``,
+    ``bn``, ``stats``) or ``+ residual``. Returns ``(dx, extra, dweight)``, ``extra`` as :func:`conv`'s;
+    dweight is in the weight's own memory format."""
+    if not grads_fusable(weight, 1, 1):
+        raise ValueError(f"conv_grads: needs a 3x3 weight with at most {GRADS_MAX_K} output channels, got shape "
+                         f"{tuple(weight.shape)}")
+    if x.shape[0] != dy.shape[0] or x.shape[2:] != dy.shape[2:] or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"conv_grads: x has shape {tuple(x.shape)}, expected ({dy.shape[0]}, {weight.shape[1]}, "
+                         f"{dy.shape[2]}, {dy.shape[3]}) for dy of shape {tuple(dy.shape)}")
+    check_same_layout("conv_grads: dy2", dy2, dy)
+    device = dy.device
+    dtype = x.dtype
+    grad = torch.empty_like(weight)
+    plan = _plan_grads(tuple(dy.shape), dy.stride(), tuple(x.shape), x.stride(), tuple(weight.shape),
+                       weight.stride(), grad.stride(), dtype, device.type, dot_precision(dtype, device) == "tf32",
+                       _num_sms(device), PRO_BN_RELU if x_pro is not None else PRO_NONE, epilogue,
+                       residual is not None)
+    out = torch.empty_strided(plan.out_shape, plan.out_stride, dtype=dtype, device=device)
+    if ey is not None:
+        check_same_layout("conv_grads: the epilogue's BN input", ey, out)
+    if residual is not None:
+        check_same_layout("conv_grads: the residual", residual, out)
+    unused = _unused(device)
+    ws = _workspace(device)
+    part, counter = ws.partials(plan.part_numel), ws.counters(plan.grid[1])
+    extra = None
+    coef = dweight = dbias = bn_weight = unused
+    if epilogue == EPI_RELU_GRAD:
+        coef = torch.empty((3, out.shape[1]), dtype=torch.float32, device=device)
+        extra = BackwardCoefs(coef, *_param_grads(bn.weight))
+        dweight, dbias, bn_weight = extra.dweight, extra.dbias, bn.weight
+    launch(kernels._conv_grads_kernel, plan.grid,
+           dy, dy2, dy_pro, weight, x, unused if x_pro is None else x_pro, out, grad,
+           out if residual is None else residual, out if ey is None else ey,
+           bn_weight, unused if stats is None else stats, coef, dweight, dbias, part, counter,
+           *plan.ints, **plan.meta)
+    return out, extra, grad
+
+
 # ------------------------------------------------------------------ elementwise tail
 
 class _TailPlan(NamedTuple):

@@ -138,7 +138,7 @@ class _Launch:
         return groups
 
 
-_TILE_PREFIXES = ("BLOCK", "SUB_", "num_warps", "num_stages", "num_ctas")
+_TILE_PREFIXES = ("BLOCK", "SUB_", "num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
 def _launch_key(kernel: Any, args: tuple, meta: dict) -> tuple:
@@ -626,11 +626,34 @@ def eager_step_traffic(batch: int, size: int, autocast: Optional[torch.dtype],
         return training_step_traffic(model, optimizer, x, y, autocast=autocast)
 
 
+GPU_SMS = 132  # an H100 or H200 SXM
+
+
+@contextlib.contextmanager
+def planned_for_sms(sms: int) -> Iterator[None]:
+    """Plan the conv launches as for a GPU with ``sms`` SMs (weight-gradient splits and persistent
+    programs, hence their partials, depend on it), clearing the launchers' plan caches around it."""
+    from ..launchers import conv as L
+
+    caches = [f for f in vars(L).values() if hasattr(f, "cache_clear")]
+    saved = L._num_sms
+    for f in caches:
+        f.cache_clear()
+    L._num_sms = lambda device: sms
+    try:
+        yield
+    finally:
+        L._num_sms = saved
+        for f in caches:
+            f.cache_clear()
+
+
 def fastres_step_traffic(roles: LaunchRoles, batch: int, size: int, autocast: Optional[torch.dtype],
-                         memory_format: torch.memory_format = torch.channels_last) -> TrafficMeter:
-    """``fastres.resnet20()`` with ``fastres.optim.SGD``, launches stubbed and counted by
-    ``roles``; the aten ops around them (pooling, classifier, loss, autograd's
-    copies) run for real on the CPU and are counted by :class:`OpTraffic`."""
+                         memory_format: torch.memory_format = torch.channels_last,
+                         sms: int = GPU_SMS) -> TrafficMeter:
+    """``fastres.resnet20()`` with ``fastres.optim.SGD``, launches stubbed, planned as on a GPU with
+    ``sms`` SMs and counted by ``roles``; the aten ops around them (pooling, classifier, loss,
+    autograd's copies) run for real on the CPU and are counted by :class:`OpTraffic`."""
     from ..models import resnet20
     from ..optim import SGD
 
@@ -639,7 +662,7 @@ def fastres_step_traffic(roles: LaunchRoles, batch: int, size: int, autocast: Op
     optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(batch, 3, size, size).to(memory_format=memory_format)
     y = torch.randint(0, 10, (batch,))
-    with stub_launches():
+    with stub_launches(), planned_for_sms(sms):
         return training_step_traffic(model, optimizer, x, y, roles, autocast=autocast)
 
 
@@ -676,8 +699,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     roles = learn_launch_roles(autocast=chosen)
     print("Compulsory traffic of one ResNet-20 training step (forward + loss, backward, SGD momentum step):")
     print("each Triton launch and each aten op reads each distinct byte once and writes each once; MB = 1e6 B.")
-    print("fastres: fastres.resnet20() + fastres.optim.SGD, launches stubbed and counted from roles learned")
-    print("under the interpreter; '+ ops' are the aten ops around them. eager: fastres.reference.nn.resnet20()")
+    print("fastres: fastres.resnet20() + fastres.optim.SGD, launches stubbed, planned as on a GPU with")
+    print(f"{GPU_SMS} SMs (H100/H200: the partials of split and persistent launches depend on it) and counted")
+    print("from roles learned under the interpreter; '+ ops' are the aten ops around them.")
+    print("eager: fastres.reference.nn.resnet20()")
     print("+ torch.optim.SGD(foreach=True) under FakeTensorMode; 'ops' are aten ops that move memory.")
     for name, dtype in zip(args.dtypes.split(","), chosen):
         fused = fastres_step_traffic(roles, args.batch, args.size, dtype)
