@@ -166,11 +166,15 @@ def test_real_package_compiles_for_sm80_and_sm90(tmp_path: Path) -> None:
     assert conv and all(r["runs"] for r in conv), "conv specs come from recorded launches"
     # channels_last activations and weights: the channel strides are the JIT's constant 1.
     assert all(r["constexprs"]["sa_c"] == 1 and r["constexprs"]["so_c"] == 1 for r in conv)
-    # Issue 10's targets on sm_90: no spills anywhere, no stack frame and at most 168 registers in the conv
-    # kernel (one weight-gradient variant, bf16 32x32 with both prologues, still has a 16-byte frame).
+    # Issue 10's targets on sm_90: no spill and no stack frame anywhere, at most 168 registers in the conv
+    # kernels (the weight gradients' 16-bit variants with stack frames went with the stride-1 weight
+    # gradients into _conv_grads_kernel).
     sm90 = [r for r in report["results"] if r["cc"] == 90 and r["registers"] is not None]
-    assert all(r["local_bytes"] == 0 for r in sm90), [(r["kernel"], r["spec_label"]) for r in sm90 if r["local_bytes"]]
-    assert all(r["stack_bytes"] == 0 and r["registers"] <= 168 for r in sm90 if r["kernel"] == "_conv_kernel")
+    assert all(r["local_bytes"] == 0 and r["stack_bytes"] == 0 for r in sm90), [
+        (r["kernel"], r["spec_label"]) for r in sm90 if r["local_bytes"] or r["stack_bytes"]]
+    convs = ("_conv_kernel", "_conv_wgrad_kernel", "_conv_grads_kernel")
+    assert {r["kernel"] for r in sm90} >= set(convs)
+    assert all(r["registers"] <= 168 for r in sm90 if r["kernel"] in convs)
 
 
 def test_good_package_passes_with_full_report(tmp_path: Path) -> None:

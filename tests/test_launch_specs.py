@@ -36,7 +36,11 @@ def test_specialise_agrees_with_triton():
 def test_recorded_resnet20_step_specs():
     result = launch_specs.record(quick=True)
     specs = result["specs"]["fastres.kernels.conv"]
-    assert set(specs) == {"_conv_kernel", "_conv_wgrad_kernel", "_bn_relu_apply_kernel", "_bn_relu_backward_kernel"}
+    assert set(specs) == {"_conv_kernel", "_conv_wgrad_kernel", "_conv_grads_kernel", "_bn_relu_apply_kernel",
+                          "_bn_relu_backward_kernel"}
+    # Launch options beyond warps and stages reach the spec: the fused gradients' register cap.
+    assert all(s["maxnreg"] == L.GRADS_MAXNREG and s["num_warps"] == L.GRADS_NUM_WARPS
+               for s in specs["_conv_grads_kernel"])
     assert "_sgd_kernel" in result["specs"]["fastres.kernels.optim"]
     conv = specs["_conv_kernel"]
     # Planned as on the GPU: no interpreter workaround, bf16 activations, 32-bit offsets at batch 512.
