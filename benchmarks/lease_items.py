@@ -801,7 +801,21 @@ def train_rows(cfg: Config) -> list:
             for m, b in cfg.train_models.items()]
 
 
-BLOCK_ROW_VARIANTS = ["fastres", "eager channels_last", "eager", "torch.compile"]
+SEPARATE_GRADS = "fastres separate grads"
+BLOCK_ROW_VARIANTS = ["fastres", SEPARATE_GRADS, "eager channels_last", "eager", "torch.compile"]
+
+
+def separate_grads_step(case, dtype: str, device: str) -> Callable[[], Any]:
+    """fastres's block step with every conv's data and weight gradients in separate launches: the A/B of
+    the fused gradient kernel (``_conv_grads_kernel``), designed by counting bytes, never timed before."""
+    from fastres.launchers import conv as conv_launchers
+
+    step = test_block.block_step("fastres", case, dtype, device)[0]
+
+    def run():
+        with conv_launchers.separate_grads():
+            return step()
+    return run
 
 
 def block_row(cfg: Config, ceiling: Callable[[], dict], case, dtype: str, variants: list) -> dict:
@@ -810,6 +824,7 @@ def block_row(cfg: Config, ceiling: Callable[[], dict], case, dtype: str, varian
     group = f"lease/block/{case.name}/{dtype}"
     compiled = test_block.block_factories(group, case, dtype, cfg.device)  # compiled once per group
     factories = {v: compiled[v] if v in test_block.COMPILED else
+                 functools.partial(separate_grads_step, case, dtype, cfg.device) if v == SEPARATE_GRADS else
                  functools.partial(lambda v: test_block.block_step(v, case, dtype, cfg.device)[0], v) for v in variants}
     try:
         with cudnn_benchmark():
@@ -821,7 +836,9 @@ def block_row(cfg: Config, ceiling: Callable[[], dict], case, dtype: str, varian
         resnet_bench.release_compiled()
     lim = test_block.LIMITS
     ratios = [ratio(medians, "fastres", test_block.EAGER, lim["eager"]),
-              ratio(medians, "fastres", [v for v in test_block.COMPILED if v in variants], lim["torch.compile"])]
+              ratio(medians, "fastres", [v for v in test_block.COMPILED if v in variants], lim["torch.compile"]),
+              ratio(medians, "fastres", SEPARATE_GRADS, note="fused data and weight gradients against separate "
+                                                              "launches (<1: the fused kernel is faster)")]
     saved_ratio = None
     if saved:
         saved_ratio = saved["fastres"]["saved_activation_bytes"] / saved["eager"]["saved_activation_bytes"]

@@ -48,20 +48,22 @@ launch of the fused design (``fastres/functional.py``) reads each operand and
 writes each result exactly once; weights and per-channel vectors are ignored::
 
     forward   conv1: read x, write y1                                  X + Y
+                [downsample: conv1 and the projection in one launch,
+                 read x, write y1 and yd                               X + 2Y]
               conv2 (BN1+ReLU on load): read y1, write y2              2Y
-              [downsample conv: read x, write yd                       X + Y]
               tail: read y2 and the residual (x | yd), write out       2Y + R
     backward  tail: read dout, y2, the residual, write g               3Y + R
-              conv2 data grad: read g, y2, y1, write g1                4Y
-              conv2 weight grad: read g, y2, y1                        3Y
-              [downsample weight grad: read g, yd, x                   2Y + X]
-              [downsample data grad: read g, yd, write r               2Y + X]
-              conv1 data grad: read g1, y1, the residual grad (g | r), write dx
-                                                                       2Y + (Y | X) + X
-              conv1 weight grad: read g1, y1, x                        2Y + X
+              conv2 data + weight grad, one launch: read g, y2, y1,
+                write g1                                               4Y
+              identity: conv1 data + weight grad, one launch: read g1,
+                y1, g, x, write dx                                     3Y + 2X
+              [downsample: both data grads in one launch: read g1, y1,
+                 g, yd, write dx                                       4Y + X
+               conv1 weight grad: read g1, y1, x                       2Y + X
+               projection weight grad: read g, yd, x                   2Y + X]
 
-    R = X (identity) or Y (downsample).  Identity block (X = Y): 25Y.
-    Downsample block: 7X + 26Y (= 40Y at stride 2 with doubled channels).
+    R = X (identity) or Y (downsample).  Identity block (X = Y): 20Y.
+    Downsample block: 4X + 23Y (= 31Y at stride 2 with doubled channels).
 
 GB/s in the table is that count over the variant's time (the same credit for every
 variant). ``ideal_bytes`` in extra_info is a lower bound for any implementation
@@ -140,15 +142,12 @@ class BlockCase:
 def fused_traffic(case: BlockCase) -> dict:
     """Elements each launch of the fused design reads + writes (see the module docstring)."""
     X, Y = case.x_numel, case.y_numel
-    R = Y if case.downsample else X
-    launches = {"conv1": X + Y, "conv2": 2 * Y}
     if case.downsample:
-        launches["downsample conv"] = X + Y
-    launches.update({"tail": 2 * Y + R, "tail backward": 3 * Y + R, "conv2 dgrad": 4 * Y, "conv2 wgrad": 3 * Y})
-    if case.downsample:
-        launches.update({"downsample wgrad": 2 * Y + X, "downsample dgrad": 2 * Y + X})
-    launches.update({"conv1 dgrad": 2 * Y + (X if case.downsample else Y) + X, "conv1 wgrad": 2 * Y + X})
-    return launches
+        return {"conv1 + projection": X + 2 * Y, "conv2": 2 * Y, "tail": 3 * Y, "tail backward": 4 * Y,
+                "conv2 grads": 4 * Y, "data grads": 4 * Y + X, "conv1 wgrad": 2 * Y + X,
+                "projection wgrad": 2 * Y + X}
+    return {"conv1": X + Y, "conv2": 2 * Y, "tail": 2 * Y + X, "tail backward": 3 * Y + X, "conv2 grads": 4 * Y,
+            "conv1 grads": 3 * Y + 2 * X}
 
 
 def fused_elements(case: BlockCase) -> int:
@@ -177,9 +176,9 @@ CPU_CASE = BlockCase("tiny", 16, 16, 8, 1, batch=8)  # smoke only: a few ms per 
 
 # The counting of the docstring, on one identity and one stride-2 block.
 _id, _down = BlockCase("t", 16, 16, 32, 1), BlockCase("t", 16, 32, 32, 2)
-assert fused_elements(_id) == 25 * _id.y_numel and ideal_elements(_id) == 8 * _id.y_numel
+assert fused_elements(_id) == 20 * _id.y_numel and ideal_elements(_id) == 8 * _id.y_numel
 assert _down.x_numel == 2 * _down.y_numel
-assert fused_elements(_down) == 7 * _down.x_numel + 26 * _down.y_numel == 40 * _down.y_numel
+assert fused_elements(_down) == 4 * _down.x_numel + 23 * _down.y_numel == 31 * _down.y_numel
 assert ideal_elements(_down) == 2 * _down.x_numel + 8 * _down.y_numel
 
 VARIANTS = ["fastres", "eager", "eager channels_last", "torch.compile", "torch.compile max-autotune"]

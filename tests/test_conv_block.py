@@ -13,6 +13,7 @@ Shapes stress tails and strides: batch 1 and 3, 1/3/5 input channels, 8 and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -245,6 +246,32 @@ def test_block_launch_counts(down, forward, backward):
         block(x)
     # One conv each: BN (scale and shift from the running statistics), residual and ReLU live in the epilogues.
     assert launches["_conv_kernel"] == (3 if down else 2) and sum(launches.values()) == (3 if down else 2)
+
+
+def test_separate_grads_run_the_unfused_launches_with_the_same_gradients():
+    """``separate_grads()`` (the lease runner's A/B of the fused gradient kernel) takes a data- and a
+    weight-gradient launch per conv, and the gradients agree with the fused launches'."""
+    from fastres.launchers import conv as conv_launchers
+
+    block = fastres.convert(_make_block(8, 8, 1, False, seed=8)).to(DEVICE)
+    x = torch.randn(2, 8, 6, 7, device=DEVICE).to(memory_format=torch.channels_last)
+    grads = []
+    for separate in (False, True):
+        block.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = block(xi)
+        with contextlib.ExitStack() as stack:
+            if separate:
+                stack.enter_context(conv_launchers.separate_grads())
+            launches = stack.enter_context(count_launches())
+            out.sum().backward()
+        expected = {"_bn_relu_backward_kernel": 1, "_conv_kernel": 2, "_conv_wgrad_kernel": 2} if separate else \
+            {"_bn_relu_backward_kernel": 1, "_conv_grads_kernel": 2}
+        assert dict(launches) == expected
+        grads.append([xi.grad] + [p.grad for p in block.parameters()])
+    assert conv_launchers.grads_fusable(block.conv1.weight, 1, 1)  # restored after the block
+    for fused, separate in zip(*grads):
+        torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
 
 
 def test_weight_grads_keep_the_parameters_memory_format_and_are_deterministic():

@@ -16,8 +16,9 @@ which uses a per-stream workspace of fp32 partials and zeroed counters.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 
@@ -456,16 +457,33 @@ GRADS_BLOCK_N = 16  # dX/dW channels per program
 # dY's channels, one tile padded to 64 for any K <= 64: the nine dW taps are [64, 16] wgmma accumulators on
 # sm_90; at 16 or 32 rows the dots fall back to mma.sync and the kernel takes more registers, not fewer.
 GRADS_MAX_K = 64
-# 8 warps share the taps' 36 KB of fp32 accumulators; capped at 168 registers (ptxas otherwise spends up to 172
-# on scheduling), with no stack at either target (the AOT check).
+# 8 warps share the taps' 36 KB of fp32 accumulators; capped at 168 registers (ptxas otherwise spends more on
+# scheduling), with no stack on sm_90 (the AOT check).
 GRADS_NUM_WARPS, GRADS_MAXNREG = 8, 168
-GRADS_BLOCK_T = 16  # partial rows per step of the final sums
-GRADS_BLOCK_E = 256  # partial columns per step: [16, 256] loads, 32 values per thread
+# The final sums: [GRADS_BLOCK_T programs, GRADS_BLOCK_E values] per step (64 per thread), few sequential steps
+# (ResNet-20's first stage: 5 x 5) for the one program that runs them while the others have finished.
+GRADS_BLOCK_T = 32
+GRADS_BLOCK_E = 512
+
+
+_fused_grads = [True]
+
+
+@contextlib.contextmanager
+def separate_grads() -> Iterator[None]:
+    """Inside the block every conv takes separate data- and weight-gradient launches, as before
+    :func:`conv_grads` existed: for timing the fused kernel against them (the lease runner does)."""
+    _fused_grads.append(False)
+    try:
+        yield
+    finally:
+        _fused_grads.pop()
 
 
 def grads_fusable(weight: torch.Tensor, stride: int, padding: int) -> bool:
     """Whether :func:`conv_grads` takes this conv: 3x3, stride 1, padding 1, at most 64 output channels."""
-    return tuple(weight.shape[2:]) == (3, 3) and stride == 1 and padding == 1 and weight.shape[0] <= GRADS_MAX_K
+    return (_fused_grads[-1] and tuple(weight.shape[2:]) == (3, 3) and stride == 1 and padding == 1
+            and weight.shape[0] <= GRADS_MAX_K)
 
 
 class _GradsPlan(NamedTuple):
@@ -501,8 +519,9 @@ def _plan_grads(dy_shape, dy_stride, x_shape, x_stride, w_shape, w_stride, g_str
                 IDX64=_needs_int64((dy_shape, dy_stride), (x_shape, x_stride), (out_shape, out_stride)),
                 BLOCK_M=GRADS_BLOCK_M, BLOCK_N=GRADS_BLOCK_N, BLOCK_K=16, BLOCK_KW=GRADS_MAX_K,
                 BLOCK_T=GRADS_BLOCK_T, BLOCK_E=GRADS_BLOCK_E, num_warps=GRADS_NUM_WARPS,
-                # One stage: pipelining the row-tile loop would multi-buffer its ten loads.
-                num_stages=1, maxnreg=GRADS_MAXNREG)
+                # Triton's default 3 stages pipeline the data gradient's tap loop (cp.async): one persistent
+                # program per SM has no other programs to hide its load latency behind.
+                maxnreg=GRADS_MAXNREG)
     return _GradsPlan(out_shape, out_stride, (programs, n_cols), part_numel, ints, meta)
 
 
