@@ -779,11 +779,12 @@ def _bn_relu_backward_kernel(
     """
     offs_c = _index(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), IDX64)
     c_mask = offs_c < C
-    # Per-thread partial sums, reduced across threads once after the loop. The per-channel rows are
-    # (re)loaded inside the loop (L1 hits): held across it they would cost more registers than the data.
-    acc_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_gx = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_gr = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # Per-thread partial sums (each thread's own elements: no shuffles in the loop), reduced across threads
+    # once after it. The per-channel rows are (re)loaded inside the loop (L1 hits): held across it they
+    # would cost more registers than the data.
+    acc_g = tl.zeros((SUB_M, BLOCK_C), dtype=tl.float32)
+    acc_gx = tl.zeros((SUB_M, BLOCK_C), dtype=tl.float32)
+    acc_gr = tl.zeros((SUB_M, BLOCK_C), dtype=tl.float32)
     for m0 in range(0, BLOCK_M, SUB_M):
         n, h, w, mask = _rows(tl.program_id(0), m0, N, H, W, c_mask, BLOCK_M, SUB_M, IDX64)
         scale = _stats_row(stats_ptr, 0, offs_c, c_mask, C)
@@ -800,19 +801,19 @@ def _bn_relu_backward_kernel(
                        other=0.0).to(tl.float32)
         g = tl.where(mask & (pre > 0.0), dout, 0.0)
         tl.store(g_ptr + y_offs, to_storage(g, g_ptr.dtype.element_ty), mask=mask)
-        acc_g += tl.sum(g, axis=0)
-        acc_gx += tl.sum(g * (y - _stats_row(stats_ptr, 2, offs_c, c_mask, C)), axis=0)
+        acc_g += g
+        acc_gx += g * (y - _stats_row(stats_ptr, 2, offs_c, c_mask, C))
         if RESIDUAL == 2:
-            acc_gr += tl.sum(g * (res - _stats_row(res_stats_ptr, 2, offs_c, c_mask, C)), axis=0)
+            acc_gr += g * (res - _stats_row(res_stats_ptr, 2, offs_c, c_mask, C))
     n_tiles = tl.num_programs(0)
     plane = n_tiles.to(tl.int64) * C
     part = part_ptr + tl.program_id(0).to(tl.int64) * C + offs_c
-    tl.store(part, acc_g, mask=c_mask)
-    tl.store(part + plane, acc_gx * tl.load(stats_ptr + 3 * C + offs_c, mask=c_mask, other=0.0),
+    tl.store(part, tl.sum(acc_g, axis=0), mask=c_mask)
+    tl.store(part + plane, tl.sum(acc_gx, axis=0) * tl.load(stats_ptr + 3 * C + offs_c, mask=c_mask, other=0.0),
              mask=c_mask)
     if RESIDUAL == 2:
         res_invstd = tl.load(res_stats_ptr + 3 * C + offs_c, mask=c_mask, other=0.0)
-        tl.store(part + 2 * plane, acc_gr * res_invstd, mask=c_mask)
+        tl.store(part + 2 * plane, tl.sum(acc_gr, axis=0) * res_invstd, mask=c_mask)
     if _arrived_last(counter_ptr + tl.program_id(1), n_tiles):
         M = N * H * W
         _bn_backward_finalize(part_ptr, part_ptr + plane, bn_weight_ptr, stats_ptr, coef_ptr, dweight_ptr, dbias_ptr,

@@ -35,6 +35,10 @@ WGRAD_BLOCK_P = 32  # rows per step: with the BN-grad prologue on dY, 64 needs ~
 FINALIZE_ELEMENTS = 1024  # per loop iteration of a finalize: BLOCK_T x BLOCK_C (8 per thread: few registers)
 TAIL_ELEMENTS = 4096  # per program of the elementwise tail kernels: BLOCK_M x BLOCK_C
 TAIL_STEP_BYTES = 16  # per thread and tensor in a loop step of a tail program: one 128-bit access, few registers
+# The tail backward's register cap (sm_90, AOT check): within it no variant has a stack frame, while uncapped
+# ptxas gives two 16-bit ones an 8-16 B frame. Not for a BatchNorm'd residual, whose three per-channel sums
+# of 8 channels per thread would spill under it: uncapped, 80 registers and no frame.
+TAIL_BACKWARD_MAXNREG = 64
 NUM_WARPS = 4
 INT32_LIMIT = 2**31  # offsets below this take the kernels' 32-bit path (IDX64=False)
 
@@ -641,5 +645,6 @@ def bn_relu_backward(dout: torch.Tensor, y: torch.Tensor, stats: torch.Tensor, b
            bn_weight, coefs.packed, coefs.dweight, coefs.dbias,
            *((residual_bn_weight, *res_coefs) if res_coefs is not None else (unused,) * 4),
            part, counter, *plan.ints, *dout.stride(), *y.stride(), *res.stride(),
-           BLOCK_T=_finalize_block_t(plan.n_tiles, plan.meta["BLOCK_C"]), **plan.meta)
+           BLOCK_T=_finalize_block_t(plan.n_tiles, plan.meta["BLOCK_C"]),
+           maxnreg=None if mode == RES_BN else TAIL_BACKWARD_MAXNREG, **plan.meta)
     return g, coefs, res_coefs
