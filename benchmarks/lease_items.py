@@ -805,6 +805,14 @@ SEPARATE_GRADS = "fastres separate grads"
 BLOCK_ROW_VARIANTS = ["fastres", SEPARATE_GRADS, "eager channels_last", "eager", "torch.compile"]
 
 
+def block_row_variants(case) -> list:
+    """A block row's variants: the separate-gradients A/B only where the fused kernel takes a conv (at most
+    64 output channels; wider blocks run the separate launches anyway)."""
+    from fastres.launchers import conv as conv_launchers
+
+    return [v for v in BLOCK_ROW_VARIANTS if v != SEPARATE_GRADS or case.cout <= conv_launchers.GRADS_MAX_K]
+
+
 def separate_grads_step(case, dtype: str, device: str) -> Callable[[], Any]:
     """fastres's block step with every conv's data and weight gradients in separate launches: the A/B of
     the fused gradient kernel (``_conv_grads_kernel``), designed by counting bytes, never timed before."""
@@ -857,6 +865,11 @@ def block_row(cfg: Config, ceiling: Callable[[], dict], case, dtype: str, varian
 
 def warm_block_row(cfg: Config, case, dtype: str) -> None:
     warm_block(cfg, case, test_block.DTYPES[dtype], True, row=True)
+    if SEPARATE_GRADS in block_row_variants(case):
+        from fastres.launchers import conv as conv_launchers
+
+        with conv_launchers.separate_grads():  # the A/B variant's separate gradient launches
+            warm_block(cfg, case, test_block.DTYPES[dtype], True, row=True)
     # torch.compile (inductor) of the bf16 rows, the ones stage 4 reaches first: compiled here, found in the
     # on-disk cache there. (All 24 would be ~12 CPU-minutes of compiles: too much for stage 2's budget.)
     if cfg.device == "cuda" and dtype == "bf16":
@@ -881,7 +894,7 @@ def block_rows(cfg: Config, deadline: Callable[[], float] = lambda: math.inf, ou
     cases = cfg.block_cases[:1] if cfg.dry else cfg.block_cases
     dtypes = ["bf16"] if cfg.dry else ["bf16", "fp32"]
     items = [Item(f"block {c.net} {c.name}{batch_suffix(c)} {d}", "ratio",
-                  functools.partial(block_row, cfg, ceiling, c, d, BLOCK_ROW_VARIANTS),
+                  functools.partial(block_row, cfg, ceiling, c, d, block_row_variants(c)),
                   functools.partial(warm_block_row, cfg, c, d),
                   cfg.scaled(f"batch {c.batch}; torch.compile skipped on the CPU"), warm_first=d == "bf16" and not cfg.dry)
              for d in dtypes for c in cases]
