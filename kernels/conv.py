@@ -567,9 +567,9 @@ def _conv_grads_kernel(
 
     Programs are persistent: program p takes row tiles p, p + P, ... and keeps its partial dW (nine
     [K, BLOCK_N] taps) and BatchNorm sums in registers, so partials cost P x 9 x K x C floats rather than
-    one set per row tile. ``part`` holds [2, P, C] BN sums (``EPI_RELU_GRAD``), then per column [P, 9,
-    BLOCK_KW, BLOCK_N] dW; the last program of a column sums them in program order (deterministic) and
-    writes dW in the weight's own strides ``sg_*`` and the BN's backward coefficients.
+    one set per row tile. ``part`` holds [2, P, C] BN sums (``EPI_RELU_GRAD``), then per column [P, 9, K,
+    BLOCK_N] dW; the last program of a column sums them in program order (deterministic) and writes dW
+    in the weight's own strides ``sg_*`` and the BN's backward coefficients.
     """
     COMPUTE: tl.constexpr = out_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -824,9 +824,9 @@ def _bn_relu_backward_kernel(
 
 
 # Called from the kernels above; compiled as part of them.
-DEVICE_FUNCTIONS = ("_accumulate_taps", "_relu_grad_epilogue", "_wgrad_tap", "_dot_operand", "_pixel_coords", "_index", "_prologue", "_rows", "_offsets", "_stats_row",
-                    "_tail_pre_activation", "_arrived_last", "_bn_forward_finalize", "_bn_forward_finalize_last",
-                    "_bn_backward_finalize")
+DEVICE_FUNCTIONS = ("_accumulate_taps", "_relu_grad_epilogue", "_wgrad_tap", "_dot_operand", "_pixel_coords",
+                    "_index", "_prologue", "_rows", "_offsets", "_stats_row", "_tail_pre_activation", "_arrived_last",
+                    "_bn_forward_finalize", "_bn_forward_finalize_last", "_bn_backward_finalize")
 
 
 # ------------------------------------------------------ ahead-of-time compile specs
