@@ -15,7 +15,7 @@ from fastres.testing import traffic as T
 
 # Measured today (batch 512, 3x32x32, channels_last, fp32, planned for 132 SMs;
 # `python -m fastres.testing.traffic`): 63 Triton launches + 15 aten ops = 78
-# kernels, 4.221 GB against eager's 7.266 GB (0.581x; bf16 0.594x); a stride-1
+# kernels, 4.243 GB against eager's 7.266 GB (0.584x; bf16 0.597x); a stride-1
 # 3x3 conv's data and weight gradients share one launch that reads dY once.
 # (Before that, planned for the interpreter's 8 SMs: 79 + 15, 0.687x, with a
 # downsampling block's conv1 and projection sharing their forward and
@@ -24,7 +24,7 @@ from fastres.testing import traffic as T
 # The goals are 110 kernels and 0.6x.
 MAX_TRITON_LAUNCHES = 63
 MAX_KERNELS_PER_STEP = 78  # Triton launches + the aten ops around them (pooling, classifier, loss, optimizer table upload)
-MAX_TRAFFIC_RATIO = 0.585  # fastres bytes / eager bytes, whole step
+MAX_TRAFFIC_RATIO = 0.590  # fastres bytes / eager bytes, whole step
 
 needs_interpreter = pytest.mark.skipif(not _backend.INTERPRET, reason="learning roles needs Triton's interpreter")
 CL = torch.channels_last

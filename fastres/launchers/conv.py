@@ -512,9 +512,9 @@ def _plan_grads(dy_shape, dy_stride, x_shape, x_stride, w_shape, w_stride, g_str
     # Persistent programs, at most one per SM (8 warps at 168 registers: one fits an SM's register file).
     # Each keeps its partial dW in registers over its row tiles and writes it once; the last program reads
     # them all back. On small activations (a ResNet's last stage) fewer programs keep those partials within
-    # a quarter of the activation bytes the launch reads.
+    # half the activation bytes the launch reads.
     partial_bytes = 2 * 9 * K * GRADS_BLOCK_N * 4  # per program: written, then read back
-    budget = M * (K + C) * itemsize // (4 * partial_bytes)
+    budget = M * (K + C) * itemsize // (2 * partial_bytes)
     programs = max(1, min(n_tiles, _cdiv(num_sms, n_cols), _cdiv(budget, n_cols)))
     part_numel = n_cols * programs * 9 * K * GRADS_BLOCK_N + (2 * programs * C if epilogue == EPI_RELU_GRAD else 0)
     ints = (H, W, C, K, M, *dy_stride, *x_stride, *out_stride, *w_stride, *g_stride)
