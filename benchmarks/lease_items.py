@@ -794,11 +794,49 @@ def warm_train(cfg: Config, model: str, batch: int) -> None:
     synchronize(cfg)
 
 
+PROFILE_STEPS = 5
+PROFILE_TOP = 25  # kernels kept in the record, longest first
+
+
+def profile_row(cfg: Config, model: str, batch: int) -> dict:
+    """Where a fastres bf16 training step's time goes, by torch.profiler: GPU time per kernel name (per step,
+    longest first, with launches per step) and the step's GPU total. A ratio row says how fast the step is;
+    this says which launch to work on (e.g. a persistent kernel's or a finalize's tail). On a dry run the
+    same code profiles CPU ops instead."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = cfg.device == "cuda"
+    with cudnn_benchmark():
+        step, _ = test_train.train_step("fastres", model, batch, "bf16", cfg.device, cfg.compile_backend)
+        for _ in range(3):  # compiles, the optimizer's first step, cudnn.benchmark's search
+            step()
+        synchronize(cfg)
+        steps = PROFILE_STEPS if on_gpu else 1
+        with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+            synchronize(cfg)
+    test_train.image_pool.cache_clear()
+    kind = DeviceType.CUDA if on_gpu else DeviceType.CPU
+    rows = [{"name": e.key, "ms": (e.device_time_total if on_gpu else e.self_cpu_time_total) / 1e3 / steps,
+             "launches": e.count / steps} for e in prof.key_averages() if e.device_type == kind]
+    rows.sort(key=lambda r: -r["ms"])
+    total = sum(r["ms"] for r in rows)
+    return {"medians_ms": {"fastres": total}, "errors": {}, "ratios": [], "batch": batch, "dtype": "bf16 autocast",
+            "time": "GPU kernel time per step" if on_gpu else "CPU self time per step (dry run)",
+            "kernels_per_step": sum(r["launches"] for r in rows), "profile": rows[:PROFILE_TOP]}
+
+
 def train_rows(cfg: Config) -> list:
-    return [Item(f"train {m} b{b} bf16", "ratio", functools.partial(train_row, cfg, m, b),
-                 functools.partial(warm_train, cfg, m, b),
-                 cfg.scaled(f"model {m}, batch {b}, torch.compile backend {cfg.compile_backend}"), warm_first=True)
-            for m, b in cfg.train_models.items()]
+    items = [Item(f"train {m} b{b} bf16", "ratio", functools.partial(train_row, cfg, m, b),
+                  functools.partial(warm_train, cfg, m, b),
+                  cfg.scaled(f"model {m}, batch {b}, torch.compile backend {cfg.compile_backend}"), warm_first=True)
+             for m, b in cfg.train_models.items()]
+    first, batch = next(iter(cfg.train_models.items()))  # profiled right after its own ratio row
+    items.insert(1, Item(f"profile {first} b{batch} bf16", "ratio", functools.partial(profile_row, cfg, first, batch),
+                         None, cfg.scaled(f"model {first}, batch {batch}, CPU ops")))
+    return items
 
 
 SEPARATE_GRADS = "fastres separate grads"
