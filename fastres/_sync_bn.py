@@ -49,7 +49,8 @@ def sync_stats(y: torch.Tensor, local: torch.Tensor, bn: L.BatchNormArgs, group)
     var64 = (n_i * (var_i + (mean_i - mean64) ** 2)).sum(0) / n
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
-        factor = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
+        # momentum=None: a cumulative average, its factor a device tensor (no host sync per step).
+        factor = (1.0 / bn.num_batches_tracked).to(bn.running_mean.dtype) if bn.momentum is None else bn.momentum
         bn.running_mean.lerp_(mean64.to(bn.running_mean.dtype), factor)
         bn.running_var.lerp_((var64 * n / (n - 1)).to(bn.running_var.dtype), factor)
     mean, invstd = mean64.float(), (var64 + bn.eps).rsqrt().float()

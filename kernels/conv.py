@@ -284,10 +284,10 @@ def _relu_grad_epilogue(acc, ey_ptrs, mask, stats_ptr, offs_o, o_mask, CO):
     """``EPI_RELU_GRAD`` on a data-gradient tile: acc masked by relu'(BN(ey)) (the BN's packed forward
     ``stats``), and the masked tile's per-channel sums of g and g * x_hat for that BN's backward."""
     y = tl.load(ey_ptrs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(stats_ptr + offs_o, mask=o_mask, other=0.0)[None, :]
-    shift = tl.load(stats_ptr + CO + offs_o, mask=o_mask, other=0.0)[None, :]
-    mean = tl.load(stats_ptr + 2 * CO + offs_o, mask=o_mask, other=0.0)[None, :]
-    invstd = tl.load(stats_ptr + 3 * CO + offs_o, mask=o_mask, other=0.0)[None, :]
+    scale = _stats_row(stats_ptr, 0, offs_o, o_mask, CO)
+    shift = _stats_row(stats_ptr, 1, offs_o, o_mask, CO)
+    mean = _stats_row(stats_ptr, 2, offs_o, o_mask, CO)
+    invstd = _stats_row(stats_ptr, 3, offs_o, o_mask, CO)
     acc = tl.where(mask & (y * scale + shift > 0.0), acc, 0.0)
     return acc, tl.sum(acc, axis=0), tl.sum(acc * (y - mean) * invstd, axis=0)
 

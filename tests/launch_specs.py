@@ -326,22 +326,8 @@ def planned_as_on_gpu(sms: int = GPU_SMS) -> Iterator[None]:
         "_upcast_dot": lambda dtype, device_type: False,
         "_num_sms": lambda device: sms,
     }
-    missing = [name for name in patches if not hasattr(conv_launchers, name)]
-    if missing:
-        raise RuntimeError(f"fastres.launchers.conv has no {missing}: update planned_as_on_gpu in {__file__}")
-    saved = {name: getattr(conv_launchers, name) for name in patches}
-    caches = [f for f in vars(conv_launchers).values() if hasattr(f, "cache_clear")]
-    for f in caches:
-        f.cache_clear()
-    for name, fn in patches.items():
-        setattr(conv_launchers, name, fn)
-    try:
+    with conv_launchers.planned_with(**patches):
         yield
-    finally:
-        for name, fn in saved.items():
-            setattr(conv_launchers, name, fn)
-        for f in caches:
-            f.cache_clear()
 
 
 def _model(name: str, bn: Callable[[nn.BatchNorm2d], None] | None = None) -> nn.Module:

@@ -19,8 +19,10 @@ from optim_cases import DEVICE
 
 
 def _clear_plans() -> None:
-    for fn in (L._plan_conv, L._plan_wgrad, L._plan_tail):
-        fn.cache_clear()
+    """Every cached launch plan (each launcher's, the fused gradients' too)."""
+    for fn in vars(L).values():
+        if hasattr(fn, "cache_clear"):
+            fn.cache_clear()
 
 
 @pytest.fixture

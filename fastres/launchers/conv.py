@@ -142,6 +142,27 @@ def conv_output_layout(a_shape, a_stride, w_shape, stride: int, padding: int, tr
     return out_shape, _strides_like(out_shape, channels_last)
 
 
+@contextlib.contextmanager
+def planned_with(**functions) -> Iterator[None]:
+    """Plan launches with some of this module's planning functions replaced, e.g.
+    ``planned_with(_num_sms=lambda device: 132)``: for tools that count or compile what another device
+    would launch. The plan caches are cleared before and after, so no plan outlives its inputs."""
+    missing = [name for name in functions if not callable(globals().get(name))]
+    if missing:
+        raise AttributeError(f"planned_with: fastres.launchers.conv has no planning function {missing}")
+    saved = {name: globals()[name] for name in functions}
+    caches = [f for f in globals().values() if hasattr(f, "cache_clear")]
+    for f in caches:
+        f.cache_clear()
+    globals().update(functions)
+    try:
+        yield
+    finally:
+        globals().update(saved)
+        for f in caches:
+            f.cache_clear()
+
+
 # ------------------------------------------------------------------ workspace
 
 class _Workspace:
@@ -341,16 +362,24 @@ def conv_pair(a: torch.Tensor, weight: torch.Tensor, weight2: torch.Tensor, stri
                         weight2=weight2, bn2=bn2)
 
 
+def _planned_output(plan, dtype: torch.dtype, device: torch.device, where: str, ey: torch.Tensor | None,
+                    residual: torch.Tensor | None) -> torch.Tensor:
+    """A planned launch's output, and the check that the tensors its epilogue addresses with the output's
+    strides (the BN input ``ey``, the residual) have them."""
+    out = torch.empty_strided(plan.out_shape, plan.out_stride, dtype=dtype, device=device)
+    if ey is not None:
+        check_same_layout(f"{where}: the epilogue's BN input", ey, out)
+    if residual is not None:
+        check_same_layout(f"{where}: the residual", residual, out)
+    return out
+
+
 def _launch_conv(plan: _ConvPlan, a, weight, dtype, a2, pro, epilogue, ey, bn, stats, affine, residual, *,
                  b=None, b2=None, pro_b=None, weight_b=None, weight2=None, bn2=None):
     """Allocate the outputs of a planned ``_conv_kernel`` launch and launch it:
     ``(out, extra, out2, stats2)``, the last two for ``PAIR_OUTPUTS`` only."""
     device = a.device
-    out = torch.empty_strided(plan.out_shape, plan.out_stride, dtype=dtype, device=device)
-    if ey is not None:
-        check_same_layout("conv: the epilogue's BN input", ey, out)
-    if residual is not None:
-        check_same_layout("conv: the residual", residual, out)
+    out = _planned_output(plan, dtype, device, "conv", ey, residual)
     unused = _unused(device)
     CO = plan.out_shape[1]
     paired_outputs = weight2 is not None
@@ -484,10 +513,14 @@ def separate_grads() -> Iterator[None]:
         _fused_grads.pop()
 
 
+def _grads_shape(weight: torch.Tensor, stride: int, padding: int) -> bool:
+    """The convs :func:`conv_grads` computes: 3x3, stride 1, padding 1, at most 64 output channels."""
+    return tuple(weight.shape[2:]) == (3, 3) and stride == 1 and padding == 1 and weight.shape[0] <= GRADS_MAX_K
+
+
 def grads_fusable(weight: torch.Tensor, stride: int, padding: int) -> bool:
-    """Whether :func:`conv_grads` takes this conv: 3x3, stride 1, padding 1, at most 64 output channels."""
-    return (_fused_grads[-1] and tuple(weight.shape[2:]) == (3, 3) and stride == 1 and padding == 1
-            and weight.shape[0] <= GRADS_MAX_K)
+    """Whether a conv's gradients take :func:`conv_grads` (its shape, outside :func:`separate_grads`)."""
+    return _fused_grads[-1] and _grads_shape(weight, stride, padding)
 
 
 class _GradsPlan(NamedTuple):
@@ -539,7 +572,7 @@ def conv_grads(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, dy2: 
     statistics ``x_pro`` if given. dX gets :func:`conv`'s transposed epilogue: ``EPI_RELU_GRAD`` (``ey``,
     ``bn``, ``stats``) or ``+ residual``. Returns ``(dx, extra, dweight)``, ``extra`` as :func:`conv`'s;
     dweight is in the weight's own memory format."""
-    if not grads_fusable(weight, 1, 1):
+    if not _grads_shape(weight, 1, 1):
         raise ValueError(f"conv_grads: needs a 3x3 weight with at most {GRADS_MAX_K} output channels, got shape "
                          f"{tuple(weight.shape)}")
     if x.shape[0] != dy.shape[0] or x.shape[2:] != dy.shape[2:] or x.shape[1] != weight.shape[1]:
@@ -553,11 +586,7 @@ def conv_grads(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, dy2: 
                        weight.stride(), grad.stride(), dtype, device.type, dot_precision(dtype, device) == "tf32",
                        _num_sms(device), PRO_BN_RELU if x_pro is not None else PRO_NONE, epilogue,
                        residual is not None)
-    out = torch.empty_strided(plan.out_shape, plan.out_stride, dtype=dtype, device=device)
-    if ey is not None:
-        check_same_layout("conv_grads: the epilogue's BN input", ey, out)
-    if residual is not None:
-        check_same_layout("conv_grads: the residual", residual, out)
+    out = _planned_output(plan, dtype, device, "conv_grads", ey, residual)
     unused = _unused(device)
     ws = _workspace(device)
     part, counter = ws.partials(plan.part_numel), ws.counters(plan.grid[1])
@@ -585,9 +614,9 @@ class _TailPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def _plan_tail(shape, itemsize, residual_mode, *layouts) -> _TailPlan:
-    """``itemsize``: bytes per activation element; ``layouts``: the (shape, strides) of every tensor the kernel
-    addresses."""
+def _plan_tail(shape, itemsize, residual_mode, backward, *layouts) -> _TailPlan:
+    """``itemsize``: bytes per activation element; ``backward``: plan ``_bn_relu_backward_kernel`` (else the
+    apply kernel); ``layouts``: the (shape, strides) of every tensor the kernel addresses."""
     N, C, H, W = shape
     block_c = _block(C, 1, 64)
     block_m = max(16, min(256, TAIL_ELEMENTS // block_c))
@@ -595,6 +624,9 @@ def _plan_tail(shape, itemsize, residual_mode, *layouts) -> _TailPlan:
     meta = dict(RESIDUAL=residual_mode, IDX64=_needs_int64(*layouts), BLOCK_M=block_m, BLOCK_C=block_c,
                 SUB_M=max(1, min(block_m, NUM_WARPS * 32 * TAIL_STEP_BYTES // itemsize // block_c)),
                 num_warps=NUM_WARPS)
+    if backward:
+        meta.update(BLOCK_T=_finalize_block_t(n_tiles, block_c),
+                    maxnreg=None if residual_mode == RES_BN else TAIL_BACKWARD_MAXNREG)
     return _TailPlan((n_tiles, _cdiv(C, block_c)), n_tiles, (N, H, W, C), meta)
 
 
@@ -606,7 +638,7 @@ def bn_relu_apply(y: torch.Tensor, stats: torch.Tensor, residual: torch.Tensor |
                   residual_stats: torch.Tensor | None = None) -> torch.Tensor:
     """relu(y * scale + shift + residual), the residual through its own BN (packed stats) if given."""
     res = y if residual is None else residual
-    plan = _plan_tail(tuple(y.shape), y.element_size(), _residual_mode(residual, residual_stats),
+    plan = _plan_tail(tuple(y.shape), y.element_size(), _residual_mode(residual, residual_stats), False,
                       (tuple(y.shape), y.stride()),
                       (tuple(res.shape), res.stride()))
     out = torch.empty_like(y)
@@ -627,7 +659,7 @@ def bn_relu_backward(dout: torch.Tensor, y: torch.Tensor, stats: torch.Tensor, b
     device = y.device
     mode = _residual_mode(residual, residual_stats)
     res = y if residual is None else residual
-    plan = _plan_tail(tuple(y.shape), y.element_size(), mode, (tuple(y.shape), y.stride()),
+    plan = _plan_tail(tuple(y.shape), y.element_size(), mode, True, (tuple(y.shape), y.stride()),
                       (tuple(res.shape), res.stride()),
                       (tuple(dout.shape), dout.stride()))
     C = y.shape[1]
@@ -644,7 +676,5 @@ def bn_relu_backward(dout: torch.Tensor, y: torch.Tensor, stats: torch.Tensor, b
            dout, y, res, g, stats, unused if residual_stats is None else residual_stats,
            bn_weight, coefs.packed, coefs.dweight, coefs.dbias,
            *((residual_bn_weight, *res_coefs) if res_coefs is not None else (unused,) * 4),
-           part, counter, *plan.ints, *dout.stride(), *y.stride(), *res.stride(),
-           BLOCK_T=_finalize_block_t(plan.n_tiles, plan.meta["BLOCK_C"]),
-           maxnreg=None if mode == RES_BN else TAIL_BACKWARD_MAXNREG, **plan.meta)
+           part, counter, *plan.ints, *dout.stride(), *y.stride(), *res.stride(), **plan.meta)
     return g, coefs, res_coefs

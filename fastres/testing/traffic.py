@@ -635,17 +635,8 @@ def planned_for_sms(sms: int) -> Iterator[None]:
     programs, hence their partials, depend on it), clearing the launchers' plan caches around it."""
     from ..launchers import conv as L
 
-    caches = [f for f in vars(L).values() if hasattr(f, "cache_clear")]
-    saved = L._num_sms
-    for f in caches:
-        f.cache_clear()
-    L._num_sms = lambda device: sms
-    try:
+    with L.planned_with(_num_sms=lambda device: sms):
         yield
-    finally:
-        L._num_sms = saved
-        for f in caches:
-            f.cache_clear()
 
 
 def fastres_step_traffic(roles: LaunchRoles, batch: int, size: int, autocast: Optional[torch.dtype],
