@@ -40,6 +40,7 @@ import test_block
 import test_optim
 import test_train
 from fastres.launchers import conv as conv_launchers
+from fastres.launchers.core import triton_launch_path
 from fastres.launchers.optim import CHUNK
 from fastres.testing import count_launches, saved_tensor_bytes
 
@@ -750,7 +751,8 @@ def optim_rows(cfg: Config, out_dir: Optional[str] = None) -> list:
 
 
 TRAIN_GRAPH = test_train.CUDA_GRAPH
-TRAIN_VARIANTS = ["fastres", "eager channels_last", "torch.compile", "torch.compile(fastres)",
+TRITON_PATH = "fastres, Triton's launch path"
+TRAIN_VARIANTS = ["fastres", TRITON_PATH, "eager channels_last", "torch.compile", "torch.compile(fastres)",
                   "fastres" + TRAIN_GRAPH, "eager channels_last" + TRAIN_GRAPH, "torch.compile" + TRAIN_GRAPH]
 TRAIN_GOALS = {"eager channels_last": 1 / 1.5, "torch.compile": 1 / 1.15}  # time ratios (speedups 1.5x, 1.15x)
 
@@ -762,6 +764,13 @@ def train_factory(cfg: Config, variant: str, model: str, batch: int, dtype: str)
         if variant == "torch.compile(fastres)" and cfg.dry:  # its interpreted kernels would double the row's time
             raise Skip("dry run: the compiled fastres model runs on the GPU only (train_step's torch.compile path "
                        "runs here in the torch.compile row)")
+        if variant == TRITON_PATH:  # the A/B of launch()'s kept compiled kernels
+            step = test_train.train_step("fastres", model, batch, dtype, cfg.device, cfg.compile_backend)[0]
+
+            def through_triton():
+                with triton_launch_path():
+                    return step()
+            return through_triton
         step, _ = test_train.train_step(variant, model, batch, dtype, cfg.device, cfg.compile_backend)
         return step
 
@@ -781,6 +790,8 @@ def train_row(cfg: Config, model: str, batch: int) -> dict:
                for b in ("eager channels_last", "torch.compile")]
     ratios.append(ratio(medians, "torch.compile(fastres)", "torch.compile",
                         note="fastres's fused ops are opaque operators in the graph; inductor compiles what is around them"))
+    ratios.append(ratio(medians, "fastres", TRITON_PATH,
+                        note="launch() calling its kept compiled kernels, against Triton's JIT path for every launch"))
     return {"medians_ms": medians, "errors": errors, "launches": launches, "ratios": ratios, "batch": batch,
             "dtype": "bf16 autocast", "images_per_s": {v: batch / (ms * 1e-3) for v, ms in medians.items()},
             "compile_backend": cfg.compile_backend}

@@ -4,18 +4,37 @@ Every Triton launch in fastres goes through :func:`launch`, so tests and tools
 can count launches (:func:`fastres.testing.count_launches`), watch their
 arguments (:func:`observe_launches`) or skip the kernel bodies to time the host
 side alone (:func:`stub_launches`) without touching Triton.
+
+:func:`launch` also keeps each compiled kernel it has launched, keyed by what
+Triton specialises on, and calls it directly the next time: Triton's JIT path
+(binding and specialising every argument, hashing the cache key, checking
+globals) costs about 25 us of Python per launch, as much as a whole fused
+block's own host work.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-from typing import Any, Callable, Iterator
+import functools
+import operator
+from typing import Any, Callable, Iterator, NamedTuple
+
+import torch
 
 # Called as observer(kernel, grid, args, meta) before each launch.
 Observer = Callable[[Any, tuple, tuple, dict], None]
 _observers: list[Observer] = []
 _stubbed = 0
+_triton_path = 0  # > 0: every launch takes Triton's own JIT path (for A/B timing)
+
+# Per JIT kernel: specialisation key -> _Compiled (see _specialisation_key).
+_compiled: dict[Any, dict[tuple, "_Compiled"]] = {}
+
+
+class _Compiled(NamedTuple):
+    kernel: Any  # triton.compiler.CompiledKernel
+    tail: tuple  # values of the parameters after the positional arguments (constexprs, defaults)
 
 
 def kernel_name(kernel: Any) -> str:
@@ -26,11 +45,109 @@ def kernel_name(kernel: Any) -> str:
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
-    """Launch ``kernel[grid](*args, **meta)``; active observers see it first."""
+    """Launch ``kernel[grid](*args, **meta)``; active observers see it first.
+
+    A JIT kernel launched before with the same specialisation is called
+    directly, with the arguments and hooks Triton's own path would pass
+    (``tests/test_launch_path.py`` compares the two). Interpreted kernels,
+    kernels with pre-run hooks and first launches take Triton's path.
+    """
     for observer in _observers:
         observer(kernel, grid, args, meta)
-    if not _stubbed:
+    if _stubbed:
+        return
+    triton = _triton()
+    if _triton_path or type(kernel) is not triton.JITFunction or kernel.pre_run_hooks:
         kernel[grid](*args, **meta)
+        return
+    driver = triton.driver.active
+    device = driver.get_current_device()
+    key = _specialisation_key(device, args, meta)
+    per_kernel = _compiled.setdefault(kernel, {})
+    compiled = per_kernel.get(key)
+    if compiled is None:
+        compiled = kernel[grid](*args, **meta)
+        if compiled is not None:  # None: a JIT cache hook took the launch
+            per_kernel[key] = _compiled_launch(kernel, compiled, len(args), meta)
+        return
+    stream = driver.get_current_stream(device)
+    full = (*args, *compiled.tail)
+    ck = compiled.kernel
+    hooks = triton.knobs.runtime
+    ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, ck.function,
+           ck.packed_metadata, ck.launch_metadata(grid, stream, *full), hooks.launch_enter_hook,
+           hooks.launch_exit_hook, *full)
+
+
+def _specialisation_key(device: int, args: tuple, meta: dict) -> tuple:
+    """Everything Triton's specialisation can depend on, and more: the arguments' types, each
+    tensor's dtype and 16-byte alignment, every int, bool or None by value (floats by type only:
+    Triton passes them as fp32 whatever their value), and the keyword arguments (constexprs,
+    launch options) by value. Built with C-level maps: it runs on every launch."""
+    types = tuple(map(type, args))
+    split = _splits.get(types) or _split(types)
+    tensors = split.tensors(args)
+    pointers = tuple(map(_data_ptr, tensors))
+    aligned = not functools.reduce(operator.or_, pointers, 0) & 15  # all 16-byte aligned: the usual case
+    # The split stands for the types (one per types tuple): hashed by identity, not per type.
+    return (device, tuple(meta.items()), split, split.values(args), tuple(map(_dtype, tensors)),
+            aligned or tuple(not p & 15 for p in pointers))
+
+
+_data_ptr = torch.Tensor.data_ptr
+_dtype = operator.attrgetter("dtype")
+
+
+class _Split:
+    """Getters of a call's tensor arguments and of its arguments keyed by value (not tensors, not
+    floats). Compared and hashed by identity: one per tuple of argument types."""
+
+    __slots__ = ("tensors", "values")
+
+    def __init__(self, tensors: Callable[[tuple], tuple], values: Callable[[tuple], tuple]):
+        self.tensors = tensors
+        self.values = values
+
+
+_splits: dict[tuple, _Split] = {}
+
+
+def _split(types: tuple) -> _Split:
+    """Getters of the tensor and value-keyed arguments of a call with these argument types."""
+    def getter(positions: list[int]) -> Callable[[tuple], tuple]:
+        if len(positions) == 1:
+            return lambda args: (args[positions[0]],)
+        return operator.itemgetter(*positions) if positions else (lambda args: ())
+
+    tensors = [i for i, t in enumerate(types) if issubclass(t, torch.Tensor)]
+    values = [i for i, t in enumerate(types) if not issubclass(t, (torch.Tensor, float))]
+    split = _splits[types] = _Split(getter(tensors), getter(values))
+    return split
+
+
+def _compiled_launch(kernel: Any, compiled: Any, n_args: int, meta: dict) -> _Compiled:
+    """What a later launch with the same key passes: Triton's compiled kernel, and the values its
+    binder gives the parameters after the positional arguments (from ``meta``, else their defaults)."""
+    if hasattr(compiled, "result"):  # an asynchronous compile's future
+        compiled = compiled.result()
+    tail = tuple(meta[p.name] if p.name in meta else p.default for p in kernel.params[n_args:])
+    return _Compiled(compiled, tail)
+
+
+@functools.cache
+def _triton() -> Any:
+    """Triton's JITFunction, driver configuration and knobs, imported on the first launch (fastres imports
+    without triton)."""
+    import triton
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    class _Triton(NamedTuple):
+        JITFunction: type
+        driver: Any
+        knobs: Any
+
+    return _Triton(JITFunction, driver, triton.knobs)
 
 
 @contextlib.contextmanager
@@ -59,6 +176,18 @@ def count_launches() -> Iterator[collections.Counter[str]]:
 
     with observe_launches(count):
         yield counter
+
+
+@contextlib.contextmanager
+def triton_launch_path() -> Iterator[None]:
+    """Every launch inside the block takes Triton's own JIT path, not the kept compiled kernels:
+    for timing the difference (the lease runner and ``benchmarks/host_time.py`` do)."""
+    global _triton_path
+    _triton_path += 1
+    try:
+        yield
+    finally:
+        _triton_path -= 1
 
 
 @contextlib.contextmanager
