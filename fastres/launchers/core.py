@@ -28,8 +28,9 @@ _observers: list[Observer] = []
 _stubbed = 0
 _triton_path = 0  # > 0: every launch takes Triton's own JIT path (for A/B timing)
 
-# Per JIT kernel: specialisation key -> _Compiled (see _specialisation_key).
-_compiled: dict[Any, dict[tuple, "_Compiled"]] = {}
+# Per JIT kernel, by id (JITFunction's own hash digests its source on every call) with the kernel
+# itself, which keeps the id from being reused: specialisation key -> _Compiled (see _specialisation_key).
+_compiled: dict[int, tuple[Any, dict[tuple, "_Compiled"]]] = {}
 
 
 class _Compiled(NamedTuple):
@@ -63,7 +64,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
     driver = triton.driver.active
     device = driver.get_current_device()
     key = _specialisation_key(device, args, meta)
-    per_kernel = _compiled.setdefault(kernel, {})
+    _, per_kernel = _compiled.get(id(kernel)) or _compiled.setdefault(id(kernel), (kernel, {}))
     compiled = per_kernel.get(key)
     if compiled is None:
         compiled = kernel[grid](*args, **meta)
