@@ -900,7 +900,8 @@ def format_table(report: CheckReport) -> str:
     text = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
     text.append("")
     text.append("smem: dynamic shared memory bytes per block ('!' = above the target limit); regs/stack/lmem: registers")
-    text.append("per thread, stack frame and local (spill) bytes from cuobjdump; PTX counts: ldsm=ldmatrix, cpasync=cp.async,")
+    text.append("per thread, stack frame (spilled registers go there) and local-array bytes from cuobjdump; PTX counts:")
+    text.append("ldsm=ldmatrix, cpasync=cp.async,")
     text.append("tma=cp.async.bulk, ldg/stg=ld/st.global (2/4: .v2/.v4 vector), bar=bar.sync, f64=fp64 instructions.")
     text.extend(f"  {key}: {value}" for key, value in legend.items())
     return "\n".join(text)
@@ -910,7 +911,7 @@ def format_markdown(report: CheckReport, cc: int = 90) -> str:
     """The resources of every compile for ``sm_{cc}`` as a Markdown table (the README's kernel resources)."""
     rows = [r for r in report.results if r["cc"] == cc and r["ok"]]
     lines = [
-        "| kernel | variant | warps | regs | stack / spill B | ld.v4 / ld | st.v4 / st | wgmma | mma |",
+        "| kernel | variant | warps | regs | stack / local B | ld.v4 / ld | st.v4 / st | wgmma | mma |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
