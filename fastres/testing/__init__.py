@@ -2,6 +2,8 @@
 
 :mod:`fastres.testing.traffic` models the memory traffic of launches and aten
 ops (``python -m fastres.testing.traffic`` prints the ResNet-20 report).
+:mod:`fastres.testing.no_gpu` takes launches through Triton's compile and
+launch path on a machine without a GPU (compiled for one, recorded, not run).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from ..launchers.core import count_launches, observe_launches, stub_launches
 
-# fastres.testing.traffic is imported on demand: `python -m fastres.testing.traffic`
+# fastres.testing.traffic and .no_gpu are imported on demand: `python -m fastres.testing.traffic`
 # must find it unimported.
 __all__ = ["count_launches", "observe_launches", "saved_tensor_bytes", "stub_launches"]
 
