@@ -10,7 +10,8 @@ with the same arguments: through Triton's own path and through
 the same compiled kernel, grid, stream, metadata, hooks and arguments both
 times, with no call into Triton's JIT on the kept path. A misaligned tensor and
 an integer argument of 1 (both change what Triton specialises) must each select
-the kernel Triton selects. Prints ``OK`` and the host time per launch of both
+the kernel Triton selects, and Triton must not specialise on a float's value
+(the kept path's key leaves it out). Prints ``OK`` and the host time per launch of both
 paths.
 """
 
@@ -122,6 +123,12 @@ def main() -> None:
                 assert diff is None, f"{name}: kept kernel against Triton's path: {diff}"
             original = replay(calls, tail, cached=True)
             assert original.launcher is not kept.launcher, f"{name}: Triton did not specialise on it"
+        # ... and a float's value does not (the key leaves it out).
+        kernel, grid, args, meta = sgd
+        i_float = next(i for i, a in enumerate(args) if type(a) is float)
+        other_float = (kernel, grid, (*args[:i_float], args[i_float] * 0.5 + 1.0, *args[i_float + 1:]), meta)
+        assert replay(calls, other_float, cached=False).launcher is replay(calls, sgd, cached=False).launcher, \
+            "Triton specialised on a float's value"
 
         per_launch = {}
         for label, cached in (("triton", False), ("kept", True)):
