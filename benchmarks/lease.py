@@ -14,8 +14,10 @@ crashing stage never starves the next; what a stage measured is in OUT even when
   3a  correctness: optimizers    45 / 30   lease_items.optim_checks: NaN-poisoned, at full size
   3b  correctness: models+blocks 75 / 25   lease_items.block_checks
   4a  ratios: optimizer steps    35 / 15   lease_items.optim_rows
-  4b  ratios: training steps     60 / 40   lease_items.train_rows, and a torch.profiler table of one
-                                           ResNet-20 step's kernels (GPU time per kernel name)
+  4b  ratios: training steps     60 / 40   lease_items.train_rows (with the host's CPU ms per step of fastres,
+                                           fastres through Triton's own launch path, and eager), and a
+                                           torch.profiler table of one ResNet-20 step's kernels (GPU time
+                                           per kernel name)
   4c  ratios: residual block     60 / 25   lease_items.block_rows (max-autotune only while time remains)
   5   test suite                 the rest  pytest tests (-n with pytest-xdist on the GPU; --timeout with
                                            pytest-timeout), interrupted cleanly before the total budget ends
@@ -635,7 +637,7 @@ def exit_status(data: dict) -> int:
 
 ABBREV = [(" + CUDA graph", "+graph"), ("eager channels_last", "eager-cl"), ("torch.compile max-autotune", "max-autotune"),
           ("torch.compile", "compile"), ("torch-foreach", "foreach"), ("torch-fused", "fused"),
-          ("eager saved activations", "saved")]
+          ("eager saved activations", "saved"), ("fastres, Triton's launch path", "triton-path")]
 
 
 def abbrev(name: str) -> str:
@@ -719,6 +721,8 @@ def render(data: dict) -> str:
             parts.append(f"{r['gbps']:.0f} GB/s" + (f" ({r['fraction_of_copy']:.2f} of copy)" if r.get("fraction_of_copy") else ""))
         if r.get("images_per_s", {}).get("fastres"):
             parts.append(f"{r['images_per_s']['fastres']:.0f} img/s")
+        if r.get("host_ms"):
+            parts.append("host ms/step " + ", ".join(f"{abbrev(v)} {ms:.3g}" for v, ms in r["host_ms"].items()))
         if r.get("profile"):
             parts.append(f"{fmt(r.get('kernels_per_step'), '.0f')} kernels; top: " + ", ".join(
                 f"{k['name'][:28]} {k['ms']:.3g} ms" for k in r["profile"][:3]))

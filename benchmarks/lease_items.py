@@ -642,14 +642,15 @@ def block_checks(cfg: Config) -> list:
 # --------------------------------------------------------------------------- stage 4: ratio rows
 
 
-def time_variants(cfg: Config, factories: dict) -> tuple:
+def time_variants(cfg: Config, factories: dict, host: tuple = ()) -> tuple:
     """Median ms of every variant (built by its factory: a zero-argument step), or why it did not run.
 
-    Returns (medians {variant: ms}, errors {variant: reason}, launches {variant: fastres launches per call}).
+    Returns (medians {variant: ms}, errors {variant: reason}, launches {variant: fastres launches per call},
+    host {variant: CPU ms per call}) with ``host`` only for the variants named in ``host`` (see host_ms).
     Variants are timed back to back in this process; each is released before the next is built. On a dry
     run the warm-up call's own time stands in for the median (interpreted calls take seconds each).
     """
-    medians, errors, launches = {}, {}, {}
+    medians, errors, launches, host_times = {}, {}, {}, {}
     for variant, make in factories.items():
         try:
             fn = make()
@@ -661,13 +662,31 @@ def time_variants(cfg: Config, factories: dict) -> tuple:
                 medians[variant] = (time.perf_counter() - start) * 1e3
             else:
                 medians[variant] = harness.median_ms(fn, cfg.device, cfg.min_runs, warmed=True)
+            if variant in host:
+                host_times[variant] = host_ms(cfg, fn)
         except SKIPS as exc:
             errors[variant] = f"skipped: {getattr(exc, 'msg', None) or exc}"
         except Exception as exc:  # this variant's failure is part of the row; the others go on
             errors[variant] = short(exc)
         fn = None
         release_steps()
-    return medians, errors, launches
+    return medians, errors, launches, host_times
+
+
+HOST_CALLS = 4  # few enough that their launches (~80 each for a training step) never fill the launch queue
+
+
+def host_ms(cfg: Config, fn: Callable[[], Any]) -> float:
+    """CPU time of this thread per call of ``fn``, the device idle at the start: what the host spends
+    (Python, allocation, launches) while the GPU works through the queue, for HOST_CALLS calls."""
+    calls = 1 if cfg.dry else HOST_CALLS  # interpreted calls take seconds
+    synchronize(cfg)
+    start = time.thread_time()
+    for _ in range(calls):
+        fn()
+    elapsed = time.thread_time() - start
+    synchronize(cfg)
+    return elapsed / calls * 1e3
 
 
 def release_steps() -> None:
@@ -713,7 +732,7 @@ def optim_row(cfg: Config, ceiling: Callable[[], dict], name: str, set_name: str
     factories = {"fastres": lambda: getattr(fastres.optim, name)(params, **hyper).step}
     factories.update({v: test_optim.optimizer_factory(name, v, params, cfg.device)
                       for v in ("torch-foreach", "torch-fused")})
-    medians, errors, launches = time_variants(cfg, factories)
+    medians, errors, launches, _ = time_variants(cfg, factories)
     test_optim.make_params.cache_clear()
     bytes_moved = test_optim.numel(paramset) * test_optim.OPTIMIZERS[name][1] * test_optim.DTYPES[dtype].itemsize
     copy_gbps = ceiling().get("copy_gbps")
@@ -781,8 +800,9 @@ def train_row(cfg: Config, model: str, batch: int) -> dict:
     """A bf16 training step: fastres against eager AMP channels_last and torch.compile, each with and without a
     CUDA-graph-captured step; torch.compile of the fastres model against compiled eager; images/s."""
     with cudnn_benchmark():
-        medians, errors, launches = time_variants(cfg, {v: train_factory(cfg, v, model, batch, "bf16")
-                                                        for v in TRAIN_VARIANTS})
+        medians, errors, launches, host = time_variants(cfg, {v: train_factory(cfg, v, model, batch, "bf16")
+                                                              for v in TRAIN_VARIANTS},
+                                                        host=("fastres", TRITON_PATH, "eager channels_last"))
     test_train.image_pool.cache_clear()
     goals = TRAIN_GOALS if model in ("resnet20", "tiny") else {}
     ratios = [ratio(medians, "fastres", b, goals.get(b)) for b in ("eager channels_last", "torch.compile")]
@@ -793,7 +813,7 @@ def train_row(cfg: Config, model: str, batch: int) -> dict:
     ratios.append(ratio(medians, "fastres", TRITON_PATH,
                         note="launch() calling its kept compiled kernels, against Triton's JIT path for every launch"))
     return {"medians_ms": medians, "errors": errors, "launches": launches, "ratios": ratios, "batch": batch,
-            "dtype": "bf16 autocast", "images_per_s": {v: batch / (ms * 1e-3) for v, ms in medians.items()},
+            "host_ms": host, "dtype": "bf16 autocast", "images_per_s": {v: batch / (ms * 1e-3) for v, ms in medians.items()},
             "compile_backend": cfg.compile_backend}
 
 
@@ -882,7 +902,7 @@ def block_row(cfg: Config, ceiling: Callable[[], dict], case, dtype: str, varian
                  functools.partial(lambda v: test_block.block_step(v, case, dtype, cfg.device)[0], v) for v in variants}
     try:
         with cudnn_benchmark():
-            medians, errors, launches = time_variants(cfg, factories)
+            medians, errors, launches, _ = time_variants(cfg, factories)
         saved = test_block.saved_memory(case, dtype, cfg.device) if "fastres" in variants else {}
     finally:
         test_block.block_inputs.cache_clear()

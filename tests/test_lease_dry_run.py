@@ -68,6 +68,11 @@ def test_dry_run_passes_and_reports_every_stage(dry_run):
     assert all(c.get("scaled_down") for c in checks if c["status"] == "pass"), "dry-run checks say what was scaled"
     timed = [r for r in ratios if r["status"] == "ok"]
     assert timed and all(r["medians_ms"].get("fastres", 0) > 0 for r in timed), ratios
+    trained = [r for r in timed if r["name"].startswith("train ")]
+    stage_4b = next(s for s in data["stages"] if s["stage"] == "4b")
+    assert trained or stage_4b["status"] == "cut", ratios
+    assert all(set(r["host_ms"]) == {"fastres", "fastres, Triton's launch path", "eager channels_last"}
+               and min(r["host_ms"].values()) > 0 for r in trained), trained
     assert data["tests"]["status"] in ("pass", "cut") and data["tests"]["counts"].get("PASSED", 0) > 0, data["tests"]
     assert data["summary"]["exit_status"] == 0 and data["summary"]["checks_failed"] == 0
 
