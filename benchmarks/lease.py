@@ -14,8 +14,8 @@ crashing stage never starves the next; what a stage measured is in OUT even when
   3a  correctness: optimizers    45 / 30   lease_items.optim_checks: NaN-poisoned, at full size
   3b  correctness: models+blocks 75 / 25   lease_items.block_checks
   4a  ratios: optimizer steps    35 / 15   lease_items.optim_rows
-  4b  ratios: training steps     60 / 40   lease_items.train_rows (with the host's CPU ms per step of fastres,
-                                           fastres through Triton's own launch path, and eager), and a
+  4b  ratios: training steps     60 / 40   lease_items.train_rows (ResNet-20's with the host's CPU ms per step
+                                           of fastres, fastres through Triton's own launch path, and eager), and a
                                            torch.profiler table of one ResNet-20 step's kernels (GPU time
                                            per kernel name)
   4c  ratios: residual block     60 / 25   lease_items.block_rows (max-autotune only while time remains)

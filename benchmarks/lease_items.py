@@ -800,20 +800,25 @@ def train_factory(cfg: Config, variant: str, model: str, batch: int, dtype: str)
 
 def train_row(cfg: Config, model: str, batch: int) -> dict:
     """A bf16 training step: fastres against eager AMP channels_last and torch.compile, each with and without a
-    CUDA-graph-captured step; torch.compile of the fastres model against compiled eager; images/s."""
+    CUDA-graph-captured step; torch.compile of the fastres model against compiled eager; images/s. The first
+    model's row (ResNet-20) also times fastres through Triton's launch path and records host ms per step."""
+    first = model in ("resnet20", "tiny")
+    variants = [v for v in TRAIN_VARIANTS if first or v != TRITON_PATH]
     with cudnn_benchmark():
-        medians, errors, launches, host = time_variants(cfg, {v: train_factory(cfg, v, model, batch, "bf16")
-                                                              for v in TRAIN_VARIANTS},
-                                                        host=("fastres", TRITON_PATH, "eager channels_last"))
+        medians, errors, launches, host = time_variants(
+            cfg, {v: train_factory(cfg, v, model, batch, "bf16") for v in variants},
+            host=("fastres", TRITON_PATH, "eager channels_last") if first else ())
     test_train.image_pool.cache_clear()
-    goals = TRAIN_GOALS if model in ("resnet20", "tiny") else {}
+    goals = TRAIN_GOALS if first else {}
     ratios = [ratio(medians, "fastres", b, goals.get(b)) for b in ("eager channels_last", "torch.compile")]
     ratios += [ratio(medians, "fastres" + TRAIN_GRAPH, b + TRAIN_GRAPH, goals.get(b))
                for b in ("eager channels_last", "torch.compile")]
     ratios.append(ratio(medians, "torch.compile(fastres)", "torch.compile",
                         note="fastres's fused ops are opaque operators in the graph; inductor compiles what is around them"))
-    ratios.append(ratio(medians, "fastres", TRITON_PATH,
-                        note="launch() calling its kept compiled kernels, against Triton's JIT path for every launch"))
+    if first:
+        ratios.append(ratio(medians, "fastres", TRITON_PATH,
+                            note="launch() calling its kept compiled kernels, against Triton's JIT path for every "
+                                 "launch"))
     return {"medians_ms": medians, "errors": errors, "launches": launches, "ratios": ratios, "batch": batch,
             "host_ms": host, "dtype": "bf16 autocast", "images_per_s": {v: batch / (ms * 1e-3) for v, ms in medians.items()},
             "compile_backend": cfg.compile_backend}
