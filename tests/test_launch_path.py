@@ -53,6 +53,32 @@ def test_specialisation_key_separates_what_triton_specialises_on() -> None:
     assert base not in different
     assert len(set(different)) == len(different)
     assert core._specialisation_key(1, (a, 7, 0.5), {"BLOCK": 16}) != base  # another device
+    # A tuple of tensors would make every key new (and the kept kernels grow without bound): no key.
+    assert key((a, b), 7) is None
+
+
+def test_launches_the_key_cannot_hold_take_tritons_path(monkeypatch) -> None:
+    """A tuple argument or an unhashable keyword argument: the launch still happens, through Triton."""
+    calls = []
+
+    class FakeJIT:
+        pre_run_hooks = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: calls.append((grid, args, meta))
+
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+    fake = core._triton()._replace(JITFunction=FakeJIT, driver=type("Config", (), {"active": Driver()})())
+    monkeypatch.setattr(core, "_triton", lambda: fake)
+    kernel = FakeJIT()
+    t = torch.empty(4)
+    core.launch(kernel, (1,), (t, t), 3)
+    core.launch(kernel, (1,), t, 3, OPTION=[1, 2])
+    assert [c[0] for c in calls] == [(1,), (1,)]
+    assert id(kernel) not in core._compiled or not core._compiled[id(kernel)][1]
 
 
 def test_interpreted_kernels_take_tritons_path() -> None:

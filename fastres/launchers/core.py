@@ -64,8 +64,15 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
     driver = triton.driver.active
     device = driver.get_current_device()
     key = _specialisation_key(device, args, meta)
+    if key is None:  # an argument the key cannot stand for (e.g. a tuple of tensors)
+        kernel[grid](*args, **meta)
+        return
     _, per_kernel = _compiled.get(id(kernel)) or _compiled.setdefault(id(kernel), (kernel, {}))
-    compiled = per_kernel.get(key)
+    try:
+        compiled = per_kernel.get(key)
+    except TypeError:  # an unhashable keyword argument
+        kernel[grid](*args, **meta)
+        return
     if compiled is None:
         compiled = kernel[grid](*args, **meta)
         if compiled is not None:  # None: a JIT cache hook took the launch
@@ -80,13 +87,16 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
            hooks.launch_exit_hook, *full)
 
 
-def _specialisation_key(device: int, args: tuple, meta: dict) -> tuple:
+def _specialisation_key(device: int, args: tuple, meta: dict) -> tuple | None:
     """Everything Triton's specialisation can depend on, and more: the arguments' types, each
     tensor's dtype and 16-byte alignment, every int, bool or None by value (floats by type only:
     Triton passes them as fp32 whatever their value), and the keyword arguments (constexprs,
-    launch options) by value. Built with C-level maps: it runs on every launch."""
+    launch options) by value. Built with C-level maps: it runs on every launch. None when an argument
+    is of another type (a tuple, say, whose tensors would make every key new)."""
     types = tuple(map(type, args))
     split = _splits.get(types) or _split(types)
+    if split is _UNKEYED:
+        return None
     tensors = split.tensors(args)
     pointers = tuple(map(_data_ptr, tensors))
     aligned = not functools.reduce(operator.or_, pointers, 0) & 15  # all 16-byte aligned: the usual case
@@ -111,10 +121,17 @@ class _Split:
 
 
 _splits: dict[tuple, _Split] = {}
+_UNKEYED = _Split(lambda args: (), lambda args: ())  # the split of calls that take Triton's path every time
+_VALUE_TYPES = (int, float, str, type(None), torch.dtype)  # keyed by value (bool is an int)
 
 
 def _split(types: tuple) -> _Split:
-    """Getters of the tensor and value-keyed arguments of a call with these argument types."""
+    """Getters of the tensor and value-keyed arguments of a call with these argument types
+    (``_UNKEYED`` when an argument is neither a tensor nor of ``_VALUE_TYPES``)."""
+    if not all(issubclass(t, (torch.Tensor, *_VALUE_TYPES)) for t in types):
+        _splits[types] = _UNKEYED
+        return _UNKEYED
+
     def getter(positions: list[int]) -> Callable[[tuple], tuple]:
         if len(positions) == 1:
             return lambda args: (args[positions[0]],)
