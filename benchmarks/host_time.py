@@ -54,7 +54,6 @@ import torch  # noqa: E402
 
 import fastres  # noqa: E402
 from fastres import _backend  # noqa: E402
-from fastres.launchers import conv as conv_launchers  # noqa: E402
 from fastres.launchers.core import triton_launch_path  # noqa: E402
 from fastres.testing import count_launches, stub_launches  # noqa: E402
 
@@ -67,11 +66,12 @@ def _launches(launch_path: str) -> contextlib.AbstractContextManager:
         raise RuntimeError(f"--launch-path {launch_path} needs JIT kernels: run this script with TRITON_INTERPRET "
                            "unset (it unsets it itself when run as a script)")
     from fastres.testing.no_gpu import compile_only_driver, kernels_on_cpu
+    from fastres.testing.traffic import GPU_SMS, planned_for_sms
 
     stack = contextlib.ExitStack()
     stack.enter_context(compile_only_driver(90, record=False))
     stack.enter_context(kernels_on_cpu())
-    stack.enter_context(conv_launchers.planned_with(_num_sms=lambda device: 132))  # an H100's plans
+    stack.enter_context(planned_for_sms(GPU_SMS))  # an H100/H200's plans
     if launch_path == "triton":
         stack.enter_context(triton_launch_path())
     return stack

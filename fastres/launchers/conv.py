@@ -69,6 +69,12 @@ def _param_grads(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(weight), torch.empty_like(weight)
 
 
+def _empty_coefs(weight: torch.Tensor) -> BackwardCoefs:
+    """A BatchNorm's backward coefficients and parameter gradients, for an epilogue to fill."""
+    return BackwardCoefs(torch.empty((3, weight.shape[0]), dtype=torch.float32, device=weight.device),
+                         *_param_grads(weight))
+
+
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """channels_last when the channels of a pixel are contiguous, else contiguous."""
     if x.shape[1] > 1 and x.stride(1) == 1 and not x.is_contiguous():
@@ -400,9 +406,8 @@ def _launch_conv(plan: _ConvPlan, a, weight, dtype, a2, pro, epilogue, ey, bn, s
             stats_arg = extra = torch.empty((4, CO), dtype=torch.float32, device=device)
         else:
             stats_arg = stats
-            coef = torch.empty((3, CO), dtype=torch.float32, device=device)
-            extra = BackwardCoefs(coef, *_param_grads(bn.weight))
-            dweight, dbias = extra.dweight, extra.dbias
+            extra = _empty_coefs(bn.weight)
+            coef, dweight, dbias = extra
     second = (unused,) * 6 + (0.0, 0.0)  # bn2's weight, bias, running mean, var, num_batches, stats; momentum, eps
     if paired_outputs:
         out2 = torch.empty_strided(plan.out_shape, plan.out_stride, dtype=dtype, device=device)
@@ -593,9 +598,8 @@ def conv_grads(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, dy2: 
     extra = None
     coef = dweight = dbias = bn_weight = unused
     if epilogue == EPI_RELU_GRAD:
-        coef = torch.empty((3, out.shape[1]), dtype=torch.float32, device=device)
-        extra = BackwardCoefs(coef, *_param_grads(bn.weight))
-        dweight, dbias, bn_weight = extra.dweight, extra.dbias, bn.weight
+        extra = _empty_coefs(bn.weight)
+        (coef, dweight, dbias), bn_weight = extra, bn.weight
     launch(kernels._conv_grads_kernel, plan.grid,
            dy, dy2, dy_pro, weight, x, unused if x_pro is None else x_pro, out, grad,
            out if residual is None else residual, out if ey is None else ey,
