@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import _sync_bn as S
 from .launchers import conv as L
+from .launchers.core import device_guarded
 
 __all__ = ["conv_bn_relu", "conv_bn_relu_backward", "residual_block", "residual_block_backward", "conv_bn_eval"]
 
@@ -65,8 +66,11 @@ _lib.define("conv_bn_eval(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_b
 
 
 def _impl(name: str):
-    """Register the decorated function as op ``name``'s CPU and CUDA implementation."""
+    """Register the decorated function as op ``name``'s CPU and CUDA implementation, run with its first
+    tensor's CUDA device current (Triton launches on the current device; the dispatcher sets no device
+    for Python kernels, and the autograd kernels call the implementations directly)."""
     def register(fn):
+        fn = device_guarded(fn)
         for key in ("CPU", "CUDA"):
             _lib.impl(name, fn, key)
         return fn

@@ -24,6 +24,7 @@ import torch
 
 from ..kernels import conv as kernels
 from .core import launch
+from .workspace import _workspace
 
 PRO_NONE, PRO_BN_RELU, PRO_BN_GRAD = kernels.PRO_NONE, kernels.PRO_BN_RELU, kernels.PRO_BN_GRAD
 EPI_NONE, EPI_STATS, EPI_RELU_GRAD = kernels.EPI_NONE, kernels.EPI_STATS, kernels.EPI_RELU_GRAD
@@ -167,60 +168,6 @@ def planned_with(**functions) -> Iterator[None]:
         globals().update(saved)
         for f in caches:
             f.cache_clear()
-
-
-# ------------------------------------------------------------------ workspace
-
-class _Workspace:
-    """fp32 partials and zeroed int32 counters for in-launch reductions, per device and stream.
-
-    Every launch consumes its partials and leaves its counters at zero before
-    it ends, so launches on one stream can share one region. Buffers only
-    grow, and outgrown ones are kept, so a captured CUDA graph never points
-    at freed memory.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.scratch = torch.empty(0, dtype=torch.float32, device=device)
-        self.counter = torch.zeros(0, dtype=torch.int32, device=device)
-        self._outgrown: list[torch.Tensor] = []
-        self._views: dict[tuple[bool, int], torch.Tensor] = {}  # the sizes a model asks for, sliced once
-
-    def partials(self, numel: int) -> torch.Tensor:
-        """``numel`` fp32 values (exactly: a launch's arguments say what it touches)."""
-        view = self._views.get((False, numel))
-        if view is None:
-            if self.scratch.numel() < numel:
-                self._outgrown.append(self.scratch)
-                self.scratch = torch.empty(max(numel, 2 * self.scratch.numel(), 1 << 16), dtype=torch.float32,
-                                           device=self.device)
-                self._views = {k: v for k, v in self._views.items() if k[0]}
-            view = self._views[(False, numel)] = self.scratch[:numel]
-        return view
-
-    def counters(self, numel: int) -> torch.Tensor:
-        """``numel`` int32 counters, all zero."""
-        view = self._views.get((True, numel))
-        if view is None:
-            if self.counter.numel() < numel:
-                self._outgrown.append(self.counter)
-                self.counter = torch.zeros(max(numel, 2 * self.counter.numel(), 4096), dtype=torch.int32,
-                                           device=self.device)
-                self._views = {k: v for k, v in self._views.items() if not k[0]}
-            view = self._views[(True, numel)] = self.counter[:numel]
-        return view
-
-
-_workspaces: dict[tuple, _Workspace] = {}
-
-
-def _workspace(device: torch.device) -> _Workspace:
-    key = (device, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else (device,)
-    ws = _workspaces.get(key)
-    if ws is None:
-        ws = _workspaces[key] = _Workspace(device)
-    return ws
 
 
 _placeholders: dict[torch.device, torch.Tensor] = {}

@@ -10,6 +10,13 @@ Triton specialises on, and calls it directly the next time: Triton's JIT path
 (binding and specialising every argument, hashing the cache key, checking
 globals) costs about 29 us of Python per launch on the 2-core dev VM, this path
 about 13 us (``benchmarks/host_time.py --launch-path triton|kept``).
+
+Triton launches on the *current* CUDA device and its current stream, whatever
+device the tensors are on. Every entry point that launches (the operators in
+``fastres.ops``, the optimizers' buckets, ``clip_grad_norm_``) therefore runs
+under :func:`on_device_of`/:func:`device_guarded`, which make the tensors'
+device current (a ``torch.cuda.device`` block only when it is not already), so
+the launch, its stream and the workspaces keyed on that stream agree.
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
         kernel[grid](*args, **meta)
         return
     driver = triton.driver.active
+    # The device and stream Triton's own path takes (JITFunction.run: driver.active.get_current_device()):
+    # the current CUDA device, which the entry points' device guard made the tensors' one.
     device = driver.get_current_device()
     key = _specialisation_key(device, args, meta)
     if key is None:  # an argument the key cannot stand for (e.g. a tuple of tensors)
@@ -155,7 +164,12 @@ def _compiled_launch(kernel: Any, compiled: Any, n_args: int, meta: dict) -> _Co
 @functools.cache
 def _triton() -> Any:
     """Triton's JITFunction, driver configuration and knobs, imported on the first launch (fastres imports
-    without triton)."""
+    without triton).
+
+    The kept path calls ``CompiledKernel.run`` as Triton 3.6-3.9 do (every bound argument, constexprs
+    included, and ``triton.knobs.runtime``'s hooks; pyproject's floor is triton 3.6). A Triton without
+    ``triton.knobs`` (before 3.4) takes Triton's own path for every launch instead of failing on it."""
+    global _triton_path
     import triton
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
@@ -165,7 +179,55 @@ def _triton() -> Any:
         driver: Any
         knobs: Any
 
-    return _Triton(JITFunction, driver, triton.knobs)
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:
+        _triton_path += 1  # for good: the kept path needs knobs.runtime's launch hooks
+    return _Triton(JITFunction, driver, knobs)
+
+
+# ------------------------------------------------------------------ device and capture state
+
+_tensor_device = torch.Tensor.get_device  # a tensor's CUDA device index; -1 for CPU tensors
+
+
+def _current_device() -> int:
+    return torch.cuda.current_device()
+
+
+def _device(index: int) -> contextlib.AbstractContextManager:
+    return torch.cuda.device(index)
+
+
+def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context in which ``t``'s CUDA device is current: ``torch.cuda.device(index)`` when another
+    device is current, else a no-op context (CPU tensors, or the device already current: the usual
+    case, which costs a device-index read and a comparison)."""
+    index = _tensor_device(t)
+    if index < 0 or index == _current_device():
+        return contextlib.nullcontext()
+    return _device(index)
+
+
+def device_guarded(fn: Callable) -> Callable:
+    """``fn(t, ...)`` run with its first argument's CUDA device current (see :func:`on_device_of`)."""
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        index = _tensor_device(args[0])
+        if index < 0 or index == _current_device():
+            return fn(*args, **kwargs)
+        with _device(index):
+            return fn(*args, **kwargs)
+
+    return guarded
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether work for ``device`` is being captured into a CUDA graph now (the current stream of the
+    current device, which the device guard made ``device``'s). False for a CPU tensor's device, whose
+    index is None (read instead of ``device.type``, which costs 0.6 us: this runs on every launch that
+    takes a workspace); a CPU-only torch has no capture state to ask."""
+    return device.index is not None and torch.cuda.is_current_stream_capturing()
 
 
 @contextlib.contextmanager

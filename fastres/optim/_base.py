@@ -19,6 +19,7 @@ import torch
 from torch.optim import Optimizer
 
 from .._backend import uses_kernels
+from ..launchers import core
 from ..launchers import optim as launchers
 from ..launchers.multi_tensor import TableCache
 from . import _torch_path
@@ -180,7 +181,8 @@ class FusedOptimizer(Optimizer):
                     run = functools.partial(getattr(launchers, self._rule), bucket.tables, **amp)
                 else:
                     run = functools.partial(getattr(_torch_path, self._rule), **amp)
-                self._update(group, bucket, grads, run)
+                with core.on_device_of(bucket.params[0]):  # Triton launches on the current device
+                    self._update(group, bucket, grads, run)
                 bucket.first_step = [False] * len(bucket.params)
         return loss
 
@@ -247,11 +249,15 @@ class FusedOptimizer(Optimizer):
     def _step_tensor(state: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
         """The param's step: a float32 scalar on its device, as torch's fused optimizers keep it.
 
-        A state loaded from a non-fused torch.optim (CPU step) is moved once.
+        Made on the device by a fill (``torch.tensor(value, device=...)`` would copy from pageable host
+        memory, which blocks the host until the stream reaches the copy). A state loaded from a
+        non-fused torch.optim (a CPU step tensor, or a number) is read on the host, which costs no
+        synchronisation, and filled in the same way; a step on another GPU is copied.
         """
         step = state.get("step")
-        if not isinstance(step, torch.Tensor):
-            step = torch.tensor(0.0 if step is None else float(step), dtype=torch.float32, device=p.device)
+        if not isinstance(step, torch.Tensor) or (step.device.type == "cpu" and p.device.type != "cpu"):
+            value = 0.0 if step is None else float(step)
+            step = torch.full((), value, dtype=torch.float32, device=p.device)
             state["step"] = step
         elif step.dtype != torch.float32 or step.device != p.device:
             step = step.to(device=p.device, dtype=torch.float32)

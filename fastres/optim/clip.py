@@ -6,6 +6,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from .._backend import uses_kernels
+from ..launchers import core
 from ..launchers import grad_norm as launchers
 
 
@@ -42,7 +43,8 @@ def clip_grad_norm_(
     )
     if not fused:
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
-    total_norm = launchers.clip_grad_norm(grads, max_norm, inf_norm=norm_type == math.inf)
+    with core.on_device_of(grads[0]):  # Triton launches on the current device
+        total_norm = launchers.clip_grad_norm(grads, max_norm, inf_norm=norm_type == math.inf)
     if error_if_nonfinite and not torch.isfinite(total_norm):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
