@@ -156,9 +156,16 @@ def test_resume_extends_a_step_schedule(train_cifar, tmp_path):
     _same_training(tmp_path / "straight", tmp_path / "short")
 
 
-def test_ddp_two_processes_gloo(tmp_path):
+@pytest.mark.parametrize("device", [
+    "cpu",  # gloo
+    pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                                  reason="NCCL with one GPU per process needs two GPUs")),
+])
+def test_ddp_two_processes(tmp_path, device):
+    # The device is explicit: left to the example, a CUDA machine gives rank 1 cuda:1, absent on a one-GPU one.
     out = tmp_path / "ddp"
-    result = _run(_args(tmp_path, "--impl", "torch", "--model", "notes", "--epochs", "1", "--out", str(out)),
+    result = _run(_args(tmp_path, "--impl", "torch", "--model", "notes", "--epochs", "1", "--device", device,
+                        "--out", str(out)),
                   cwd=tmp_path, launcher=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
     assert result.stdout.count("epoch   1/1") == 1  # only rank 0 prints
     log = _check_run(out, "torch", 1, result.stdout)
