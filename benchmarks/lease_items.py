@@ -6,10 +6,14 @@ Imported by the stage processes only (never by the runner's own process), after
 
 Each check and each ratio row is an :class:`Item`: ``run()`` does it and returns
 the fields of its record (a check raises ``AssertionError`` when it fails);
-``warm()`` runs the fastres (and torch.compile) work of ``run()`` once at the
-same shapes, dtypes and options, so that stage 2 compiles every kernel variant
-before anything is timed. A :class:`Config` holds the sizes: the GPU's, or the
-dry run's tiny ones (``scaled`` says what was scaled down).
+``warm()`` runs the fastres work of ``run()`` once at the same shapes, dtypes and
+options, so that stage 2 compiles every Triton kernel variant before anything is
+timed, and each of ``compiles`` builds one ``torch.compile`` (inductor) graph of
+``run()`` into inductor's on-disk caches. A :class:`Config` holds the sizes: the
+GPU's, or the dry run's tiny ones (``scaled`` says what was scaled down).
+
+A ratio row records each variant as soon as it is timed (:func:`recording_variants`),
+so a row cut by the stage's watchdog keeps what it measured.
 
 The pieces come from the benchmark suite (``test_optim``, ``test_block``,
 ``test_train``, ``resnet_bench``, ``harness``) and the tests (``optim_cases``'s
@@ -42,7 +46,7 @@ import test_train
 from fastres.launchers import conv as conv_launchers
 from fastres.launchers.core import triton_launch_path
 from fastres.launchers.optim import CHUNK
-from fastres.testing import count_launches, saved_tensor_bytes
+from fastres.testing import count_launches
 
 FP32, BF16 = torch.float32, torch.bfloat16
 
@@ -59,11 +63,12 @@ class Item:
     name: str
     kind: str  # "check" or "ratio"
     run: Callable[[], dict]
-    warm: Optional[Callable[[], None]] = None
+    warm: Optional[Callable[[], None]] = None  # the Triton kernels of run(): short, stage 2 runs these first
     scaled: str = ""  # on a dry run: what differs from the GPU run
-    warm_first: bool = False  # a long compile (torch.compile): stage 2 starts it first
     group: str = ""  # the summary prints a group's items on one line: "group: label PASS, label PASS"
     label: str = ""
+    # Inductor compiles of run() ({variant: build}), each a long task of its own in stage 2, a few at a time.
+    compiles: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +77,8 @@ class Config:
 
     dry: bool
     inject_failure: bool = False
+    inject_cut_row: bool = False  # --inject-cut-row: a row hangs after its first variant, until the watchdog
+
 
     @property
     def device(self) -> str:
@@ -84,13 +91,20 @@ class Config:
             return {"resnet20": "tiny", "100M/1000": "20k/20"}
         return {"resnet20": "resnet20", "resnet18": "resnet18", "100M/1000": "100M"}
 
-    @property
-    def optim_steps(self) -> int:
-        return 2 if self.dry else 10
+    def optim_steps(self, set_name: str) -> int:
+        # 100M in 1,000 tensors: each step's comparison flattens 400 MB per state tensor, so 3 steps fit 3a's
+        # budget (12 such checks); the smaller sets take 10.
+        return 2 if self.dry else 3 if set_name == "100M/1000" else 10
 
     @property
     def counter(self) -> tuple:  # (numel of the big tensor, steps)
         return (2 * CHUNK + 3, 2) if self.dry else (64 * CHUNK + 3, 1000)
+
+    @property
+    def counter_stress(self) -> tuple:  # (single-chunk tensors, multi-chunk shapes, steps)
+        if self.dry:
+            return 6, [(2 * CHUNK + 3,)], 3
+        return 300, [(CHUNK + 1,), (5 * CHUNK + 7,), (64 * CHUNK + 3,)], 200
 
     @property
     def graph_replays(self) -> int:
@@ -231,17 +245,27 @@ def mismatch(actual: torch.Tensor, expected: torch.Tensor, tol: dict, history: O
     |actual - expected| <= atol + rtol |expected| + hist max(history, |expected|), ``expected`` rounded to
     ``actual``'s dtype first; any NaN fails (a NaN-poisoned element that was never written shows here).
     """
-    a = actual.detach().double().reshape(-1)
-    b = expected.detach().to(actual.dtype).double().reshape(-1)
-    mag = b.abs() if history is None else torch.maximum(b.abs(), history.double().reshape(-1))
-    allowed = tol["atol"] + tol["rtol"] * b.abs() + tol["hist"] * mag
-    bad = ~((a - b).abs() <= allowed)  # NaN compares False: bad
+    a, b, allowed, bad = _compare(actual, expected, tol, history)
     n = int(bad.sum())
     if not n:
         return None
     i = int(bad.nonzero()[0])
     return (f"{what}: {n} of {a.numel()} elements differ; first at flat index {i}: got {a[i].item()!r}, "
             f"expected {b[i].item()!r} (allowed {allowed[i].item():.3g})")
+
+
+def _compare(actual: torch.Tensor, expected: torch.Tensor, tol: dict, history: Optional[torch.Tensor]) -> tuple:
+    """(actual, expected, allowed difference, mask of elements that differ), flat, in float64, on the device."""
+    a = actual.detach().double().reshape(-1)
+    b = expected.detach().to(actual.dtype).double().reshape(-1)
+    mag = b.abs() if history is None else torch.maximum(b.abs(), history.double().reshape(-1))
+    allowed = tol["atol"] + tol["rtol"] * b.abs() + tol["hist"] * mag
+    return a, b, allowed, ~((a - b).abs() <= allowed)  # NaN compares False: bad
+
+
+def count_mismatches(actual: torch.Tensor, expected: torch.Tensor, tol: dict) -> torch.Tensor:
+    """How many elements break :func:`mismatch`'s rule (no history), as a device scalar: no host sync."""
+    return _compare(actual, expected, tol, None)[3].sum()
 
 
 def torch_reference(name: str, params: list, options: dict, device: str) -> tuple:
@@ -289,7 +313,8 @@ def short(exc: BaseException, limit: int = 300) -> str:
 
 
 def optim_parity(cfg: Config, name: str, set_name: str, dtype: torch.dtype, inject: bool = False) -> dict:
-    """fastres.optim.<name> against torch.optim (fused, else foreach) for ``optim_steps`` steps, every state tensor.
+    """fastres.optim.<name> against torch.optim (fused, else foreach), every state tensor, for
+    ``cfg.optim_steps(set_name)`` steps.
 
     Options make every state tensor exist (optim_cases.FULL_STATE_OPTIONS). bf16: torch steps fp32 copies that
     are rounded to bf16 after each step (optim_cases' "master" reference). Steps after the first run under
@@ -304,7 +329,8 @@ def optim_parity(cfg: Config, name: str, set_name: str, dtype: torch.dtype, inje
     tol = optim_cases.tolerance(dtype, "master")
     history: dict = {}
     gen = torch.Generator(device).manual_seed(1)
-    for step in range(1, cfg.optim_steps + 1):
+    steps = cfg.optim_steps(set_name)
+    for step in range(1, steps + 1):
         for p, q, g in zip(fr, ref, device_grads(shapes, gen, device)):
             p.grad, q.grad = g.to(dtype), g.to(dtype).float()
         with poisoned(cfg), no_host_sync(cfg, active=step > 1):
@@ -312,7 +338,7 @@ def optim_parity(cfg: Config, name: str, set_name: str, dtype: torch.dtype, inje
         ref_opt.step()
         if dtype != FP32:
             optim_cases.round_to_storage(ref_opt, ref, [dtype] * len(ref))
-        if inject and step == cfg.optim_steps:  # --inject-failure: a wrong element the comparison must catch
+        if inject and step == steps:  # --inject-failure: a wrong element the comparison must catch
             with torch.no_grad():
                 fr[0].view(-1)[0] += 1.0
         keys = set(ref_opt.state[ref[0]])
@@ -320,8 +346,9 @@ def optim_parity(cfg: Config, name: str, set_name: str, dtype: torch.dtype, inje
             if set(fr_opt.state[p]) != set(ref_opt.state[q]):
                 raise AssertionError(f"param {i}: state keys {sorted(fr_opt.state[p])} vs torch's {sorted(ref_opt.state[q])}")
         if "step" in keys:
-            steps_fr = torch.stack([fr_opt.state[p]["step"].float().cpu() for p in fr])
-            steps_ref = torch.stack([ref_opt.state[q]["step"].float().cpu() for q in ref])
+            # Stacked where they live and moved once: a .cpu() per tensor is 2,000 syncs a step on 100M/1000.
+            steps_fr = torch.stack([fr_opt.state[p]["step"].float() for p in fr])
+            steps_ref = torch.stack([ref_opt.state[q]["step"].float() for q in ref]).to(steps_fr.device)
             if not torch.equal(steps_fr, steps_ref):
                 raise AssertionError(f"step {step}: state['step'] {steps_fr.tolist()[:4]}... vs torch's {steps_ref.tolist()[:4]}...")
         # One comparison per key over all tensors at once (1,000 tensors would be 1,000 x a dozen launches each).
@@ -333,7 +360,7 @@ def optim_parity(cfg: Config, name: str, set_name: str, dtype: torch.dtype, inje
             bad = mismatch(a, b, tol, history[key], f"step {step}, {key} (all {len(fr)} tensors, flattened)")
             if bad:
                 raise AssertionError(bad + f" (vs torch.optim.{name} {kind}; tensor sizes {[p.numel() for p in fr][:8]}...)")
-    return {"reference": f"torch.optim.{name}({kind}=True)", "steps": cfg.optim_steps,
+    return {"reference": f"torch.optim.{name}({kind}=True)", "steps": steps,
             "params": sum(math.prod(s) for s in shapes), "tensors": len(shapes),
             "sync_checked": cfg.device == "cuda"}
 
@@ -381,22 +408,119 @@ def step_counter(cfg: Config) -> dict:
     return {"steps": steps, "programs_per_tensor": -(-numel // CHUNK), "numel": numel}
 
 
+# Optimizer options of the counter stress check: each uses its step count (Adam's bias corrections,
+# Adagrad's lr decay), so a count some warps read wrong changes the update.
+COUNTER_STRESS_OPTIONS = {"Adam": dict(lr=1e-2, weight_decay=1e-2), "Adagrad": dict(lr=0.1, lr_decay=0.01)}
+
+
+def counter_stress_shapes(cfg: Config) -> list:
+    """Many single-chunk tensors (a 0-d one, one of exactly CHUNK elements, then sizes spread over 1..CHUNK)
+    and a few multi-chunk ones: the two ways advance_step stores the count (one program, or the last reader)."""
+    singles, multi, _ = cfg.counter_stress
+    return [(), (CHUNK,)] + [(1 + (i * 7919) % CHUNK,) for i in range(singles - 2)] + multi
+
+
+def counter_stress(cfg: Config, name: str) -> dict:
+    """fastres.optim.<name> against torch.optim, every step compared from the same state (issue 18).
+
+    The device step counter must equal the step number on every tensor after every step (exactly); params
+    and state tensors follow optim_cases' fp32 rule. After each comparison torch's values are copied into
+    fastres's, so that each step is checked on its own: a count that some warps read one step ahead moves
+    that step's update by 0.3% at step 200, which a comparison of 200 accumulated steps could not resolve.
+    The counts of differing elements stay on the device (no sync in the loop); the first step with any
+    fails the check.
+    """
+    device, shapes = cfg.device, counter_stress_shapes(cfg)
+    _, _, steps = cfg.counter_stress
+    options = COUNTER_STRESS_OPTIONS[name]
+    fr = leaf_params(shapes, FP32, device, seed=4)
+    ref = [p.detach().clone().requires_grad_() for p in fr]
+    sizes = [p.numel() for p in fr]
+    # Both sides' grads are views of one buffer each: a step's fresh grads are three launches, not 900.
+    grad_fr = torch.empty(sum(sizes), device=device)
+    grad_ref = torch.empty_like(grad_fr)
+    for p, q, g, h in zip(fr, ref, grad_fr.split(sizes), grad_ref.split(sizes)):
+        p.grad, q.grad = g.view(p.shape), h.view(q.shape)
+    fr_opt = getattr(fastres.optim, name)(fr, **options)
+    ref_opt, kind = torch_reference(name, ref, options, device)
+    tol = optim_cases.tolerance(FP32, "master")
+    gen = torch.Generator(device).manual_seed(5)
+    keys: list = []
+    bad = None  # [step, what]: wrong counts, then differing elements of the param and of each state tensor
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            grad_fr.normal_(generator=gen)
+            grad_fr.add_(grad_fr.sign(), alpha=0.05)  # |g| >= 0.05, as device_grads
+            grad_ref.copy_(grad_fr)
+        with poisoned(cfg) if step == 1 else contextlib.nullcontext():
+            fr_opt.step()
+        ref_opt.step()
+        if bad is None:
+            keys = sorted(set(ref_opt.state[ref[0]]) - {"step"})
+            bad = torch.zeros(steps, 2 + len(keys), dtype=torch.int64, device=device)
+        counts = torch.stack([fr_opt.state[p]["step"] for p in fr])
+        bad[step - 1, 0] = (counts != step).sum()
+        with torch.no_grad():
+            for j, key in enumerate(["param"] + keys):
+                mine = fr if key == "param" else [fr_opt.state[p][key] for p in fr]
+                theirs = ref if key == "param" else [ref_opt.state[q][key] for q in ref]
+                bad[step - 1, 1 + j] = count_mismatches(flat(mine), flat(theirs), tol)
+                torch._foreach_copy_(mine, [t.detach() for t in theirs])
+    per_step = bad.cpu()
+    wrong = per_step.sum(dim=1).nonzero()
+    if len(wrong):
+        i = int(wrong[0])
+        what = [f"state['step'] wrong on {int(per_step[i, 0])} of {len(fr)} tensors"] if per_step[i, 0] else []
+        what += [f"{key}: {int(n)} of {sum(sizes)} elements differ"
+                 for key, n in zip(["param"] + keys, per_step[i, 1:]) if n]
+        raise AssertionError(f"step {i + 1} of {steps} (each from torch's state after the one before): "
+                             + "; ".join(what) + f" (vs torch.optim.{name} {kind}; {len(fr)} tensors)")
+    return {"reference": f"torch.optim.{name}({kind}=True)", "steps": steps, "tensors": len(shapes),
+            "single_chunk": sum(n <= CHUNK for n in sizes), "programs_per_tensor_max": -(-max(sizes) // CHUNK)}
+
+
+# Set when a CUDA-graph capture failed: the caching allocator may still point at the dead graph's pool,
+# so the stage process ends after the item (lease.run_items) and the next item starts in a fresh one.
+_FRESH_PROCESS: list = []
+
+
+def needs_fresh_process() -> str:
+    """Why this process must end after its current item ("" when it need not)."""
+    return _FRESH_PROCESS[0] if _FRESH_PROCESS else ""
+
+
+def capture_failed(what: str) -> None:
+    _FRESH_PROCESS.append(f"a CUDA-graph capture failed in {what}")
+
+
+CAPTURE_WARMUP = 2  # eager steps before capture: the first step's state creation and flags are behind it
+
+
 def capture(step: Callable[[], Any], cfg: Config) -> Callable[[], Any]:
     """``step`` captured in a CUDA graph (warmed up on a side stream first); returns its replay.
 
-    On the CPU (dry run) there are no graphs: ``step`` itself stands in, so the comparison still runs.
+    Two warm-up steps: an optimizer's first step creates its state and flips its first-step flags (SGD's
+    momentum), so one step would leave the capture to rebuild tables (a pinned copy and a torch.zeros
+    recorded into the graph). On the CPU (dry run) there are no graphs: ``step`` itself stands in, so the
+    comparison still runs.
     """
     if cfg.device != "cuda":
-        step()
+        for _ in range(CAPTURE_WARMUP):
+            step()
         return step
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        step()
+        for _ in range(CAPTURE_WARMUP):
+            step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except Exception:
+        capture_failed(getattr(step, "__qualname__", "a step"))
+        raise
     return graph.replay
 
 
@@ -415,8 +539,9 @@ def graph_step(cfg: Config, name: str) -> dict:
         q.grad = p.grad.clone()
     opt_e = getattr(fastres.optim, name)(eager, **kwargs)
     opt_g = getattr(fastres.optim, name)(graphed, **{**kwargs, "lr": kwargs["lr"].clone()})
-    opt_e.step()
-    replay = capture(opt_g.step, cfg)  # its warm-up is the graphed side's first step
+    for _ in range(CAPTURE_WARMUP):
+        opt_e.step()
+    replay = capture(opt_g.step, cfg)  # its warm-up steps are the graphed side's first steps
     for i in range(cfg.graph_replays):
         for p, q in zip(eager, graphed):
             g = torch.randn_like(p)
@@ -470,6 +595,14 @@ def optim_checks(cfg: Config) -> list:
                           functools.partial(warm_optim, cfg, name, dict(opts, lr=1e-2), shapes_of(cfg, "resnet20"),
                                             FP32, lr_tensor=True),
                           cfg.scaled("no CUDA graph on a CPU: the eager step stands in for the replay")))
+    singles, multi, stress_steps = cfg.counter_stress
+    for name in COUNTER_STRESS_OPTIONS:
+        items.append(Item(f"optim step counter stress {name}", "check", functools.partial(counter_stress, cfg, name),
+                          functools.partial(warm_optim, cfg, name, COUNTER_STRESS_OPTIONS[name],
+                                            counter_stress_shapes(cfg), FP32),
+                          cfg.scaled(f"{stress_steps} steps, {singles} single-chunk and {len(multi)} multi-chunk "
+                                     "tensors"),
+                          group="optim step counter stress", label=name))
     items.append(Item("optim >2^31 elements SGD", "check", functools.partial(big_tensor, cfg),
                       functools.partial(warm_optim, cfg, "SGD", {"lr": 0.5}, [(cfg.big_numel,)], FP32),
                       cfg.scaled(f"{cfg.big_numel} elements, not 2^31 + 4099")))
@@ -483,7 +616,7 @@ def optim_checks(cfg: Config) -> list:
             f"optim {name} {set_name} {dt}", "check",
             functools.partial(optim_parity, cfg, name, set_name, dtype, inject=cfg.inject_failure and i == 0),
             functools.partial(warm_optim, cfg, name, optim_cases.FULL_STATE_OPTIONS[name], shapes_of(cfg, set_name), dtype),
-            cfg.scaled(f"{set_name} -> {cfg.optim_sets[set_name]} params, {cfg.optim_steps} steps"),
+            cfg.scaled(f"{set_name} -> {cfg.optim_sets[set_name]} params, {cfg.optim_steps(set_name)} steps"),
             group=f"optim {set_name} {dt}", label=name))
     return items
 
@@ -633,13 +766,27 @@ def block_checks(cfg: Config) -> list:
     batch, hw, steps = cfg.models[first]
     for mode in COMPILE_CHECK_MODES if not cfg.dry else ("default",):
         items.append(Item(f"model {first} compiled {mode} {steps} SGD steps", "check",
-                          functools.partial(model_check, cfg, first, mode),
-                          functools.partial(warm_model, cfg, first, mode),
-                          cfg.scaled(f"batch {batch}, {hw}x{hw}, {steps} step, aot_eager"), warm_first=True))
+                          functools.partial(model_check, cfg, first, mode), None,
+                          cfg.scaled(f"batch {batch}, {hw}x{hw}, {steps} step, aot_eager"),
+                          compiles={mode: functools.partial(warm_model, cfg, first, mode)}))
     return items
 
 
 # --------------------------------------------------------------------------- stage 4: ratio rows
+
+
+_VARIANT_SINK: list = []  # the callable recording_variants installed, if any
+
+
+@contextlib.contextmanager
+def recording_variants(sink: Callable[[str, dict], None]) -> Iterator[None]:
+    """Inside the block time_variants hands each variant's fields to ``sink(variant, fields)`` as soon as it
+    is timed (lease.run_items appends them to OUT), so a row cut by the watchdog keeps its timed variants."""
+    _VARIANT_SINK.append(sink)
+    try:
+        yield
+    finally:
+        _VARIANT_SINK.remove(sink)
 
 
 def time_variants(cfg: Config, factories: dict, host: tuple = ()) -> tuple:
@@ -647,8 +794,9 @@ def time_variants(cfg: Config, factories: dict, host: tuple = ()) -> tuple:
 
     Returns (medians {variant: ms}, errors {variant: reason}, launches {variant: fastres launches per call},
     host {variant: CPU ms per call}) with ``host`` only for the variants named in ``host`` (see host_ms).
-    Variants are timed back to back in this process; each is released before the next is built. On a dry
-    run the warm-up call's own time stands in for the median (interpreted calls take seconds each).
+    Variants are timed back to back in this process; each is released before the next is built, and handed
+    to the recording_variants sink when done. On a dry run the warm-up call's own time stands in for the
+    median (interpreted calls take seconds each).
     """
     medians, errors, launches, host_times = {}, {}, {}, {}
     for variant, make in factories.items():
@@ -668,8 +816,17 @@ def time_variants(cfg: Config, factories: dict, host: tuple = ()) -> tuple:
             errors[variant] = f"skipped: {getattr(exc, 'msg', None) or exc}"
         except Exception as exc:  # this variant's failure is part of the row; the others go on
             errors[variant] = short(exc)
+            if variant.endswith(TRAIN_GRAPH) and cfg.device == "cuda":  # GraphedStep captures on its 4th call
+                capture_failed(variant)
         fn = None
         release_steps()
+        fields = {"median_ms": medians.get(variant), "launches": launches.get(variant),
+                  "host_ms": host_times.get(variant), "error": errors.get(variant)}
+        for sink in _VARIANT_SINK:
+            sink(variant, {k: v for k, v in fields.items() if v is not None})
+        if cfg.inject_cut_row:
+            print(f"--inject-cut-row: hanging after {variant} until the watchdog ends the part", flush=True)
+            time.sleep(10**6)
     return medians, errors, launches, host_times
 
 
@@ -824,12 +981,12 @@ def train_row(cfg: Config, model: str, batch: int) -> dict:
             "compile_backend": cfg.compile_backend}
 
 
-def warm_train(cfg: Config, model: str, batch: int) -> None:
+def warm_train(cfg: Config, model: str, batch: int, variant: str = "fastres") -> None:
+    """Two steps of ``variant``'s training step: fastres's kernels, or a torch.compile variant's graphs."""
     with cudnn_benchmark():
-        for variant in ("fastres", "torch.compile", "torch.compile(fastres)"):
-            step, _ = test_train.train_step(variant, model, batch, "bf16", cfg.device, cfg.compile_backend)
-            step()
-            step()
+        step, _ = test_train.train_step(variant, model, batch, "bf16", cfg.device, cfg.compile_backend)
+        step()
+        step()
     synchronize(cfg)
 
 
@@ -848,7 +1005,7 @@ def profile_row(cfg: Config, model: str, batch: int) -> dict:
     on_gpu = cfg.device == "cuda"
     with cudnn_benchmark():
         step, _ = test_train.train_step("fastres", model, batch, "bf16", cfg.device, cfg.compile_backend)
-        for _ in range(3):  # compiles, the optimizer's first step, cudnn.benchmark's search
+        for _ in range(1 if cfg.dry else 3):  # compiles, the optimizer's first step, cudnn.benchmark's search
             step()
         synchronize(cfg)
         steps = PROFILE_STEPS if on_gpu else 1
@@ -858,24 +1015,33 @@ def profile_row(cfg: Config, model: str, batch: int) -> dict:
             synchronize(cfg)
     test_train.image_pool.cache_clear()
     kind = DeviceType.CUDA if on_gpu else DeviceType.CPU
-    rows = [{"name": e.key, "ms": (e.device_time_total if on_gpu else e.self_cpu_time_total) / 1e3 / steps,
-             "launches": e.count / steps} for e in prof.key_averages() if e.device_type == kind]
-    rows.sort(key=lambda r: -r["ms"])
-    total = sum(r["ms"] for r in rows)
-    return {"medians_ms": {"fastres": total}, "errors": {}, "ratios": [], "batch": batch, "dtype": "bf16 autocast",
+    events = sorted((e for e in prof.key_averages() if e.device_type == kind),
+                    key=lambda e: -(e.device_time_total if on_gpu else e.self_cpu_time_total))
+    # One dict per kernel name, longest first: room for more figures per kernel (a modeled time beside
+    # the measured one) without changing the record's shape.
+    kernels = {e.key: {"ms": (e.device_time_total if on_gpu else e.self_cpu_time_total) / 1e3 / steps,
+                       "launches": e.count / steps} for e in events}
+    return {"medians_ms": {"fastres": sum(k["ms"] for k in kernels.values())}, "errors": {}, "ratios": [],
+            "batch": batch, "dtype": "bf16 autocast",
             "time": "GPU kernel time per step" if on_gpu else "CPU self time per step (dry run)",
-            "kernels_per_step": sum(r["launches"] for r in rows), "profile": rows[:PROFILE_TOP]}
+            "kernels_per_step": sum(k["launches"] for k in kernels.values()),
+            "kernels": dict(list(kernels.items())[:PROFILE_TOP])}
 
 
 def train_rows(cfg: Config) -> list:
-    items = [Item(f"train {m} b{b} bf16", "ratio", functools.partial(train_row, cfg, m, b),
-                  functools.partial(warm_train, cfg, m, b),
-                  cfg.scaled(f"model {m}, batch {b}, torch.compile backend {cfg.compile_backend}"), warm_first=True)
-             for m, b in cfg.train_models.items()]
-    first, batch = next(iter(cfg.train_models.items()))  # profiled right after its own ratio row
-    items.insert(1, Item(f"profile {first} b{batch} bf16", "ratio", functools.partial(profile_row, cfg, first, batch),
-                         None, cfg.scaled(f"model {first}, batch {batch}, CPU ops")))
-    return items
+    compiled = ("torch.compile", "torch.compile(fastres)")
+    return [Item(f"train {m} b{b} bf16", "ratio", functools.partial(train_row, cfg, m, b),
+                 functools.partial(warm_train, cfg, m, b),
+                 cfg.scaled(f"model {m}, batch {b}, torch.compile backend {cfg.compile_backend}"),
+                 compiles={v: functools.partial(warm_train, cfg, m, b, v) for v in compiled})
+            for m, b in cfg.train_models.items()]
+
+
+def profile_rows(cfg: Config) -> list:
+    """The profiler's table of one ResNet-20 step: last in stage 4, so its profiling skews no timed row."""
+    model, batch = next(iter(cfg.train_models.items()))
+    return [Item(f"profile {model} b{batch} bf16", "ratio", functools.partial(profile_row, cfg, model, batch),
+                 None, cfg.scaled(f"model {model}, batch {batch}, CPU ops, 1 warm-up step"))]
 
 
 SEPARATE_GRADS = "fastres separate grads"
@@ -941,36 +1107,39 @@ def warm_block_row(cfg: Config, case, dtype: str) -> None:
     if SEPARATE_GRADS in block_row_variants(case):
         with conv_launchers.separate_grads():  # the A/B variant's separate gradient launches
             warm_block(cfg, case, test_block.DTYPES[dtype], True, row=True)
-    # torch.compile (inductor) of the bf16 rows, the ones stage 4 reaches first: compiled here, found in the
-    # on-disk cache there. (All 24 would be ~12 CPU-minutes of compiles: too much for stage 2's budget.)
-    if cfg.device == "cuda" and dtype == "bf16":
-        group = f"lease/block/{case.name}/{dtype}"
-        with cudnn_benchmark():
-            test_block.block_factories(group, case, dtype, cfg.device)["torch.compile"]()
-        resnet_bench.release_compiled()
-        test_block.block_inputs.cache_clear()
 
 
-def max_autotune_row(cfg: Config, ceiling: Callable[[], dict], case, dtype: str, deadline: Callable[[], float]) -> dict:
-    """torch.compile max-autotune against fastres, only while time remains (its compiles take minutes)."""
-    if cfg.device != "cuda":
-        raise Skip(resnet_bench.COMPILE_CPU_SKIP)
-    if deadline() - time.time() < 120:
-        raise Skip("less than 120 s left in the stage: max-autotune rows need minutes of compiles")
-    return block_row(cfg, ceiling, case, dtype, ["fastres", "torch.compile max-autotune"])
+def warm_block_compile(cfg: Config, case, dtype: str) -> None:
+    """The row's torch.compile (inductor) step, compiled and run: stage 4 then finds it in the on-disk cache."""
+    group = f"lease/block/{case.name}/{dtype}"
+    with cudnn_benchmark():
+        test_block.block_factories(group, case, dtype, cfg.device)["torch.compile"]()
+    resnet_bench.release_compiled()
+    test_block.block_inputs.cache_clear()
 
 
-def block_rows(cfg: Config, deadline: Callable[[], float] = lambda: math.inf, out_dir: Optional[str] = None) -> list:
+# 4c's budget holds about this many bf16 rows (five variants each, ~6 s with the compiled graph cached):
+# stage 2 compiles only their graphs, as more would only take cores from the compiles stages 3b and 4b need.
+BLOCK_ROWS_COMPILED = 6
+
+
+def block_rows(cfg: Config, out_dir: Optional[str] = None) -> list:
+    """Every stage shape in bf16 (the training dtype) with torch.compile, then in fp32 against eager and the
+    separate-gradients A/B only: those rows run on time a part before left over, too late for a compile."""
     ceiling = functools.lru_cache(maxsize=1)(lambda: read_ceilings(out_dir))
     cases = cfg.block_cases[:1] if cfg.dry else cfg.block_cases
-    dtypes = ["bf16"] if cfg.dry else ["bf16", "fp32"]
-    items = [Item(f"block {c.net} {c.name}{batch_suffix(c)} {d}", "ratio",
-                  functools.partial(block_row, cfg, ceiling, c, d, block_row_variants(c)),
-                  functools.partial(warm_block_row, cfg, c, d),
-                  cfg.scaled(f"batch {c.batch}; torch.compile skipped on the CPU"), warm_first=d == "bf16" and not cfg.dry)
-             for d in dtypes for c in cases]
-    items += [Item(f"block {c.net} {c.name}{batch_suffix(c)} bf16 max-autotune", "ratio",
-                   functools.partial(max_autotune_row, cfg, ceiling, c, "bf16", deadline), None,
-                   cfg.scaled("skipped on the CPU"))
-              for c in cases]
+    items = []
+    for i, c in enumerate(cases):
+        compiles = {"torch.compile": functools.partial(warm_block_compile, cfg, c, "bf16")}
+        items.append(Item(f"block {c.net} {c.name}{batch_suffix(c)} bf16", "ratio",
+                          functools.partial(block_row, cfg, ceiling, c, "bf16", block_row_variants(c)),
+                          functools.partial(warm_block_row, cfg, c, "bf16"),
+                          cfg.scaled(f"batch {c.batch}; torch.compile skipped on the CPU"),
+                          compiles=compiles if cfg.device == "cuda" and i < BLOCK_ROWS_COMPILED else {}))
+    if not cfg.dry:
+        items += [Item(f"block {c.net} {c.name}{batch_suffix(c)} fp32", "ratio",
+                       functools.partial(block_row, cfg, ceiling, c, "fp32",
+                                         [v for v in block_row_variants(c) if v not in test_block.COMPILED]),
+                       functools.partial(warm_block_row, cfg, c, "fp32"))
+                  for c in cases]
     return items
