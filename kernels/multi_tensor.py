@@ -66,10 +66,14 @@ def advance_step(row_ptr, counter_ptr, tensor, n_chunks):
     """
     step_ptr = tl.load(row_ptr + STEP).to(tl.pointer_type(tl.float32))
     new_step = tl.load(step_ptr) + 1.0
+    # Every thread loaded the step; the store and the atomic below run on thread 0 alone. Without a CTA
+    # barrier a lagging warp could read the new value (triton 3.9 puts one before atomics itself, 3.6 does
+    # not, and neither before a store): tests/ptx_hazards.py checks the compiled code for this.
+    tl.debug_barrier()
     if n_chunks == 1:
         tl.store(step_ptr, new_step)
     else:
-        # acq_rel: the loads above happen before this program is counted.
+        # acq_rel, after the barrier: every thread's load above happens before this program is counted.
         readers_before = tl.atomic_add(counter_ptr + tensor, 1)
         if readers_before == n_chunks - 1:
             tl.store(step_ptr, new_step)

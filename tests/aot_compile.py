@@ -4,8 +4,9 @@ Builds every kernel of a package (by default ``fastres.kernels``) for CUDA
 targets sm_80 and sm_90 with ``triton.compile`` and reports, per kernel x spec
 x autotune config x target, the launch shape, shared memory, registers and a
 census of interesting PTX instructions. It fails (exit status 1) on a compile
-error, on shared memory above the target's per-block limit, and on a kernel
-without a spec.
+error, on shared memory above the target's per-block limit, on a kernel
+without a spec, and on a hazard ``tests/ptx_hazards.py`` finds in the PTX (a
+one-thread store or atomic racing with every thread's loads).
 
 Rule: which ``@triton.jit`` functions must have a spec
 -----------------------------------------------------
@@ -130,6 +131,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.jit import JITFunction
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ptx_hazards  # noqa: E402  (tests/ptx_hazards.py, beside this file)
 
 # Triton 3.9 warns once per process that TRITON_DEFAULT_FP_FUSION is unset.
 # The check compiles with the same default a launch gets, so the warning is
@@ -632,7 +636,7 @@ def _base_result(task: CompileTask) -> dict[str, Any]:
         "signature": {k: v for k, v in task.signature.items() if v != "constexpr"},
         "divisible_by_16": task.divisible_by_16, "runs": task.runs, "ok": False, "error": None,
         "shared_bytes": None, "shared_limit": SHARED_MEMORY_LIMITS.get(task.cc), "registers": None,
-        "stack_bytes": None, "local_bytes": None, "ptx": None, "ptx_lines": None, "seconds": None,
+        "stack_bytes": None, "local_bytes": None, "ptx": None, "ptx_lines": None, "hazards": [], "seconds": None,
         "cpu_seconds": None,
     }
 
@@ -664,6 +668,7 @@ def compile_task(task: CompileTask, dump_dir: str | None = None) -> dict[str, An
         ptx = ptx.decode()
     result["ptx"] = count_ptx(ptx) if ptx else None
     result["ptx_lines"] = ptx.count("\n") if ptx else None
+    result["hazards"] = [str(h) for h in ptx_hazards.scan(ptx)] if ptx else []
     result.update(resource_usage(compiled.asm.get("cubin")))
     if dump_dir:
         stem = f"{task.module}.{task.kernel}.spec{task.spec_index}"
@@ -828,6 +833,13 @@ def run_check(
                 "compile-error", task.where,
                 f"{task.kernel} ({src}:{line}) does not compile for sm_{task.cc} with "
                 f"constexprs {res['constexprs']}, options {task.options}:\n{res['error']}",
+            ))
+        elif res["hazards"]:
+            failures.append(Failure(
+                "ptx-hazard", task.where,
+                f"{task.kernel} for sm_{task.cc}: a one-thread store or atomic races with the other threads' "
+                "loads (tests/ptx_hazards.py; a tl.debug_barrier() before it orders them):\n"
+                + "\n".join(res["hazards"][:3]),
             ))
         elif res["shared_limit"] is not None and res["shared_bytes"] > res["shared_limit"]:
             failures.append(Failure(

@@ -387,3 +387,86 @@ def test_only_the_jits_constants_may_be_typed_constexpr(tmp_path: Path) -> None:
     assert report is not None
     message = {f["where"]: f["message"] for f in report["failures"]}["aot_fixture_const_bad.mod._copy_kernel spec unit"]
     assert "['stride'] must be strings" in message and "1 or None" in message
+
+
+# ----------------------------------------------------------------- PTX hazards (tests/ptx_hazards.py)
+
+RACY_STEP = HEADER + '''
+@triton.jit
+def _step_kernel(step_ptr, x_ptr, n, BLOCK: tl.constexpr, BARRIER: tl.constexpr):
+    step = tl.load(step_ptr) + 1.0  # every thread reads the step, as the optimizers' advance_step did
+    if BARRIER:
+        tl.debug_barrier()
+    tl.store(step_ptr, step)  # one thread writes the next: a lagging warp may read it instead
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets, mask=offsets < n)
+    tl.store(x_ptr + offsets, x * step, mask=offsets < n)
+'''
+
+
+def racy_step_module(barrier: bool) -> str:
+    return RACY_STEP + f'''
+AOT_SPECS = {{
+    "_step_kernel": [
+        {{"signature": {{"step_ptr": "*fp32", "x_ptr": "*fp32", "n": "i32"}},
+         "constexprs": {{"BLOCK": 1024, "BARRIER": {barrier}}}}},
+    ],
+}}
+'''
+
+
+def test_ptx_hazard_check_fails_on_the_step_counter_race_and_passes_with_a_barrier(tmp_path: Path) -> None:
+    """advance_step's race as it was: every thread loads the step, thread 0 stores step + 1 with no barrier
+    between, and the threads go on using the value. The check fails on it (for sm_90, the lease GPU's),
+    naming the store and the load, and passes once a tl.debug_barrier() orders them."""
+    racy = make_package(tmp_path, "racy", {"steps": racy_step_module(barrier=False)})
+    proc, report = run_checker("--path", str(racy), "--targets", "90", "--json", str(tmp_path / "racy.json"))
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    hazards = failures_of(report, "ptx-hazard")
+    assert len(hazards) == 1 and "_step_kernel" in hazards[0]["where"], report["failures"]
+    assert "store after load" in hazards[0]["message"] and "st.global" in hazards[0]["message"]
+    (tmp_path / "fixed").mkdir()
+    fixed = make_package(tmp_path / "fixed", "racy", {"steps": racy_step_module(barrier=True)})
+    proc, report = run_checker("--path", str(fixed), "--targets", "90", "--json", str(tmp_path / "fixed.json"))
+    assert proc.returncode == 0 and not failures_of(report, "ptx-hazard"), proc.stdout[-3000:]
+
+
+# triton 3.6's PTX for an arrival counter after a load of the step (3.9 puts a bar.sync before the atom
+# itself, so this one is kept as text): the multi-chunk advance_step's hole on the lease machine.
+PTX_ATOMIC_AFTER_LOAD = """
+	ld.param.b64 	%rd3, [_step_kernel_param_0];
+	// begin inline asm
+	mov.u32 %r4, 0x0;
+	ld.global.b32 { %r4 }, [ %rd3 + 0 ];
+	// end inline asm
+	ld.param.b64 	%rd2, [_step_kernel_param_1];
+	add.f32 	%r13, %r4, 0f3F800000;
+	mov.u32 	%r1, %tid.x;
+	and.b32 	%r8, %r1, 31;
+	bfe.u32 	%r9, %r1, 5, 2;
+	or.b32 	%r2, %r9, %r8;
+	setp.eq.b32 	%p1, %r2, 0;
+	mov.b32 	%r6, 1;
+	// begin inline asm
+	mov.u32 %r5, 0x0;
+	@%p1 atom.global.gpu.acq_rel.add.u32 %r5, [ %rd2 + 0 ], %r6;
+	// end inline asm
+"""
+
+
+def test_ptx_hazard_scan_rules() -> None:
+    """The scan's two rules on PTX text: a one-thread atomic after every thread's load (triton 3.6's
+    arrival counter) is a hazard, and a bar.sync between clears it; a one-thread store that only writes
+    back what the threads loaded (a running-statistics update) is not."""
+    import ptx_hazards
+
+    hazards = ptx_hazards.scan(PTX_ATOMIC_AFTER_LOAD)
+    assert [h.kind for h in hazards] == ["atomic after load"] and "atom.global" in hazards[0].instruction
+    barrier = PTX_ATOMIC_AFTER_LOAD.replace("\tmov.b32 \t%r6, 1;", "\tbar.sync \t0;\n\tmov.b32 \t%r6, 1;")
+    assert ptx_hazards.scan(barrier) == []
+    write_back = PTX_ATOMIC_AFTER_LOAD.replace(
+        "@%p1 atom.global.gpu.acq_rel.add.u32 %r5, [ %rd2 + 0 ], %r6;", "@%p1 st.global.b32 [ %rd3 + 0 ], { %r13 };")
+    assert ptx_hazards.scan(write_back) == []
+    used = write_back + "\tld.global.b32 { %r20 }, [ %rd2 + 0 ];\n\tmul.f32 \t%r21, %r20, %r13;\n" \
+                        "\tst.global.b32 [ %rd2 + 0 ], { %r21 };\n"
+    assert [h.kind for h in ptx_hazards.scan(used)] == ["store after load"]
