@@ -74,14 +74,28 @@ def _index(x, IDX64: tl.constexpr):
 
 
 @triton.jit
-def _dot_operand(x, COMPUTE: tl.constexpr, UPCAST: tl.constexpr):
-    """fp32 ``x`` rounded to the compute dtype for ``tl.dot``.
+def _to_tf32(x):
+    """fp32 ``x`` rounded to TF32 (10 mantissa bits), to nearest with ties away from zero, as cuDNN's TF32
+    convolutions round their operands (``cvt.rna.tf32.f32``): the tensor cores otherwise take fp32 bits as
+    they are and ignore the low 13, which truncates (a bias toward zero). A bit operation, so that the
+    interpreter computes it too; infinities and NaN pass unchanged."""
+    bits = x.to(tl.uint32, bitcast=True)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    rounded = (bits + 0x1000) & 0xFFFFE000
+    return tl.where(finite, rounded, bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot_operand(x, COMPUTE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """fp32 ``x`` rounded to the compute dtype for ``tl.dot`` (to TF32 for ``DOT_PRECISION`` "tf32").
 
     ``UPCAST`` (set under the interpreter, whose bf16 ``tl.dot`` returns
     garbage in triton 3.9) multiplies the rounded values in fp32 instead:
     the same products and fp32 sums the tensor cores compute.
     """
     x = to_storage(x, COMPUTE)
+    if DOT_PRECISION == "tf32":
+        x = _to_tf32(x)
     if UPCAST:
         x = x.to(tl.float32)
     return x
@@ -99,7 +113,7 @@ def _prologue(v_ptrs, v2_ptrs, mask, offs_c, c_mask, pro_ptr, C, PROLOGUE: tl.co
     if PROLOGUE == 1:
         scale = tl.load(pro_ptr + offs_c, mask=c_mask, other=0.0)
         shift = tl.load(pro_ptr + C + offs_c, mask=c_mask, other=0.0)
-        v = tl.where(mask, tl.maximum(v * scale + shift, 0.0), 0.0)
+        v = tl.where(mask, _relu(v * scale + shift), 0.0)
     elif PROLOGUE == 2:
         v2 = tl.load(v2_ptrs, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(pro_ptr + offs_c, mask=c_mask, other=0.0)
@@ -126,43 +140,145 @@ def _arrived_last(counter_ptr, n_programs):
 
 
 @triton.jit
-def _bn_forward_finalize(part_ptr, stats_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
-                         offs_c, c_mask, n_tiles, M, C, factor, eps,
-                         TILE_M: tl.constexpr, TRACK: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Batch mean/variance of channels ``offs_c`` from the per-tile partials
-    ``part`` [2, n_tiles, C] (mean, M2; Chan's combination, tiles in order),
-    then packed stats [4, C] = (weight * invstd, bias - mean * scale, mean,
-    invstd), and nn.BatchNorm2d's running-statistics update with ``factor``
-    (momentum, or 1 / num_batches_tracked) and the unbiased variance.
+def _relu(x):
+    """max(x, 0) with NaN kept NaN, as torch's ReLU (``tl.maximum``'s default maxnum would turn NaN into 0)."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
-    Partials are read through L2 (``.cg``): other programs wrote them in this launch.
-    """
+
+@triton.jit
+def _relu_passes(pre):
+    """Where ReLU's gradient passes: torch's ``threshold_backward`` zeroes it where the value is <= 0 only,
+    so a NaN pre-activation passes its gradient on (``pre > 0`` would drop it)."""
+    return ~(pre <= 0.0)
+
+
+@triton.jit
+def _group(index, count, GROUP: tl.constexpr):
+    """Partials ``0 .. count - 1`` are combined in groups of ``GROUP``: the group of ``index``, its first
+    member, its size, the number of groups and the rows the groups' results take (none with one group).
+    The last member of a group to arrive combines the group; the last group to arrive combines the
+    groups' results (two levels: at most ``GROUP`` partials each while ``count <= GROUP**2``, where one
+    program used to walk all ``count``). Per channel column the counters are one per group, then one for
+    the groups' arrivals when there are several (the launchers' ``_finalize_layout``)."""
+    group = index // GROUP
+    first = group * GROUP
+    n_groups = tl.cdiv(count, GROUP)
+    return group, first, tl.minimum(GROUP, count - first), n_groups, tl.where(n_groups > 1, n_groups, 0)
+
+
+@triton.jit
+def _group_moments(mean_ptr, m2_ptr, first, n, unit, M, offs_c, c_mask, C, BLOCK_T: tl.constexpr):
+    """Mean and M2 (sum of squared deviations) of channels ``offs_c`` over the ``n <= BLOCK_T`` partials
+    ``first .. first + n - 1`` (rows ``[*, C]`` of ``mean_ptr``/``m2_ptr``), partial i covering
+    ``min(unit, M - i * unit)`` rows: loaded once, combined in registers (Chan's combination, so no
+    sum-of-squares cancellation; a fixed order, so results are deterministic). Read through L2 (``.cg``):
+    other programs wrote them in this launch. No loop: with a loop bounded by these program-dependent
+    values, ptxas gave the forward conv 38 more registers."""
     offs_t = tl.arange(0, BLOCK_T)
-    m_f = tl.cast(M, tl.float32)
-    part_m2_ptr = part_ptr + n_tiles.to(tl.int64) * C
+    index = first + offs_t
+    mask = (offs_t < n)[:, None] & c_mask[None, :]
+    count = tl.minimum(unit, M - index * unit).to(tl.float32)[:, None]
+    offs = index[:, None].to(tl.int64) * C + offs_c[None, :]
+    part_mean = tl.load(mean_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    part_m2 = tl.load(m2_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    mean = tl.sum(tl.where(mask, count * part_mean, 0.0), axis=0) / tl.sum(tl.where(mask, count, 0.0), axis=0)
+    dev = part_mean - mean[None, :]
+    return mean, tl.sum(tl.where(mask, part_m2 + count * dev * dev, 0.0), axis=0)
+
+
+@triton.jit
+def _combine_moments(mean_ptr, m2_ptr, n, unit, M, offs_c, c_mask, C, BLOCK_T: tl.constexpr):
+    """Mean and M2 of channels ``offs_c`` over all ``n`` partials (rows ``[*, C]``; partial i covering
+    ``min(unit, M - i * unit)`` of the ``M`` rows), as :func:`_group_moments` combines a group, in two
+    passes of ``[BLOCK_T, C]`` loads. Two levels keep ``n <= BLOCK_T`` (one load per pass) up to BLOCK_T**2
+    partials; past that each step reduces across threads: accumulating [BLOCK_T, C] register tiles
+    instead cost the forward conv 38 more registers (ptxas)."""
+    offs_t = tl.arange(0, BLOCK_T)
     total = tl.zeros(offs_c.shape, dtype=tl.float32)
-    for t0 in range(0, n_tiles, BLOCK_T):
-        tiles = t0 + offs_t
-        mask = (tiles < n_tiles)[:, None] & c_mask[None, :]
-        count = tl.minimum(TILE_M, M - tiles * TILE_M).to(tl.float32)[:, None]
-        tile_mean = tl.load(part_ptr + tiles[:, None].to(tl.int64) * C + offs_c[None, :], mask=mask, other=0.0,
-                            cache_modifier=".cg")
-        total += tl.sum(count * tile_mean, axis=0)
-    mean = total / m_f
+    for t0 in range(0, n, BLOCK_T):
+        index = t0 + offs_t
+        mask = (index < n)[:, None] & c_mask[None, :]
+        count = tl.minimum(unit, M - index * unit).to(tl.float32)[:, None]
+        offs = index[:, None].to(tl.int64) * C + offs_c[None, :]
+        part_mean = tl.load(mean_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        total += tl.sum(tl.where(mask, count * part_mean, 0.0), axis=0)
+    mean = total / tl.cast(M, tl.float32)
     m2 = tl.zeros(offs_c.shape, dtype=tl.float32)
-    for t0 in range(0, n_tiles, BLOCK_T):
-        tiles = t0 + offs_t
-        mask = (tiles < n_tiles)[:, None] & c_mask[None, :]
-        count = tl.minimum(TILE_M, M - tiles * TILE_M).to(tl.float32)[:, None]
-        offs = tiles[:, None].to(tl.int64) * C + offs_c[None, :]
-        tile_mean = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        tile_m2 = tl.load(part_m2_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        dev = tile_mean - mean[None, :]
-        m2 += tl.sum(tl.where(mask, tile_m2 + count * dev * dev, 0.0), axis=0)
+    for t0 in range(0, n, BLOCK_T):
+        index = t0 + offs_t
+        mask = (index < n)[:, None] & c_mask[None, :]
+        count = tl.minimum(unit, M - index * unit).to(tl.float32)[:, None]
+        offs = index[:, None].to(tl.int64) * C + offs_c[None, :]
+        part_mean = tl.load(mean_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        part_m2 = tl.load(m2_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        dev = part_mean - mean[None, :]
+        m2 += tl.sum(tl.where(mask, part_m2 + count * dev * dev, 0.0), axis=0)
+    return mean, m2
+
+
+@triton.jit
+def _group_sums(a_ptr, b_ptr, c_ptr, first, n, offs_c, c_mask, C, HAS_C: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Per-channel sums of the ``n <= BLOCK_T`` partials ``first .. first + n - 1`` (rows ``[*, C]``) of two
+    (``HAS_C``: three) arrays, loaded once (no loop: see :func:`_group_moments`). Read through L2."""
+    offs_t = tl.arange(0, BLOCK_T)
+    mask = (offs_t < n)[:, None] & c_mask[None, :]
+    offs = (first + offs_t)[:, None].to(tl.int64) * C + offs_c[None, :]
+    sum_a = tl.sum(tl.load(a_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+    sum_b = tl.sum(tl.load(b_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+    sum_c = sum_a
+    if HAS_C:
+        sum_c = tl.sum(tl.load(c_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+    return sum_a, sum_b, sum_c
+
+
+@triton.jit
+def _combine_sums(a_ptr, b_ptr, c_ptr, n, offs_c, c_mask, C, HAS_C: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Per-channel sums of all ``n`` partials (rows ``[*, C]``) of two (``HAS_C``: three) arrays, in a fixed
+    order: ``[BLOCK_T, C]`` register tiles over the loop (one load while ``n <= BLOCK_T``), one cross-thread
+    reduction after it. Read through L2 (``.cg``): other programs wrote them in this launch."""
+    offs_t = tl.arange(0, BLOCK_T)
+    sum_a = tl.zeros((BLOCK_T, offs_c.shape[0]), dtype=tl.float32)
+    sum_b = tl.zeros((BLOCK_T, offs_c.shape[0]), dtype=tl.float32)
+    sum_c = tl.zeros((BLOCK_T, offs_c.shape[0]), dtype=tl.float32)
+    for t0 in tl.range(0, n, BLOCK_T, num_stages=1):
+        mask = (t0 + offs_t < n)[:, None] & c_mask[None, :]
+        offs = (t0 + offs_t)[:, None].to(tl.int64) * C + offs_c[None, :]
+        sum_a += tl.load(a_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        sum_b += tl.load(b_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_C:
+            sum_c += tl.load(c_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return tl.sum(sum_a, axis=0), tl.sum(sum_b, axis=0), tl.sum(sum_c, axis=0)
+
+
+@triton.jit
+def _sum_partials(src_ptr, first, n, row_numel, offs_e, e_mask, BLOCK_T: tl.constexpr):
+    """Sum of rows ``first .. first + n - 1`` (each ``row_numel`` fp32 values) of ``src`` at ``offs_e``, in
+    row order: [BLOCK_T, BLOCK_E] register tiles, one cross-thread reduction at the end (one load while
+    ``n <= BLOCK_T``). Read through L2: other programs wrote them in this launch."""
+    offs_t = tl.arange(0, BLOCK_T)
+    total = tl.zeros((BLOCK_T, offs_e.shape[0]), dtype=tl.float32)
+    for t0 in tl.range(0, n, BLOCK_T, num_stages=1):
+        ptrs = src_ptr + (first + t0 + offs_t)[:, None].to(tl.int64) * row_numel + offs_e[None, :]
+        total += tl.load(ptrs, mask=(t0 + offs_t < n)[:, None] & e_mask[None, :], other=0.0, cache_modifier=".cg")
+    return tl.sum(total, axis=0)
+
+
+@triton.jit
+def _store_row(ptr, row, values, offs_c, c_mask, C):
+    """``values`` into row ``row`` of packed per-channel rows ``[*, C]``."""
+    tl.store(ptr + row.to(tl.int64) * C + offs_c, values, mask=c_mask)
+
+
+@triton.jit
+def _bn_forward_stats(mean, m2, weight, bias, running_mean, running_var, stats_ptr, running_mean_ptr,
+                      running_var_ptr, offs_c, c_mask, M, C, factor, eps, TRACK: tl.constexpr):
+    """From a batch's per-channel mean and M2 over ``M`` rows (and the BatchNorm's weight, bias and running
+    statistics, loaded by the caller): packed stats [4, C] = (weight * invstd, bias - mean * scale, mean,
+    invstd), and nn.BatchNorm2d's running-statistics update with ``factor`` (momentum, or 1 /
+    num_batches_tracked) and the unbiased variance."""
+    m_f = tl.cast(M, tl.float32)
     var = m2 / m_f
     invstd = 1.0 / tl.sqrt_rn(var + eps)
-    weight = tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(tl.float32)
-    bias = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
     scale = weight * invstd
     tl.store(stats_ptr + offs_c, scale, mask=c_mask)
     tl.store(stats_ptr + C + offs_c, bias - mean * scale, mask=c_mask)
@@ -170,8 +286,6 @@ def _bn_forward_finalize(part_ptr, stats_ptr, weight_ptr, bias_ptr, running_mean
     tl.store(stats_ptr + 3 * C + offs_c, invstd, mask=c_mask)
     if TRACK:
         stat_ty = running_mean_ptr.dtype.element_ty
-        running_mean = tl.load(running_mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
-        running_var = tl.load(running_var_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
         unbiased = var * (m_f / (m_f - 1.0))
         tl.store(running_mean_ptr + offs_c, to_storage((1.0 - factor) * running_mean + factor * mean, stat_ty),
                  mask=c_mask)
@@ -179,34 +293,67 @@ def _bn_forward_finalize(part_ptr, stats_ptr, weight_ptr, bias_ptr, running_mean
                  mask=c_mask)
 
 
-@triton.jit
-def _bn_forward_finalize_last(part_ptr, counter_ptr, stats_ptr, weight_ptr, bias_ptr, running_mean_ptr,
-                              running_var_ptr, num_batches_ptr, offs_c, c_mask, col, n_cols, n_tiles, M, C,
-                              momentum, eps, TILE_M: tl.constexpr, TRACK: tl.constexpr, CUMULATIVE: tl.constexpr,
-                              BLOCK_T: tl.constexpr):
-    """The forward finalize, run by the last of the ``n_tiles`` programs of channel column ``col``.
+@triton.jit(noinline=True)
+def _bn_forward_finalize(part_ptr, counter_ptr, stats_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
+                         num_batches_ptr, tile, col, n_cols, n_tiles, M, C, momentum, eps,
+                         TILE_M: tl.constexpr, TRACK: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """BatchNorm's forward finalize after row tile ``tile`` of channel column ``col`` stored its partial.
 
-    ``counter`` has ``n_cols + 1`` slots: one per column, then one that the
-    columns' finalizers arrive at after reading num_batches_tracked, so that
-    the last of them advances it (momentum=None averages with its old value).
+    ``part`` holds [2, n_tiles, C] per-tile (mean, M2), then, with several groups of ``BLOCK_T`` tiles,
+    [2, n_groups, C] per group; ``counter`` holds per column a slot per group (and one for the groups'
+    arrivals with several), then one that the columns' finalizers arrive at after reading
+    num_batches_tracked, so that the last of them advances it (momentum=None averages with its old
+    value). Serial work after the last tile: with several groups an arrival and one load (its group),
+    then an arrival and two passes of loads over the groups (one load each while n_groups <= BLOCK_T),
+    the BatchNorm's own rows loaded with the first of them; then num_batches_tracked's arrival.
+    Not inlined: inlined, ptxas gave the whole forward conv up to 38 more registers.
     """
-    if _arrived_last(counter_ptr + col, n_tiles):
+    offs_c = col * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_mask = offs_c < C
+    group, first, n, n_groups, extra = _group(tile, n_tiles, BLOCK_T)
+    counters = counter_ptr + col * (extra + 1)
+    group_ptr = part_ptr + 2 * n_tiles.to(tl.int64) * C
+    src_mean = part_ptr
+    src_m2 = part_ptr + n_tiles.to(tl.int64) * C
+    count = n_tiles
+    unit = TILE_M
+    last = _arrived_last(counters + group, n)
+    if last:
+        if n_groups > 1:
+            mean, m2 = _group_moments(src_mean, src_m2, first, n, unit, M, offs_c, c_mask, C, BLOCK_T)
+            _store_row(group_ptr, group, mean, offs_c, c_mask, C)
+            _store_row(group_ptr, n_groups + group, m2, offs_c, c_mask, C)
+            last = _arrived_last(counters + n_groups, n_groups)
+            src_mean = group_ptr
+            src_m2 = group_ptr + n_groups.to(tl.int64) * C
+            count = n_groups
+            unit = TILE_M * BLOCK_T
+    if last:
+        # Loaded before the partials, so that all of the finalize's loads are in flight at once.
+        weight = tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(tl.float32)
+        bias = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        running_mean = tl.zeros(offs_c.shape, dtype=tl.float32)
+        running_var = tl.zeros(offs_c.shape, dtype=tl.float32)
         factor = momentum
         if TRACK:
             num_batches = tl.load(num_batches_ptr, cache_modifier=".cg")
+            running_mean = tl.load(running_mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+            running_var = tl.load(running_var_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
             if CUMULATIVE:
                 factor = 1.0 / (num_batches + 1).to(tl.float32)
-        _bn_forward_finalize(part_ptr, stats_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
-                             offs_c, c_mask, n_tiles, M, C, factor, eps, TILE_M, TRACK, BLOCK_T)
+        mean, m2 = _combine_moments(src_mean, src_m2, count, unit, M, offs_c, c_mask, C, BLOCK_T)
+        _bn_forward_stats(mean, m2, weight, bias, running_mean, running_var, stats_ptr, running_mean_ptr,
+                          running_var_ptr, offs_c, c_mask, M, C, factor, eps, TRACK)
         if TRACK:
-            if _arrived_last(counter_ptr + n_cols, n_cols):
+            if _arrived_last(counter_ptr + n_cols * (extra + 1), n_cols):
                 tl.store(num_batches_ptr, num_batches + 1)
 
 
 @triton.jit
-def _bn_backward_finalize(part_g_ptr, part_gx_ptr, weight_ptr, stats_ptr, coef_ptr, dweight_ptr, dbias_ptr,
-                          offs_c, c_mask, n_tiles, M, C, BLOCK_T: tl.constexpr):
-    """BatchNorm backward's per-channel constants from the per-tile sums of channels ``offs_c``.
+def _bn_backward_coefs(sum_g, sum_gx, weight_ptr, stats_ptr, coef_ptr, dweight_ptr, dbias_ptr,
+                       offs_c, c_mask, M, C):
+    """BatchNorm backward's per-channel constants from the batch sums of channels ``offs_c``.
 
     With sum_g = sum(g), sum_gx = sum(g * x_hat): dbias = sum_g,
     dweight = sum_gx, and dy = g * coef_g + y * coef_y + coef_c is
@@ -214,15 +361,6 @@ def _bn_backward_finalize(part_g_ptr, part_gx_ptr, weight_ptr, stats_ptr, coef_p
     ``coef`` is packed [3, C] as (coef_g, coef_c, coef_y), the ``PRO_BN_GRAD``
     prologue's (scale, shift, yscale); ``stats`` is the forward's packed [4, C].
     """
-    offs_t = tl.arange(0, BLOCK_T)
-    sum_g = tl.zeros(offs_c.shape, dtype=tl.float32)
-    sum_gx = tl.zeros(offs_c.shape, dtype=tl.float32)
-    for t0 in range(0, n_tiles, BLOCK_T):
-        tiles = t0 + offs_t
-        mask = (tiles < n_tiles)[:, None] & c_mask[None, :]
-        offs = tiles[:, None].to(tl.int64) * C + offs_c[None, :]
-        sum_g += tl.sum(tl.load(part_g_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
-        sum_gx += tl.sum(tl.load(part_gx_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
     grad_ty = dweight_ptr.dtype.element_ty
     tl.store(dweight_ptr + offs_c, to_storage(sum_gx, grad_ty), mask=c_mask)
     tl.store(dbias_ptr + offs_c, to_storage(sum_g, grad_ty), mask=c_mask)
@@ -235,6 +373,62 @@ def _bn_backward_finalize(part_g_ptr, part_gx_ptr, weight_ptr, stats_ptr, coef_p
     tl.store(coef_ptr + offs_c, coef_g, mask=c_mask)
     tl.store(coef_ptr + C + offs_c, -coef_g * sum_g / m_f - coef_y * mean, mask=c_mask)
     tl.store(coef_ptr + 2 * C + offs_c, coef_y, mask=c_mask)
+
+
+@triton.jit
+def _bn_backward_finalize(part_ptr, counter_ptr, weight_ptr, stats_ptr, coef_ptr, dweight_ptr, dbias_ptr,
+                          res_weight_ptr, res_stats_ptr, res_coef_ptr, res_dweight_ptr, res_dbias_ptr,
+                          index, col, count, M, C, HAS_RES: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """BatchNorm backward's finalize after partial ``index`` of channel column ``col`` was stored: the last
+    program to arrive turns the batch sums into the BatchNorm's coefficients and parameter gradients
+    (:func:`_bn_backward_coefs`; with ``HAS_RES`` also those of the residual's BatchNorm, ``res_*``).
+
+    ``part`` holds [2 (3 with HAS_RES), count, C] partial sums (g, g x_hat (, g x_hat of the residual)),
+    then the same per group of ``BLOCK_T`` partials (if several); ``counter`` as :func:`_group` says. Two
+    levels, as the forward's (:func:`_bn_forward_finalize`).
+    """
+    offs_c = col * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_mask = offs_c < C
+    group, first, n, n_groups, extra = _group(index, count, BLOCK_T)
+    counters = counter_ptr + col * (extra + 1)
+    arrays = 3 if HAS_RES else 2
+    plane = count.to(tl.int64) * C
+    group_ptr = part_ptr + arrays * plane
+    src = part_ptr
+    src_plane = plane
+    last = _arrived_last(counters + group, n)
+    if last:
+        if n_groups > 1:
+            sum_a, sum_b, sum_c = _group_sums(src, src + src_plane, src + 2 * src_plane, first, n, offs_c, c_mask, C,
+                                              HAS_RES, BLOCK_T)
+            group_plane = n_groups.to(tl.int64) * C
+            _store_row(group_ptr, group, sum_a, offs_c, c_mask, C)
+            _store_row(group_ptr + group_plane, group, sum_b, offs_c, c_mask, C)
+            if HAS_RES:
+                _store_row(group_ptr + 2 * group_plane, group, sum_c, offs_c, c_mask, C)
+            last = _arrived_last(counters + n_groups, n_groups)
+            src = group_ptr
+            src_plane = group_plane
+            count = n_groups
+    if last:
+        sum_g, sum_gx, sum_gr = _combine_sums(src, src + src_plane, src + 2 * src_plane, count, offs_c, c_mask, C,
+                                              HAS_RES, BLOCK_T)
+        _bn_backward_coefs(sum_g, sum_gx, weight_ptr, stats_ptr, coef_ptr, dweight_ptr, dbias_ptr, offs_c, c_mask, M, C)
+        if HAS_RES:
+            _bn_backward_coefs(sum_g, sum_gr, res_weight_ptr, res_stats_ptr, res_coef_ptr, res_dweight_ptr,
+                               res_dbias_ptr, offs_c, c_mask, M, C)
+
+
+@triton.jit(noinline=True)
+def _bn_backward_finalize_call(part_ptr, counter_ptr, weight_ptr, stats_ptr, coef_ptr, dweight_ptr, dbias_ptr, index,
+                               col, count, M, C, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """:func:`_bn_backward_finalize` of one BatchNorm, as a call: inlined into ``_conv_kernel``'s data gradient
+    it cost up to 22 registers across the whole kernel (ptxas), as the forward's did (the elementwise tail
+    inlines it: under its register cap, the call's ABI spills)."""
+    _bn_backward_finalize(part_ptr, counter_ptr, weight_ptr, stats_ptr, coef_ptr, dweight_ptr, dbias_ptr,
+                          weight_ptr, stats_ptr, coef_ptr, dweight_ptr, dbias_ptr, index, col, count, M, C, False,
+                          BLOCK_T, BLOCK_N)
 
 
 @triton.jit
@@ -274,8 +468,8 @@ def _accumulate_taps(acc, a_ptr, a2_ptr, pro_ptr, w_ptr, n, hb, wb, row_mask, of
         w_mask = a_mask_c[:, None] & o_mask[None, :]
         w_offs = w_base + (k0 * sw_a + dr * sw_r + ds * sw_s)
         w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)
-        w = _dot_operand(w.to(tl.float32), COMPUTE, UPCAST_DOT)
-        acc = tl.dot(_dot_operand(a, COMPUTE, UPCAST_DOT), w, acc, input_precision=DOT_PRECISION)
+        w = _dot_operand(w.to(tl.float32), COMPUTE, UPCAST_DOT, DOT_PRECISION)
+        acc = tl.dot(_dot_operand(a, COMPUTE, UPCAST_DOT, DOT_PRECISION), w, acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -288,7 +482,7 @@ def _relu_grad_epilogue(acc, ey_ptrs, mask, stats_ptr, offs_o, o_mask, CO):
     shift = _stats_row(stats_ptr, 1, offs_o, o_mask, CO)
     mean = _stats_row(stats_ptr, 2, offs_o, o_mask, CO)
     invstd = _stats_row(stats_ptr, 3, offs_o, o_mask, CO)
-    acc = tl.where(mask & (y * scale + shift > 0.0), acc, 0.0)
+    acc = tl.where(mask & _relu_passes(y * scale + shift), acc, 0.0)
     return acc, tl.sum(acc, axis=0), tl.sum(acc * (y - mean) * invstd, axis=0)
 
 
@@ -362,8 +556,11 @@ def _conv_kernel(
         stats_ptr = tl.where(second, stats2_ptr, stats_ptr)
         momentum = tl.where(second, momentum2, momentum)
         eps = tl.where(second, eps2, eps)
-        part_ptr += second.to(tl.int64) * 2 * n_tiles.to(tl.int64) * CO
-        counter_ptr += second.to(tl.int32) * (n_cols + 1)
+        # Each half's partials: [2, n_tiles, CO] per tile, then [2, n_groups, CO] per group (_bn_forward_finalize);
+        # its counters: one per group and column (+ one per column with several groups), then num_batches'.
+        _, _, _, _, extra = _group(0, n_tiles, BLOCK_T)
+        part_ptr += second.to(tl.int64) * 2 * (n_tiles + extra).to(tl.int64) * CO
+        counter_ptr += second.to(tl.int32) * (n_cols * (extra + 1) + 1)
     offs_o = _index(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), IDX64)
     o_mask = offs_o < CO
     offs_k = _index(tl.arange(0, BLOCK_K), IDX64)
@@ -424,7 +621,7 @@ def _conv_kernel(
         res_offs = (n * sr_n + ho * sr_h + wo * sr_w)[:, None] + offs_o[None, :] * sr_c
         acc += tl.load(res_ptr + res_offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = _relu(acc)
     part0_ptr = part_ptr + pid_m.to(tl.int64) * CO + offs_o
     part1_ptr = part0_ptr + n_tiles.to(tl.int64) * CO
     if EPILOGUE == 1:
@@ -439,13 +636,12 @@ def _conv_kernel(
         tl.store(part1_ptr, sum_gx, mask=o_mask)
     tl.store(out_ptr + out_offs, to_storage(acc, COMPUTE), mask=mask)
     if EPILOGUE == 1:
-        _bn_forward_finalize_last(part_ptr, counter_ptr, stats_ptr, bn_weight_ptr, bn_bias_ptr, running_mean_ptr,
-                                  running_var_ptr, num_batches_ptr, offs_o, o_mask, pid_n, n_cols,
-                                  n_tiles, M, CO, momentum, eps, BLOCK_M, TRACK, CUMULATIVE, BLOCK_T)
+        _bn_forward_finalize(part_ptr, counter_ptr, stats_ptr, bn_weight_ptr, bn_bias_ptr, running_mean_ptr,
+                             running_var_ptr, num_batches_ptr, pid_m, pid_n, n_cols, n_tiles, M, CO,
+                             momentum, eps, BLOCK_M, TRACK, CUMULATIVE, BLOCK_T, BLOCK_N)
     elif EPILOGUE == 2:
-        if _arrived_last(counter_ptr + pid_n, n_tiles):
-            _bn_backward_finalize(part_ptr, part_ptr + n_tiles.to(tl.int64) * CO, bn_weight_ptr, stats_ptr,
-                                  coef_ptr, dweight_ptr, dbias_ptr, offs_o, o_mask, n_tiles, M, CO, BLOCK_T)
+        _bn_backward_finalize_call(part_ptr, counter_ptr, bn_weight_ptr, stats_ptr, coef_ptr, dweight_ptr, dbias_ptr,
+                                   pid_m, pid_n, n_tiles, M, CO, BLOCK_T, BLOCK_N)
 
 
 @triton.jit
@@ -507,7 +703,8 @@ def _conv_wgrad_kernel(
         x_mask = valid[:, None] & c_mask[None, :]
         x_offs = (n * sx_n + hb * sx_h + wb * sx_w + tap_offs)[:, None] + x_cols
         x = _prologue(x_ptr + x_offs, x_ptr, x_mask, offs_c[None, :], c_mask[None, :], x_pro_ptr, C, X_PROLOGUE)
-        acc = tl.dot(_dot_operand(dy, COMPUTE, UPCAST_DOT), _dot_operand(x, COMPUTE, UPCAST_DOT), acc,
+        acc = tl.dot(_dot_operand(dy, COMPUTE, UPCAST_DOT, DOT_PRECISION),
+                     _dot_operand(x, COMPUTE, UPCAST_DOT, DOT_PRECISION), acc,
                      input_precision=DOT_PRECISION)
 
     mask = k_mask[:, None] & c_mask[None, :]
@@ -520,8 +717,10 @@ def _conv_wgrad_kernel(
         part_offs = offs_k[:, None].to(tl.int64) * (C * R * S) + offs_c[None, :] * (R * S) + r * S + s
         tl.store(part_ptr + split.to(tl.int64) * kcrs + part_offs, acc, mask=mask)
         if _arrived_last(counter_ptr + pid, n_splits):
+            # One level: with two, this kernel's fp32 64x64 variants took 247 registers (was 151). The launcher
+            # keeps the splits few (two waves of programs), so the loop stays short.
             total = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-            for i in range(n_splits):
+            for i in tl.range(n_splits, num_stages=1):
                 total += tl.load(part_ptr + i * kcrs + part_offs, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(grad_ptr + grad_offs, to_storage(total, grad_ty), mask=mask)
 
@@ -538,8 +737,8 @@ def _wgrad_tap(acc, dy_t, x_ptrs, x_scale, x_shift, h, w, row_mask, c_mask, H, W
     mask = (row_mask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W))[:, None] & c_mask[None, :]
     x = tl.load(x_ptrs + ((DR - 1) * sx_h + (DS - 1) * sx_w), mask=mask, other=0.0).to(tl.float32)
     if X_PROLOGUE == 1:
-        x = tl.where(mask, tl.maximum(x * x_scale + x_shift, 0.0), 0.0)
-    return tl.dot(dy_t, _dot_operand(x, COMPUTE, UPCAST_DOT), acc, input_precision=DOT_PRECISION)
+        x = tl.where(mask, _relu(x * x_scale + x_shift), 0.0)
+    return tl.dot(dy_t, _dot_operand(x, COMPUTE, UPCAST_DOT, DOT_PRECISION), acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -622,7 +821,7 @@ def _conv_grads_kernel(
         dy_mask = kw_mask[:, None] & row_mask[None, :]
         dy_t = _prologue(dy_ptr + dy_offs, dy2_ptr + dy_offs, dy_mask, offs_kw[:, None], kw_mask[:, None],
                          dy_pro_ptr, K, 2)
-        dy_t = _dot_operand(dy_t, COMPUTE, UPCAST_DOT)
+        dy_t = _dot_operand(dy_t, COMPUTE, UPCAST_DOT, DOT_PRECISION)
         x_ptrs = x_ptr + ((n * sx_n + h * sx_h + w * sx_w)[:, None] + offs_c[None, :] * sx_c)
         dw00 = _wgrad_tap(dw00, dy_t, x_ptrs, x_scale, x_shift, h, w, row_mask, c_mask, H, W, sx_h, sx_w,
                           0, 0, X_PROLOGUE, COMPUTE, UPCAST_DOT, DOT_PRECISION)
@@ -643,14 +842,22 @@ def _conv_grads_kernel(
         dw22 = _wgrad_tap(dw22, dy_t, x_ptrs, x_scale, x_shift, h, w, row_mask, c_mask, H, W, sx_h, sx_w,
                           2, 2, X_PROLOGUE, COMPUTE, UPCAST_DOT, DOT_PRECISION)
 
-    # This program's partials, [9, K, BLOCK_N] per program (columns past C hold zeros: stored whole).
+    # This program's partials, [9, K, BLOCK_N] per program (columns past C hold zeros: stored whole). Two
+    # levels, as the BatchNorm finalizes: the last of each group of BLOCK_T programs sums the group's into
+    # a group partial, the last group sums those (see _group). ``part``: [2, P, C] then [2, n_groups, C] BN
+    # sums (EPI_RELU_GRAD), then per column [P, E] then [n_groups, E] dW partials, E = 9 K BLOCK_N.
     tap_numel = K * BLOCK_N
-    column = part_ptr + col.to(tl.int64) * n_programs * (9 * tap_numel)
+    dw_numel = 9 * tap_numel
+    group, first, n, n_groups, extra = _group(pid, n_programs, BLOCK_T)
+    counters = counter_ptr + col * (extra + 1)
+    rows = (n_programs + extra).to(tl.int64)
+    column = part_ptr + col.to(tl.int64) * rows * dw_numel
+    bn_plane = n_programs.to(tl.int64) * C
     if EPILOGUE == 2:
-        column += 2 * n_programs.to(tl.int64) * C
-        tl.store(part_ptr + pid.to(tl.int64) * C + offs_c, sum_g, mask=c_mask)
-        tl.store(part_ptr + (n_programs + pid).to(tl.int64) * C + offs_c, sum_gx, mask=c_mask)
-    mine = column + pid.to(tl.int64) * (9 * tap_numel) + offs_kw[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        column += 2 * rows * C
+        _store_row(part_ptr, pid, sum_g, offs_c, c_mask, C)
+        _store_row(part_ptr + bn_plane, pid, sum_gx, offs_c, c_mask, C)
+    mine = column + pid.to(tl.int64) * dw_numel + offs_kw[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     tap_mask = kw_mask[:, None]
     tl.store(mine, dw00, mask=tap_mask)
     tl.store(mine + tap_numel, dw01, mask=tap_mask)
@@ -661,20 +868,35 @@ def _conv_grads_kernel(
     tl.store(mine + 6 * tap_numel, dw20, mask=tap_mask)
     tl.store(mine + 7 * tap_numel, dw21, mask=tap_mask)
     tl.store(mine + 8 * tap_numel, dw22, mask=tap_mask)
-    if _arrived_last(counter_ptr + col, n_programs):
-        # dW of this column: the programs' partials summed in program order, BLOCK_E values of BLOCK_T
-        # programs per step (independent loads, few sequential steps).
+    src = column
+    bn_src = part_ptr
+    count = n_programs
+    last = _arrived_last(counters + group, n)
+    if last:
+        if n_groups > 1:
+            group_dw = column + n_programs.to(tl.int64) * dw_numel + group.to(tl.int64) * dw_numel
+            for e0 in tl.range(0, dw_numel, BLOCK_E, num_stages=1):
+                offs_e = e0 + tl.arange(0, BLOCK_E)
+                e_mask = offs_e < dw_numel
+                tl.store(group_dw + offs_e, _sum_partials(column, first, n, dw_numel, offs_e, e_mask, BLOCK_T),
+                         mask=e_mask)
+            if EPILOGUE == 2:
+                sum_g, sum_gx, _ = _group_sums(part_ptr, part_ptr + bn_plane, part_ptr, first, n, offs_c, c_mask, C,
+                                               False, BLOCK_T)
+                bn_src = part_ptr + 2 * bn_plane
+                _store_row(bn_src, group, sum_g, offs_c, c_mask, C)
+                _store_row(bn_src + n_groups.to(tl.int64) * C, group, sum_gx, offs_c, c_mask, C)
+            last = _arrived_last(counters + n_groups, n_groups)
+            src = column + n_programs.to(tl.int64) * dw_numel
+            bn_plane = n_groups.to(tl.int64) * C
+            count = n_groups
+    if last:
+        # dW of this column in the weight's own strides, BLOCK_E values of up to BLOCK_T partials per step.
         grad_ty = grad_ptr.dtype.element_ty
-        offs_p = tl.arange(0, BLOCK_T)
-        for e0 in range(0, 9 * tap_numel, BLOCK_E):
+        for e0 in tl.range(0, dw_numel, BLOCK_E, num_stages=1):
             offs_e = e0 + tl.arange(0, BLOCK_E)
-            e_mask = offs_e < 9 * tap_numel
-            total = tl.zeros((BLOCK_E,), dtype=tl.float32)
-            for p0 in range(0, n_programs, BLOCK_T):
-                progs = p0 + offs_p
-                ptrs = column + progs[:, None].to(tl.int64) * (9 * tap_numel) + offs_e[None, :]
-                total += tl.sum(tl.load(ptrs, mask=(progs < n_programs)[:, None] & e_mask[None, :], other=0.0,
-                                        cache_modifier=".cg"), axis=0)
+            e_mask = offs_e < dw_numel
+            total = _sum_partials(src, 0, count, dw_numel, offs_e, e_mask, BLOCK_T)
             tap = offs_e // tap_numel
             k = (offs_e // BLOCK_N) % K
             c = col * BLOCK_N + offs_e % BLOCK_N
@@ -682,8 +904,10 @@ def _conv_grads_kernel(
             grad_offs = k * sg_k + c * sg_c + r * sg_r + (tap - 3 * r) * sg_s
             tl.store(grad_ptr + grad_offs, to_storage(total, grad_ty), mask=e_mask & (c < C))
         if EPILOGUE == 2:
-            _bn_backward_finalize(part_ptr, part_ptr + n_programs.to(tl.int64) * C, bn_weight_ptr, stats_ptr,
-                                  coef_ptr, dweight_ptr, dbias_ptr, offs_c, c_mask, n_programs, M, C, BLOCK_T)
+            sum_g, sum_gx, _ = _combine_sums(bn_src, bn_src + bn_plane, bn_src, count, offs_c, c_mask, C, False,
+                                             BLOCK_T)
+            _bn_backward_coefs(sum_g, sum_gx, bn_weight_ptr, stats_ptr, coef_ptr, dweight_ptr, dbias_ptr, offs_c,
+                               c_mask, M, C)
 
 
 @triton.jit
@@ -752,7 +976,7 @@ def _bn_relu_apply_kernel(
         y_offs, y, res, pre = _tail_pre_activation(y_ptr, res_ptr, n, h, w, offs_c, mask, scale, shift, res_scale,
                                                    res_shift, sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w,
                                                    RESIDUAL)
-        tl.store(out_ptr + y_offs, to_storage(tl.maximum(pre, 0.0), out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + y_offs, to_storage(_relu(pre), out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -773,8 +997,8 @@ def _bn_relu_backward_kernel(
     g = dout * (pre-activation > 0), recomputed from y (and the residual), is
     stored with y's strides; each row tile's sums of g and g * x_hat (and
     g * x_hat of the residual's BatchNorm for ``RES_BN``) go to ``part``
-    [3, n_tiles, C], and the last row tile of each channel column turns them
-    into the BatchNorms' packed backward coefficients and parameter gradients.
+    [2 or 3, n_tiles, C], and the last row tile of each channel column turns them (two levels:
+    :func:`_bn_backward_finalize`) into the BatchNorms' packed backward coefficients and parameter gradients.
     The tile's rows go ``SUB_M`` at a time, the sums accumulating per channel.
     """
     offs_c = _index(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), IDX64)
@@ -799,7 +1023,7 @@ def _bn_relu_backward_kernel(
                                                    RESIDUAL)
         dout = tl.load(dout_ptr + _offsets(n, h, w, offs_c, sd_n, sd_c, sd_h, sd_w), mask=mask,
                        other=0.0).to(tl.float32)
-        g = tl.where(mask & (pre > 0.0), dout, 0.0)
+        g = tl.where(mask & _relu_passes(pre), dout, 0.0)
         tl.store(g_ptr + y_offs, to_storage(g, g_ptr.dtype.element_ty), mask=mask)
         acc_g += g
         acc_gx += g * (y - _stats_row(stats_ptr, 2, offs_c, c_mask, C))
@@ -814,19 +1038,19 @@ def _bn_relu_backward_kernel(
     if RESIDUAL == 2:
         res_invstd = tl.load(res_stats_ptr + 3 * C + offs_c, mask=c_mask, other=0.0)
         tl.store(part + 2 * plane, tl.sum(acc_gr, axis=0) * res_invstd, mask=c_mask)
-    if _arrived_last(counter_ptr + tl.program_id(1), n_tiles):
-        M = N * H * W
-        _bn_backward_finalize(part_ptr, part_ptr + plane, bn_weight_ptr, stats_ptr, coef_ptr, dweight_ptr, dbias_ptr,
-                              offs_c, c_mask, n_tiles, M, C, BLOCK_T)
-        if RESIDUAL == 2:
-            _bn_backward_finalize(part_ptr, part_ptr + 2 * plane, res_bn_weight_ptr, res_stats_ptr, res_coef_ptr,
-                                  res_dweight_ptr, res_dbias_ptr, offs_c, c_mask, n_tiles, M, C, BLOCK_T)
+    _bn_backward_finalize(part_ptr, counter_ptr, bn_weight_ptr, stats_ptr, coef_ptr, dweight_ptr, dbias_ptr,
+                          res_bn_weight_ptr, res_stats_ptr, res_coef_ptr, res_dweight_ptr, res_dbias_ptr,
+                          tl.program_id(0), tl.program_id(1), n_tiles, N * H * W, C, RESIDUAL == 2, BLOCK_T, BLOCK_C)
 
 
 # Called from the kernels above; compiled as part of them.
-DEVICE_FUNCTIONS = ("_accumulate_taps", "_relu_grad_epilogue", "_wgrad_tap", "_dot_operand", "_pixel_coords",
+DEVICE_FUNCTIONS = ("_accumulate_taps", "_relu_grad_epilogue", "_wgrad_tap", "_to_tf32", "_dot_operand", "_pixel_coords",
                     "_index", "_prologue", "_rows", "_offsets", "_stats_row", "_tail_pre_activation", "_arrived_last",
-                    "_bn_forward_finalize", "_bn_forward_finalize_last", "_bn_backward_finalize")
+                    "_relu", "_relu_passes", "_group", "_group_moments", "_combine_moments", "_group_sums",
+                    "_combine_sums", "_store_row",
+                    "_bn_forward_stats", "_bn_forward_finalize", "_bn_backward_coefs", "_bn_backward_finalize",
+                    "_bn_backward_finalize_call",
+                    "_sum_partials")
 
 
 # ------------------------------------------------------ ahead-of-time compile specs

@@ -321,7 +321,7 @@ def planned_as_on_gpu(sms: int = GPU_SMS) -> Iterator[None]:
     """Make the conv launchers plan as they would on a CUDA device (TF32 for fp32 convs, no
     interpreter workaround, ``sms`` SMs), clearing their plan caches before and after."""
     patches = {
-        "dot_precision": lambda dtype, device: "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+        "dot_precision": lambda dtype, device: "tf32" if dtype == torch.float32 and conv_launchers.cudnn_conv_tf32()
         else "ieee",
         "_upcast_dot": lambda dtype, device_type: False,
         "_num_sms": lambda device: sms,

@@ -180,6 +180,30 @@ def test_batchnorm_without_running_stats_uses_batch_statistics_always(down):
     _compare_training(None, block.to(DEVICE), x.to(DEVICE), torch.float32)
 
 
+@pytest.mark.parametrize("cin,cout,size,stride,down,group,momentum", [
+    pytest.param(8, 8, 14, 1, False, 2, 0.1, id="identity-groups-of-2"),
+    pytest.param(8, 16, 24, 2, True, 2, 0.1, id="downsample-groups-of-2"),
+    pytest.param(72, 72, 6, 1, False, 1, None, id="72ch-momentum-none-groups-of-1"),
+])
+def test_two_level_reductions_match_pytorch(cin, cout, size, stride, down, group, momentum):
+    """The in-launch reductions that run in two levels (BatchNorm's statistics and backward sums, the fused
+    gradients' per-program weight-gradient sums): groups of ``group`` partials, then the groups, more of
+    them than one load holds (the second level loops). Planned as for 12 SMs, so the fused gradients run
+    several programs per channel column and the weight gradients several splits. Default plans take one
+    level at these sizes."""
+    from fastres.launchers import conv as conv_launchers
+
+    block = _make_block(cin, cout, stride, down, seed=cin + cout)
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    x = torch.randn(2, cin, size, size, generator=torch.Generator().manual_seed(8))
+    with conv_launchers.planned_with(_finalize_block_t=lambda n, c: group, _grads_group=lambda p: 2,
+                                     _num_sms=lambda device: 12):
+        _compare_training(None, block.to(DEVICE), x.to(DEVICE), torch.float32, steps=2,
+                          memory_format=torch.channels_last)
+
+
 STEMS = [
     pytest.param(2, 3, 16, 8, 1, id="n2-c3-k16-8x8-s1"),
     pytest.param(1, 1, 17, 7, 2, id="n1-c1-k17-7x7-s2"),

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from fastres.kernels.conv import _to_tf32
 from fastres.launchers import conv as L
 from fastres.launchers.core import kernel_name
 from fastres.testing import observe_launches
@@ -178,3 +181,67 @@ def test_conv_grads_rejects_what_it_cannot_take():
         L.conv_grads(dy[:, :8], torch.randn(8, 3, 3, 3, device=DEVICE), torch.randn(1, 3, 5, 4, device=DEVICE),
                      dy2=dy[:, :8], dy_pro=coefs[:, :8])
     assert not L.grads_fusable(torch.empty(8, 3, 1, 1), 1, 0) and not L.grads_fusable(torch.empty(8, 3, 3, 3), 2, 1)
+
+
+def test_tf32_follows_torchs_fp32_precision_switch():
+    """torch's per-op precision API (``cudnn.conv.fp32_precision``) decides TF32 as cuDNN's convs see it;
+    reading the legacy ``allow_tf32`` would raise once conv and RNN were set apart."""
+    cudnn = torch.backends.cudnn
+    if getattr(getattr(cudnn, "conv", None), "fp32_precision", None) is None:
+        pytest.skip("this torch has no fp32_precision API")
+    cuda = torch.device("cuda")  # dot_precision only reads the device's type
+    old = cudnn.conv.fp32_precision
+    try:
+        cudnn.conv.fp32_precision = "ieee"
+        with pytest.raises(RuntimeError):
+            cudnn.allow_tf32  # what fastres used to read
+        assert L.dot_precision(torch.float32, cuda) == "ieee"
+        cudnn.conv.fp32_precision = "tf32"
+        assert L.dot_precision(torch.float32, cuda) == "tf32"
+        assert L.dot_precision(torch.bfloat16, cuda) == "ieee"
+        assert L.dot_precision(torch.float32, torch.device("cpu")) == "ieee"
+    finally:
+        cudnn.conv.fp32_precision = old
+
+
+@triton.jit
+def _tf32_round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, _to_tf32(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+
+
+def test_tf32_rounding_is_round_to_nearest_ties_away():
+    """``_to_tf32`` keeps 10 mantissa bits, rounding to nearest with ties away from zero (cuDNN's
+    ``cvt.rna.tf32.f32``), where the tensor cores alone would truncate; carries into the exponent;
+    infinities and NaN unchanged. Checked against an exact integer model of the rounding."""
+    specials = torch.tensor([1.0 + 2**-11, 1.0 + 2**-11 + 2**-23, 1.0 + 2**-11 - 2**-23, -(1.0 + 2**-11),
+                             2.0 - 2**-23, 3.4028234663852886e38, -2.0**-130, float("inf"), -float("inf"),
+                             float("nan"), 0.0, -0.0])
+    x = torch.cat([specials, torch.randn(500, generator=torch.Generator().manual_seed(0)) * 1e3])
+    x_d, out_d = x.to(DEVICE), torch.empty_like(x, device=DEVICE)
+    _tf32_round_kernel[(1,)](x_d, out_d, x.numel(), BLOCK=512)
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    magnitude = bits & 0x7FFFFFFF
+    rounded = ((magnitude + 0x1000) & 0x7FFFE000) | (bits & 0x80000000)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    expected = torch.where(finite, rounded, bits).to(torch.int32)  # wraps to the same 32 bits
+    got = out_d.cpu().view(torch.int32)
+    same = (got == expected) | (got.view(torch.float32).isnan() & x.isnan())
+    assert same.all(), (x[~same][:4], got.view(torch.float32)[~same][:4])
+    assert got.view(torch.float32)[0] == 1.0 + 2**-10  # the tie rounds away from zero (truncation: 1.0)
+    assert got.view(torch.float32)[6] == -2.0**-130  # a subnormal keeps its top 10 bits
+
+
+@pytest.mark.parametrize("channels", [16, 64, 65, 80])
+def test_fused_gradients_never_plan_a_second_wave(channels):
+    """At most one persistent program per SM in all: with 65-80 input channels (5 columns of dX) the grid
+    was cdiv(132, 5) * 5 = 135 programs on 132 SMs, three of them a second wave that doubles the launch."""
+    _clear_plans()
+    cl = lambda n, c, h, w: (h * w * c, 1, w * c, c)  # noqa: E731  (channels_last strides)
+    dy_shape, x_shape = (512, 64, 16, 16), (512, channels, 16, 16)
+    w_shape = (64, channels, 3, 3)
+    plan = L._plan_grads(dy_shape, cl(*dy_shape), x_shape, cl(*x_shape), w_shape, cl(*w_shape), cl(*w_shape),
+                         torch.bfloat16, "cuda", False, 132, L.PRO_BN_RELU, L.EPI_RELU_GRAD, False)
+    programs, n_cols = plan.grid
+    assert n_cols == -(-channels // L.GRADS_BLOCK_N)
+    assert programs * n_cols <= 132 and programs >= 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Iterator, NamedTuple, Optional
 
 import torch
@@ -33,7 +34,11 @@ PAIR_NONE, PAIR_OUTPUTS, PAIR_OPERANDS = kernels.PAIR_NONE, kernels.PAIR_OUTPUTS
 
 CONV_BLOCK_M = 64
 WGRAD_BLOCK_P = 32  # rows per step: with the BN-grad prologue on dY, 64 needs ~200 registers on sm_90 (16-bit)
-FINALIZE_ELEMENTS = 1024  # per loop iteration of a finalize: BLOCK_T x BLOCK_C (8 per thread: few registers)
+# A finalize combines at most BLOCK_T partials of BLOCK_C channels at once, loaded in one go (8 values per
+# thread and array at 4 warps; 16 took the forward conv's 64-channel variants from 142 to 185 registers);
+# more partials are combined in two levels, groups of BLOCK_T then the groups (kernels/conv.py, _group), so
+# one program never walks all of a launch's partials.
+FINALIZE_ELEMENTS = 1024
 TAIL_ELEMENTS = 4096  # per program of the elementwise tail kernels: BLOCK_M x BLOCK_C
 TAIL_STEP_BYTES = 16  # per thread and tensor in a loop step of a tail program: one 128-bit access, few registers
 # The tail backward's register cap (sm_90, AOT check): within it no variant has a stack frame, while uncapped
@@ -98,9 +103,21 @@ def check_same_layout(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
                          f"expected {tuple(like.shape)} with strides {like.stride()}")
 
 
+def cudnn_conv_tf32() -> bool:
+    """Whether cuDNN's fp32 convolutions use TF32: torch's per-op switch
+    ``torch.backends.cudnn.conv.fp32_precision`` where torch has it (it resolves what it inherits; the
+    legacy ``allow_tf32`` raises once the new API has set conv and RNN apart), else ``allow_tf32``."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    precision = getattr(conv, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return torch.backends.cudnn.allow_tf32
+
+
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """fp32 convs use TF32 on the GPU when cuDNN's convs would (torch's default)."""
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+    """fp32 convs use TF32 on the GPU when cuDNN's convs would (torch's default), operands rounded as
+    cuDNN rounds them (kernels/conv.py, ``_to_tf32``)."""
+    if dtype == torch.float32 and device.type == "cuda" and cudnn_conv_tf32():
         return "tf32"
     return "ieee"
 
@@ -191,8 +208,20 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _finalize_block_t(n_tiles: int, block_c: int) -> int:
-    """Tiles per finalize iteration: few channels get many tiles (16 channels: 256)."""
-    return _block(n_tiles, 16, FINALIZE_ELEMENTS // block_c)
+    """Partials per finalize group and load (``BLOCK_T``): all of them up to FINALIZE_ELEMENTS / block_c
+    (16 channels: 128), else groups of that many and a second level over the groups."""
+    most = FINALIZE_ELEMENTS // block_c
+    return _block(n_tiles, min(16, most), most)
+
+
+def _finalize_layout(n_partials: int, block_t: int, n_cols: int) -> tuple[int, int]:
+    """(rows, counters) of a two-level finalize over ``n_partials`` per column (kernels/conv.py, ``_group``):
+    partial rows plus, with several groups, one per group; per column one counter per group plus, with
+    several, one for the groups' arrivals. (One group adds nothing, so a launch touches all of what it is
+    given whatever the count: the traffic model learns one role per kernel variant.)"""
+    n_groups = _cdiv(n_partials, block_t)
+    extra = n_groups if n_groups > 1 else 0
+    return n_partials + extra, n_cols * (extra + 1)
 
 
 # ------------------------------------------------------------------ convolution
@@ -201,9 +230,10 @@ class _ConvPlan(NamedTuple):
     out_shape: tuple[int, ...]
     out_stride: tuple[int, ...]
     grid: tuple[int, int]
-    n_tiles: int
     ints: tuple[int, ...]  # HA .. CO, M, the operand, output, residual and weight strides
     meta: dict
+    part_numel: int  # the epilogue's partials (per tile and per group, both halves of a pair)
+    counter_numel: int
 
 
 @functools.lru_cache(maxsize=None)
@@ -225,8 +255,10 @@ def _plan_conv(a_shape, a_stride, w_shape, w_stride, stride, padding, transposed
     # variants within 168 registers on sm_90 (with 64: up to 176).
     # Paired outputs select their pointers per program: also 32 (with 64, 183 registers in bf16). Paired
     # operands (two prologue loops): 16 (with 32, 170 registers in bf16 under triton 3.6, 167 under 3.9).
+    # TF32 operands are rounded in registers (kernels/conv.py, _to_tf32) like a prologue: also 32 (with 64, up
+    # to 215 registers in fp32).
     block_k = _block(CA, 16, 16 if pair == PAIR_OPERANDS else
-                     64 if prologue == PRO_NONE and pair != PAIR_OUTPUTS else 32)
+                     64 if prologue == PRO_NONE and pair != PAIR_OUTPUTS and not tf32 else 32)
     sw_o, sw_a = (w_stride[1], w_stride[0]) if transposed else (w_stride[0], w_stride[1])
     # The residual (checked to have out's layout) is addressed with out's strides.
     w2_stride = w_stride if w2_stride is None else w2_stride
@@ -240,8 +272,12 @@ def _plan_conv(a_shape, a_stride, w_shape, w_stride, stride, padding, transposed
                 IDX64=_needs_int64((a_shape, a_stride), (out_shape, out_stride), (w_shape, w_stride)),
                 BLOCK_M=CONV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
                 BLOCK_T=_finalize_block_t(n_tiles, block_n), num_warps=NUM_WARPS)
-    n_cols = _cdiv(CO, block_n) * (2 if pair == PAIR_OUTPUTS else 1)
-    return _ConvPlan(out_shape, out_stride, (n_tiles, n_cols), n_tiles, ints, meta)
+    halves = 2 if pair == PAIR_OUTPUTS else 1
+    n_cols = _cdiv(CO, block_n)
+    rows, counters = _finalize_layout(n_tiles, meta["BLOCK_T"], n_cols)
+    # Per half: [2, rows, CO] partials; counters, then num_batches_tracked's (kernels/conv.py, _bn_forward_finalize).
+    return _ConvPlan(out_shape, out_stride, (n_tiles, n_cols * halves), ints, meta,
+                     halves * 2 * rows * CO, halves * (counters + 1))
 
 
 def conv(a: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *, dtype: torch.dtype,
@@ -345,10 +381,9 @@ def _launch_conv(plan: _ConvPlan, a, weight, dtype, a2, pro, epilogue, ey, bn, s
         momentum = 0.0 if norm.momentum is None else float(norm.momentum)
     track = plan.meta["TRACK"]
     if epilogue != EPI_NONE:
-        halves = 2 if paired_outputs else 1
         ws = _workspace(device)
-        part = ws.partials(halves * 2 * plan.n_tiles * CO)
-        counter = ws.counters(plan.grid[1] + halves)
+        part = ws.partials(plan.part_numel)
+        counter = ws.counters(plan.counter_numel)
         if epilogue == EPI_STATS:
             stats_arg = extra = torch.empty((4, CO), dtype=torch.float32, device=device)
         else:
@@ -385,6 +420,7 @@ class _WgradPlan(NamedTuple):
     grid: tuple[int, int]
     ints: tuple[int, ...]
     part_numel: int
+    counter_numel: int
     meta: dict
 
 
@@ -398,7 +434,9 @@ def _plan_wgrad(dy_shape, dy_stride, x_shape, x_stride, w_shape, g_stride, strid
     block_k = _block(K, 16, 64)
     block_c = _block(C, 16, 64)
     tiles = R * S * _cdiv(K, block_k) * _cdiv(C, block_c)
-    splits = max(1, min(_cdiv(4 * num_sms, tiles), _cdiv(M, WGRAD_BLOCK_P)))
+    # Two waves of programs: the last split of a tile sums every split's slice in one program, one L2 round
+    # trip each, while the rest of the GPU waits (gpu_model's serial tail); four waves doubled that.
+    splits = max(1, min(_cdiv(2 * num_sms, tiles), _cdiv(M, WGRAD_BLOCK_P)))
     rows_per_split = _cdiv(_cdiv(M, splits), WGRAD_BLOCK_P) * WGRAD_BLOCK_P
     splits = _cdiv(M, rows_per_split)
     ints = (H, W, C, P, Q, K, M, rows_per_split, *dy_stride, *x_stride, *g_stride)
@@ -406,7 +444,8 @@ def _plan_wgrad(dy_shape, dy_stride, x_shape, x_stride, w_shape, g_stride, strid
                 DOT_PRECISION="tf32" if tf32 else "ieee", UPCAST_DOT=_upcast_dot(dtype, device_type),
                 IDX64=_needs_int64((dy_shape, dy_stride), (x_shape, x_stride), (w_shape, g_stride)),
                 SPLIT=splits > 1, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=WGRAD_BLOCK_P, num_warps=NUM_WARPS)
-    return _WgradPlan((tiles, splits), ints, splits * K * C * R * S if splits > 1 else 0, meta)
+    split = splits > 1
+    return _WgradPlan((tiles, splits), ints, splits * K * C * R * S if split else 0, tiles if split else 0, meta)
 
 
 def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *,
@@ -427,7 +466,7 @@ def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: 
     part = counter = unused
     if plan.part_numel:
         ws = _workspace(device)
-        part, counter = ws.partials(plan.part_numel), ws.counters(plan.grid[0])
+        part, counter = ws.partials(plan.part_numel), ws.counters(plan.counter_numel)
     launch(kernels._conv_wgrad_kernel, plan.grid,
            dy, dy if dy2 is None else dy2, x, grad, part, counter,
            unused if dy_pro is None else dy_pro, unused if x_pro is None else x_pro,
@@ -445,10 +484,10 @@ GRADS_MAX_K = 64
 # 8 warps share the taps' 36 KB of fp32 accumulators; capped at 168 registers (ptxas otherwise spends more on
 # scheduling), with no stack on sm_90 (the AOT check).
 GRADS_NUM_WARPS, GRADS_MAXNREG = 8, 168
-# The final sums: [GRADS_BLOCK_T programs, GRADS_BLOCK_E values] per step (64 per thread), few sequential steps
-# (ResNet-20's first stage: 5 x 5) for the one program that runs them while the others have finished.
-GRADS_BLOCK_T = 32
-GRADS_BLOCK_E = 512
+# The final sums run in two levels, groups of about sqrt(P) programs then the groups (on 132 SMs ResNet-20's
+# first stage: 9 groups of 16, then the 9; was one program walking all 132), each step a [group, values] load
+# of GRADS_FINAL_ELEMENTS (32 per thread at 8 warps): small groups take longer steps, so fewer of them.
+GRADS_FINAL_ELEMENTS = 8192
 
 
 _fused_grads = [True]
@@ -480,8 +519,15 @@ class _GradsPlan(NamedTuple):
     out_stride: tuple[int, ...]
     grid: tuple[int, int]
     part_numel: int
+    counter_numel: int
     ints: tuple[int, ...]
     meta: dict
+
+
+def _grads_group(programs: int) -> int:
+    """Programs per group of the fused gradients' two-level sums (kernels/conv.py, _conv_grads_kernel): the
+    power of two at or above sqrt(programs), which makes both levels about as long, at most 16."""
+    return _block(math.isqrt(programs - 1) + 1, 2, 16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -500,18 +546,21 @@ def _plan_grads(dy_shape, dy_stride, x_shape, x_stride, w_shape, w_stride, g_str
     # half the activation bytes the launch reads.
     partial_bytes = 2 * 9 * K * GRADS_BLOCK_N * 4  # per program: written, then read back
     budget = M * (K + C) * itemsize // (2 * partial_bytes)
-    programs = max(1, min(n_tiles, _cdiv(num_sms, n_cols), _cdiv(budget, n_cols)))
-    part_numel = n_cols * programs * 9 * K * GRADS_BLOCK_N + (2 * programs * C if epilogue == EPI_RELU_GRAD else 0)
+    # At most num_sms programs in all (floor: a second wave of a few programs would double the launch).
+    programs = max(1, min(n_tiles, num_sms // n_cols, _cdiv(budget, n_cols)))
+    group = _grads_group(programs)
+    rows, counter_numel = _finalize_layout(programs, group, n_cols)
+    part_numel = n_cols * rows * 9 * K * GRADS_BLOCK_N + (2 * rows * C if epilogue == EPI_RELU_GRAD else 0)
     ints = (H, W, C, K, M, *dy_stride, *x_stride, *out_stride, *w_stride, *g_stride)
     meta = dict(X_PROLOGUE=x_prologue, EPILOGUE=epilogue, HAS_RESIDUAL=has_residual,
                 DOT_PRECISION="tf32" if tf32 else "ieee", UPCAST_DOT=_upcast_dot(dtype, device_type),
                 IDX64=_needs_int64((dy_shape, dy_stride), (x_shape, x_stride), (out_shape, out_stride)),
                 BLOCK_M=GRADS_BLOCK_M, BLOCK_N=GRADS_BLOCK_N, BLOCK_K=16, BLOCK_KW=GRADS_MAX_K,
-                BLOCK_T=GRADS_BLOCK_T, BLOCK_E=GRADS_BLOCK_E, num_warps=GRADS_NUM_WARPS,
+                BLOCK_T=group, BLOCK_E=GRADS_FINAL_ELEMENTS // group, num_warps=GRADS_NUM_WARPS,
                 # Triton's default 3 stages pipeline the data gradient's tap loop (cp.async): one persistent
                 # program per SM has no other programs to hide its load latency behind.
                 maxnreg=GRADS_MAXNREG)
-    return _GradsPlan(out_shape, out_stride, (programs, n_cols), part_numel, ints, meta)
+    return _GradsPlan(out_shape, out_stride, (programs, n_cols), part_numel, counter_numel, ints, meta)
 
 
 def conv_grads(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, dy2: torch.Tensor,
@@ -541,7 +590,7 @@ def conv_grads(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, dy2: 
     out = _planned_output(plan, dtype, device, "conv_grads", ey, residual)
     unused = _unused(device)
     ws = _workspace(device)
-    part, counter = ws.partials(plan.part_numel), ws.counters(plan.grid[1])
+    part, counter = ws.partials(plan.part_numel), ws.counters(plan.counter_numel)
     extra = None
     coef = dweight = dbias = bn_weight = unused
     if epilogue == EPI_RELU_GRAD:
@@ -559,9 +608,10 @@ def conv_grads(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, dy2: 
 
 class _TailPlan(NamedTuple):
     grid: tuple[int, int]
-    n_tiles: int
     ints: tuple[int, ...]  # N, H, W, C
     meta: dict
+    part_numel: int  # the backward's partial sums, per tile and per group
+    counter_numel: int
 
 
 @functools.lru_cache(maxsize=None)
@@ -575,10 +625,16 @@ def _plan_tail(shape, itemsize, residual_mode, backward, *layouts) -> _TailPlan:
     meta = dict(RESIDUAL=residual_mode, IDX64=_needs_int64(*layouts), BLOCK_M=block_m, BLOCK_C=block_c,
                 SUB_M=max(1, min(block_m, NUM_WARPS * 32 * TAIL_STEP_BYTES // itemsize // block_c)),
                 num_warps=NUM_WARPS)
+    n_cols = _cdiv(C, block_c)
+    part_numel = counter_numel = 0
     if backward:
-        meta.update(BLOCK_T=_finalize_block_t(n_tiles, block_c),
+        # A BatchNorm'd residual finalizes three arrays: half the partials per load keeps it at 74-78 registers
+        # with no stack frame on sm_90 (with the usual count, 80 and an 8 B frame in two 16-bit variants).
+        meta.update(BLOCK_T=_finalize_block_t(n_tiles, block_c * (2 if residual_mode == RES_BN else 1)),
                     maxnreg=None if residual_mode == RES_BN else TAIL_BACKWARD_MAXNREG)
-    return _TailPlan((n_tiles, _cdiv(C, block_c)), n_tiles, (N, H, W, C), meta)
+        rows, counter_numel = _finalize_layout(n_tiles, meta["BLOCK_T"], n_cols)
+        part_numel = (3 if residual_mode == RES_BN else 2) * rows * C
+    return _TailPlan((n_tiles, n_cols), (N, H, W, C), meta, part_numel, counter_numel)
 
 
 def _residual_mode(residual, residual_stats) -> int:
@@ -616,8 +672,8 @@ def bn_relu_backward(dout: torch.Tensor, y: torch.Tensor, stats: torch.Tensor, b
     C = y.shape[1]
     g = torch.empty_like(y)
     ws = _workspace(device)
-    part = ws.partials(3 * plan.n_tiles * C)
-    counter = ws.counters(plan.grid[1])
+    part = ws.partials(plan.part_numel)
+    counter = ws.counters(plan.counter_numel)
     n_bn = 2 if mode == RES_BN else 1
     coef = torch.empty((n_bn, 3, C), dtype=torch.float32, device=device)
     coefs = BackwardCoefs(coef[0], *_param_grads(bn_weight))
