@@ -25,6 +25,12 @@ from fastres.testing import traffic as T
 MAX_TRITON_LAUNCHES = 63
 MAX_KERNELS_PER_STEP = 78  # Triton launches + the aten ops around them (pooling, classifier, loss, optimizer table upload)
 MAX_TRAFFIC_RATIO = 0.590  # fastres bytes / eager bytes, whole step
+# The modeled GPU time (fastres.testing.gpu_model, H200 constants; `python -m fastres.testing.traffic --time`),
+# fp32 at batch 512: fastres 1.434 ms against eager's 2.089 ms (0.686; bf16 0.935 against 1.324 ms, 0.707),
+# the worst serial tail 11.8 us (the stride-2 weight gradient's last split summing 30 slices). Issue 18's
+# goals are 0.6 and no tail over 10 us or 10% of its launch: not met (README, "Modeled GPU time").
+MAX_MODELED_RATIO = 0.70
+MAX_SERIAL_TAIL_US = 12.0
 
 needs_interpreter = pytest.mark.skipif(not _backend.INTERPRET, reason="learning roles needs Triton's interpreter")
 CL = torch.channels_last
@@ -135,3 +141,49 @@ def test_resnet20_step_launches_and_traffic_against_eager(roles):
         assert fused.components[name].bytes > 0 and eager.components[name].bytes > 0
     assert fused.components["optimizer step"].launches == 1
     assert eager_total.bytes > 5e9
+    # The modeled GPU time: every launch has one, the step is a guarded fraction of eager's, and no launch
+    # ends with a long serial tail (the finalizes used to walk up to 256 dependent loads in one program).
+    from fastres.testing import gpu_model as G
+
+    assert len(total.times) == total.launches + total.ops and len(eager_total.times) == eager_total.ops
+    fused_ms = sum(t.us(G.H200) for t in total.times) / 1e3
+    eager_ms = sum(t.us(G.H200) for t in eager_total.times) / 1e3
+    assert fused_ms / eager_ms <= MAX_MODELED_RATIO, (fused_ms, eager_ms)
+    worst = max(total.times, key=lambda t: t.tail_us(G.H200))
+    assert worst.tail_us(G.H200) <= MAX_SERIAL_TAIL_US, (worst.name, worst.tail_round_trips, worst.tail_bytes)
+
+
+# --------------------------------------------------------------------------- the modeled GPU time
+
+
+def test_gpu_model_counts_a_launch_and_a_finalize():
+    """A launch costs launch_us + max(bytes, flops) time + its serial tail; a two-level finalize over
+    8192 partials in groups of 128 walks 2 levels, where one program over all of them walked 64 loads."""
+    from fastres.testing import gpu_model as G
+
+    m = G.H200
+    t = G.LaunchTime("k", read=4_300_000, written=0, flops=0.0, compute="bf16", tail_round_trips=2, tail_bytes=100_000)
+    assert t.body_us(m) == pytest.approx(1.0)
+    assert t.tail_us(m) == pytest.approx(2 * m.l2_round_trip_us + 1.0)
+    assert t.us(m) == pytest.approx(m.launch_us + 1.0 + t.tail_us(m))
+    t.flops = 2 * m.tensor_flops_per_us["bf16"]  # compute-bound now: 2 us
+    assert t.body_us(m) == pytest.approx(2.0)
+    # ResNet-20's first-stage forward conv at batch 512: 8192 row tiles, groups of 128 (16 channels). The
+    # finalize used to walk 2 x 8192 / 64 = 256 dependent loads in one program.
+    trips, nbytes = G._finalize(8192, 128, 2 * 16 * 4, moments=True)
+    assert trips == 1 + 1 + 1 + 2  # a group: arrival and one load; the 64 groups: arrival and two passes
+    assert nbytes == 128 * 128 + 2 * 64 * 128
+
+
+def test_gpu_model_eager_conv_flops():
+    """Eager convolution flops, forward and each gradient a backward computes, from the aten op's arguments."""
+    from fastres.testing import gpu_model as G
+
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(16, 3, 3, 3)
+    out = torch.ops.aten.convolution.default(x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    fwd = G.op_flops(torch.ops.aten.convolution.default, (x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1), {}, out)
+    assert fwd == 2 * out.numel() * 3 * 9
+    args = (out, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+    assert G.op_flops(torch.ops.aten.convolution_backward.default, args, {}, None) == 2 * fwd
+    args = args[:-1] + ([False, True, False],)  # the stem: no input gradient
+    assert G.op_flops(torch.ops.aten.convolution_backward.default, args, {}, None) == fwd

@@ -39,6 +39,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..launchers.core import kernel_name, observe_launches, stub_launches
+from .gpu_model import (H200, LaunchTime, conv_launch, named_arguments, op_compute, op_flops, per_kernel,
+                        summary_line)
 
 __all__ = [
     "LaunchRecord", "LaunchRoles", "OpTraffic", "Traffic", "TrafficMeter", "TrafficUnavailable",
@@ -58,6 +60,7 @@ class Traffic:
     ops: int = 0  # aten ops that move memory (views and allocations are not counted)
     read: int = 0
     written: int = 0
+    times: list = dataclasses.field(default_factory=list, compare=False, repr=False)  # gpu_model.LaunchTime of each launch and op
 
     @property
     def kernels(self) -> int:
@@ -73,6 +76,7 @@ class Traffic:
         self.ops += other.ops
         self.read += other.read
         self.written += other.written
+        self.times += other.times
 
 
 # --------------------------------------------------------------------------- regions of memory
@@ -469,7 +473,9 @@ class OpTraffic(TorchDispatchMode):
         if not writes.storages():  # a view or a metadata op: nothing moves
             return out
         read, written = reads.total(), writes.total()
-        self.traffic.add(Traffic(ops=1, read=read, written=written))
+        timed = LaunchTime(str(packet).removeprefix("aten."), read, written, op_flops(func, args, kwargs, out),
+                           op_compute(args))
+        self.traffic.add(Traffic(ops=1, read=read, written=written, times=[timed]))
         if self.log is not None:
             self.log.append((str(func), read, written))
         return out
@@ -512,7 +518,8 @@ class TrafficMeter:
             read, written = self.roles.predict(kernel, args, meta)
         finally:
             self.ops.paused -= 1
-        self._current.add(Traffic(launches=1, read=read, written=written))
+        timed = conv_launch(kernel_name(kernel), tuple(grid), named_arguments(kernel, args), meta, read, written)
+        self._current.add(Traffic(launches=1, read=read, written=written, times=[timed]))
 
     @contextlib.contextmanager
     def component(self, name: str) -> Iterator[Traffic]:
@@ -670,6 +677,25 @@ def _table(title: str, fused: TrafficMeter, eager: TrafficMeter) -> str:
     return "\n".join(lines)
 
 
+def _time_table(fused: TrafficMeter, eager: TrafficMeter) -> str:
+    """Modeled GPU time (:mod:`fastres.testing.gpu_model`, constants of ``H200``) per kernel name, fastres's
+    launches then eager's ops, each with its worst serial tail; the last line is the step's summary."""
+    model = H200
+    lines = [f"modeled GPU time ({model.name}: {model.hbm_bytes_per_us / 1e6:.1f} TB/s, bf16 "
+             f"{model.tensor_flops_per_us['bf16'] / 1e6:.0f} / tf32 {model.tensor_flops_per_us['tf32'] / 1e6:.0f} "
+             f"TFLOP/s, {model.launch_us:g} us per launch, L2 round trip {model.l2_round_trip_us:g} us, one SM "
+             f"{model.sm_l2_bytes_per_us / 1e3:.0f} GB/s from L2)",
+             f"{'':<28}{'calls':>6}{'MB':>9}{'GFLOP':>8}{'us':>9}{'tail us':>9}{'tail %':>8}"]
+    for who, meter in (("fastres", fused), ("eager", eager)):
+        lines.append(who)
+        for name, row in per_kernel(meter.total().times, model).items():
+            lines.append(f"  {name[:26]:<26}{row['calls']:>6}{row['bytes'] / 1e6:>9.1f}{row['flops'] / 1e9:>8.1f}"
+                         f"{row['us']:>9.1f}" + (f"{row['tail_us']:>9.1f}{100 * row['tail_share']:>7.0f}%"
+                                                  if row["tail_us"] else ""))
+    lines.append(summary_line(fused.total().times, eager.total().times, model))
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import argparse
     import os
@@ -681,6 +707,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--size", type=int, default=32, help="image height and width")
     parser.add_argument("--dtypes", default="fp32,bf16", help="activation dtypes (bf16: autocast)")
+    parser.add_argument("--time", action="store_true",
+                        help="also a modeled GPU time per kernel and per step (fastres.testing.gpu_model)")
+    parser.add_argument("--json", metavar="PATH",
+                        help="write the modeled GPU time per kernel and the summary, per dtype, as JSON (the lease "
+                             "runner's profile row prints it beside the measured times)")
     args = parser.parse_args(argv)
     if not INTERPRET:  # the roles are learned under the interpreter, which must be chosen before import
         os.environ["TRITON_INTERPRET"] = "1"
@@ -695,11 +726,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print("from roles learned under the interpreter; '+ ops' are the aten ops around them.")
     print("eager: fastres.reference.nn.resnet20()")
     print("+ torch.optim.SGD(foreach=True) under FakeTensorMode; 'ops' are aten ops that move memory.")
+    modeled: dict = {}
     for name, dtype in zip(args.dtypes.split(","), chosen):
         fused = fastres_step_traffic(roles, args.batch, args.size, dtype)
         eager = eager_step_traffic(args.batch, args.size, dtype)
         print()
         print(_table(f"batch {args.batch}, 3x{args.size}x{args.size}, channels_last, {name} activations", fused, eager))
+        if args.time:
+            print()
+            print(_time_table(fused, eager))
+        modeled[name] = {"batch": args.batch, "size": args.size, "model": dataclasses.asdict(H200),
+                         "fastres": per_kernel(fused.total().times), "eager": per_kernel(eager.total().times),
+                         "summary": summary_line(fused.total().times, eager.total().times)}
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(modeled, f, indent=1)
 
 
 if __name__ == "__main__":
