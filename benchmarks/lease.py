@@ -10,21 +10,27 @@ Stages, in order, each under its own time budget (GPU / dry run, seconds), so th
 crashing stage never starves the next; what a stage measured is in OUT even when it is cut:
 
       start-up, install check    25 / 10   planned, not enforced: what it takes beyond that comes off the tests
-  1   environment and ceilings   15 / 15   device, driver, versions, git revision; D2D copy GB/s, bf16 TFLOP/s
+  1   environment and ceilings   12 / 15   device, driver, versions, git revision; D2D copy GB/s, bf16 TFLOP/s
   2   compile warm-up            80 / 30   every Triton kernel variant of stages 3-4 in stage order, one process
                                            per core (at most 16), and beside them at most 2 torch.compile
                                            (inductor) builds at a time, 4 once the Triton tasks are done, each
                                            with 3 compile threads: the compiled-model checks, the training rows,
                                            the bf16 block rows 4c reaches; Triton's and inductor's on-disk
                                            caches then hit in stages 3-4
-  3a  correctness: optimizers    40 / 30   lease_items.optim_checks: NaN-poisoned, at full size
-  3b  correctness: models+blocks 60 / 25   lease_items.block_checks
+  3a  correctness: optimizers    42 / 35   lease_items.optim_checks: NaN-poisoned, at full size; issue 18's CUDA-only
+                                           fixes: graph tables kept after an eager rebuild, no host sync in a
+                                           first step, a capture that would rebuild tables refused cleanly
+  3b  correctness: models+blocks 63 / 40   lease_items.block_checks; issue 18's: two captured ResNet-20 steps
+                                           replayed on two streams beside eager steps, bitwise; TF32 operands
+                                           rounded as cuDNN rounds them
   4a  ratios: optimizer steps    25 / 15   lease_items.optim_rows
   4b  ratios: training steps     55 / 35   lease_items.train_rows (ResNet-20's with the host's CPU ms per step
                                            of fastres, fastres through Triton's own launch path, and eager)
   4c  ratios: residual block     40 / 20   lease_items.block_rows
   4d  profile: one step          12 / 15   lease_items.profile_rows: a torch.profiler table of one ResNet-20
-                                           step's kernels (GPU time per kernel name), last, skewing no row
+                                           step's kernels (GPU time per kernel name), last, skewing no row,
+                                           each beside the model's prediction (benchmarks/
+                                           modeled_resnet20_b512.json, fastres.testing.gpu_model)
   5   tests                      the rest  a GPU-relevant subset (tests_to_run; multi-GPU tests only on two
                                            or more GPUs), 1-4 pytest-xdist workers, interrupted cleanly before
                                            the total ends (at least 30 s)
@@ -99,10 +105,10 @@ class Part:
 
 
 PARTS = [
-    Part("1", "environment and ceilings", 15, 15),
+    Part("1", "environment and ceilings", 12, 15),
     Part("2", "compile warm-up", 80, 30),
-    Part("3a", "correctness: optimizers", 40, 30),
-    Part("3b", "correctness: models and blocks", 60, 25),
+    Part("3a", "correctness: optimizers", 42, 35),
+    Part("3b", "correctness: models and blocks", 63, 40),
     Part("4a", "ratios: optimizer steps", 25, 15),
     Part("4b", "ratios: training steps", 55, 35),
     Part("4c", "ratios: residual block", 40, 20),
@@ -899,6 +905,29 @@ def ratio_text(r: dict) -> str:
     return text
 
 
+MODELED_TOP = 3  # kernels the table shows measured beside modeled (lease.json has them all)
+
+
+def modeled_lines(r: dict) -> list:
+    """The profile row's model check, a few lines: its top kernels' measured ms beside the modeled ms
+    (fastres.testing.gpu_model's prediction, from the committed JSON), then the step totals."""
+    m = r["modeled"]
+    if m.get("status") != "ok":
+        return [f"    modeled: {m.get('status')}: {(m.get('detail') or '').strip()[:160]}"]
+    lines = []
+    top = [(n, k) for n, k in (r.get("kernels") or {}).items() if k.get("modeled_ms") is not None][:MODELED_TOP]
+    for name, k in top:
+        lines.append(f"    {name[:30]:30s} measured {k['ms']:.3g} ms, modeled {k['modeled_ms']:.3g} ms: "
+                     f"x{fmt(k.get('measured_over_modeled'), '.2f')}; launches {fmt(k.get('launches'), '.0f')} vs "
+                     f"{fmt(k.get('modeled_calls'), '.0f')}")
+    t, mt = m["total"], m["matched_total"]
+    lines.append(f"    {'step total':30s} measured {fmt(t['measured_ms'], '.3g')} ms, modeled "
+                 f"{fmt(t['modeled_ms'], '.3g')} ms: x{fmt(t.get('measured_over_modeled'), '.2f')}; {m['matched']} of "
+                 f"{m['modeled_names']} modeled names measured ({fmt(mt['measured_ms'], '.3g')} vs "
+                 f"{fmt(mt['modeled_ms'], '.3g')} ms)")
+    return lines
+
+
 def render(data: dict) -> str:
     """The compact table printed last: stages, each check pass/fail, each ratio with its goal, the tests."""
     lines = ["=" * 30 + " fastres GPU lease " + "=" * 30]
@@ -977,6 +1006,8 @@ def render(data: dict) -> str:
         if missing:
             parts.append("not run: " + ", ".join(missing))
         lines.append(head + " " + " | ".join(parts))
+        if r.get("modeled"):
+            lines += modeled_lines(r)
     for (status, why), names in folded.items():
         lines.append(f"  {status}: {names[0]}" + (f" and {len(names) - 1} more rows" if len(names) > 1 else "")
                      + (f": {why}" if why else ""))

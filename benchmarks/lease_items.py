@@ -28,8 +28,11 @@ import copy
 import dataclasses
 import functools
 import gc
+import json
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
@@ -109,6 +112,22 @@ class Config:
     @property
     def graph_replays(self) -> int:
         return 2 if self.dry else 5
+
+    @property
+    def graph_models(self) -> tuple:  # (model, batch, image size, eager warm-up steps, replays): captured training
+        # steps. The dry run has no graphs (each model's eager step stands in): one warm-up step, one replay.
+        if self.dry:
+            return ("tiny", 2, test_train.SMOKE_IMAGE_HW["tiny"], 1, 1)
+        return ("resnet20", 64, 32, CAPTURE_WARMUP, 4)
+
+    @property
+    def graphed_models(self) -> tuple:  # the captured models (with the eager third, "C"): one on the CPU, where
+        # each stands in eagerly for its replay, to save the interpreter two models' steps
+        return ("A",) if self.dry else ("A", "B")
+
+    @property
+    def tf32_conv(self) -> tuple:  # (batch, channels, image size): ResNet-20's stage-1 conv at batch 256
+        return (2, 8, 6) if self.dry else (256, 16, 32)
 
     @property
     def big_numel(self) -> int:
@@ -496,22 +515,28 @@ def capture_failed(what: str) -> None:
 CAPTURE_WARMUP = 2  # eager steps before capture: the first step's state creation and flags are behind it
 
 
-def capture(step: Callable[[], Any], cfg: Config) -> Callable[[], Any]:
+def capture(step: Callable[[], Any], cfg: Config, warmup: int = CAPTURE_WARMUP,
+            before: Optional[Callable[[int], Any]] = None) -> Callable[[], Any]:
     """``step`` captured in a CUDA graph (warmed up on a side stream first); returns its replay.
 
-    Two warm-up steps: an optimizer's first step creates its state and flips its first-step flags (SGD's
-    momentum), so one step would leave the capture to rebuild tables (a pinned copy and a torch.zeros
-    recorded into the graph). On the CPU (dry run) there are no graphs: ``step`` itself stands in, so the
-    comparison still runs.
+    Two warm-up steps by default: an optimizer's first step creates its state and flips its first-step
+    flags (SGD's momentum); fastres builds the next step's tables with the first, so one warm-up step is
+    enough for fastres's optimizers alone (``warmup=1``), the recipe's two cover the rest. ``before(i)``
+    runs before warm-up step ``i`` (to load that step's inputs). On the CPU (dry run) there are no graphs:
+    ``step`` itself stands in, so the comparison still runs.
     """
     if cfg.device != "cuda":
-        for _ in range(CAPTURE_WARMUP):
+        for i in range(warmup):
+            if before is not None:
+                before(i)
             step()
         return step
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(CAPTURE_WARMUP):
+        for i in range(warmup):
+            if before is not None:
+                before(i)
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
@@ -583,8 +608,311 @@ def big_tensor(cfg: Config) -> dict:
     return {"numel": numel, "over_2_31": numel > 2**31}
 
 
+# --------------------------------------------------------------------------- stage 3: issue 18's CUDA-only fixes
+
+# A fastres ResNet-20's training step as the CUDA-graph recipe captures it (examples/train_cifar.py's
+# GraphedStep): grads zeroed in place, forward, loss, backward, fastres.optim.SGD's step. fp32 (TF32 convs).
+
+
+def graph_model(cfg: Config, seed: int) -> tuple:
+    """(model, optimizer) of cfg.graph_models, its weights from ``seed``: two calls with one seed are twins."""
+    name = cfg.graph_models[0]
+    torch.manual_seed(seed)
+    model = test_train.build_model(name, fused=True).to(cfg.device, memory_format=torch.channels_last).train()
+    return model, fastres.optim.SGD(model.parameters(), **test_train.RECIPE)
+
+
+def graph_inputs(cfg: Config, seed: int, steps: int) -> list:
+    """``steps`` (images, labels) batches on the device, made up front (no allocation between replays)."""
+    _, batch, hw, _, _ = cfg.graph_models
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, hw, hw, generator=gen).to(cfg.device, memory_format=torch.channels_last),
+             torch.randint(0, 10, (batch,), generator=gen).to(cfg.device)) for _ in range(steps)]
+
+
+def model_step(model: torch.nn.Module, opt, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=False)  # in place: the grads keep the addresses the optimizer's tables hold
+    F.cross_entropy(model(x), y, label_smoothing=test_train.LABEL_SMOOTHING).backward()
+    opt.step()
+
+
+def warm_graph_model(cfg: Config) -> None:
+    """Two steps of cfg.graph_models' model: its conv and optimizer kernels at that batch (items 1-2 of
+    issue 18's lease list share them)."""
+    model, opt = graph_model(cfg, 0)
+    for x, y in graph_inputs(cfg, 0, 2):
+        model_step(model, opt, x, y)
+    synchronize(cfg)
+
+
+def differing_state(model: torch.nn.Module, opt, ref: torch.nn.Module, ref_opt) -> list:
+    """Names of the params, buffers and momentum buffers of ``model`` that are not equal to ``ref``'s."""
+    bad = [k for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()) if not torch.equal(a, b)]
+    for i, (p, q) in enumerate(zip(model.parameters(), ref.parameters())):
+        a, b = opt.state[p].get("momentum_buffer"), ref_opt.state[q].get("momentum_buffer")
+        if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+            bad.append(f"momentum_buffer of param {i}")
+    return bad
+
+
+def captured_models(cfg: Config) -> dict:
+    """Two captured training steps (graphs A and B, each its model's forward, backward and SGD step)
+    replayed interleaved on two streams, with eager steps of a third model on the default stream between
+    them: every param, buffer and momentum buffer equals the same three models stepped eagerly one after
+    another, bitwise (same inputs). Captured conv launches take their BatchNorm partials and counters from
+    their own graph's pool (fastres/launchers/workspace.py); when every capture shared one workspace, two
+    graphs replayed at once would mix their partials."""
+    name, batch, hw, warmup, replays = cfg.graph_models
+    steps = warmup + replays
+    graphed = cfg.graphed_models
+    keys = graphed + ("C",)
+    data = {k: graph_inputs(cfg, 20 + "ABC".index(k), steps) for k in keys}
+    # The references: three models stepped eagerly, one after another, on the default stream.
+    refs = {k: graph_model(cfg, 10 + "ABC".index(k)) for k in keys}
+    for k in keys:
+        for x, y in data[k]:
+            model_step(*refs[k], x, y)
+    models = {k: graph_model(cfg, 10 + "ABC".index(k)) for k in keys}
+    cuda = cfg.device == "cuda"
+    static = {k: (data[k][0][0].clone(), data[k][0][1].clone()) for k in graphed}
+    replay = {}
+    for k in graphed:
+        (m, o), (sx, sy) = models[k], static[k]
+
+        def load(i, k=k, sx=sx, sy=sy):
+            sx.copy_(data[k][i][0])
+            sy.copy_(data[k][i][1])
+
+        replay[k] = capture(functools.partial(model_step, m, o, sx, sy), cfg, warmup=warmup, before=load)
+    for x, y in data["C"][:warmup]:
+        model_step(*models["C"], x, y)
+    streams = {k: torch.cuda.Stream() if cuda else None for k in graphed}
+    for s in streams.values():
+        if s is not None:
+            s.wait_stream(torch.cuda.current_stream())
+    for i in range(warmup, steps):
+        for k in graphed:
+            with torch.cuda.stream(streams[k]) if cuda else contextlib.nullcontext():
+                static[k][0].copy_(data[k][i][0])
+                static[k][1].copy_(data[k][i][1])
+                replay[k]()
+        model_step(*models["C"], *data["C"][i])  # the default stream, while A and B replay on theirs
+    for s in streams.values():
+        if s is not None:
+            torch.cuda.current_stream().wait_stream(s)
+    synchronize(cfg)
+    bad = {k: differing_state(*models[k], *refs[k]) for k in keys}
+    bad = {k: v for k, v in bad.items() if v}
+    if bad:
+        raise AssertionError("not equal to the eager steps: " + "; ".join(
+            f"{k} ({'graph' if k != 'C' else 'eager'}): {len(v)} tensors, first {', '.join(v[:3])}"
+            for k, v in bad.items()))
+    return {"model": name, "batch": batch, "steps": steps, "eager_warmup": warmup, "replays": replays,
+            "graphs": len(graphed) if cuda else 0, "streams": len(keys) if cuda else 1}
+
+
+@contextlib.contextmanager
+def capture_or_pretend(cfg: Config, graph) -> Iterator[None]:
+    """``torch.cuda.graph(graph)`` on CUDA; on the CPU, fastres's launchers told that a capture is on
+    (``launchers.core.capturing``), so that what fastres does inside a capture runs."""
+    if cfg.device == "cuda":
+        with torch.cuda.graph(graph):
+            yield
+        return
+    from fastres.launchers import core
+
+    real = core.capturing
+    core.capturing = lambda device: True
+    try:
+        yield
+    finally:
+        core.capturing = real
+
+
+REFUSAL_WORDS = ("fastres", "CUDA graph capture", "warm-up")  # fastres/launchers/multi_tensor.py's message
+
+
+def capture_refused(cfg: Config) -> dict:
+    """After ``zero_grad(set_to_none=True)``, capturing forward + backward + ``opt.step()`` must fail with
+    fastres's RuntimeError (the optimizer's tables would be rebuilt inside the capture: the grads are new),
+    raised cleanly: the capture ended (no stream still capturing, no CUDA error after it), and the process
+    goes on: an eager step then equals a twin's that never tried, bitwise. A capture that ended any other
+    way ends this stage process after the item (lease.run_items), so no later item inherits its state.
+    On the CPU the pretended capture runs the forward for real (running statistics move), so there the
+    eager step after it is checked to run, without the twin."""
+    _, _, _, warmup, _ = cfg.graph_models
+    cuda = cfg.device == "cuda"
+    model, opt = graph_model(cfg, 30)
+    twin, twin_opt = graph_model(cfg, 30) if cuda else (None, None)
+    data = graph_inputs(cfg, 31, warmup + 1)
+    for x, y in data[:warmup]:
+        model_step(model, opt, x, y)
+        if cuda:
+            model_step(twin, twin_opt, x, y)
+    x, y = data[warmup]
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph() if cfg.device == "cuda" else None
+    refused: Optional[BaseException] = None
+    try:
+        with capture_or_pretend(cfg, graph):
+            F.cross_entropy(model(x), y, label_smoothing=test_train.LABEL_SMOOTHING).backward()
+            opt.step()
+    except Exception as exc:  # noqa: BLE001 (which exception it was is the check)
+        refused = exc
+    still_capturing = cfg.device == "cuda" and torch.cuda.is_current_stream_capturing()
+    clean = isinstance(refused, RuntimeError) and all(w in str(refused) for w in REFUSAL_WORDS) and not still_capturing
+    if refused is not None and not clean:
+        capture_failed("the refused capture")  # ended some other way: a fresh process for what follows
+    if refused is None:
+        raise AssertionError("the capture of a step with new grads (set_to_none=True) was not refused")
+    if not clean:
+        raise AssertionError(f"the capture did not end with fastres's refusal alone: {short(refused)}"
+                             + (f" (during: {short(refused.__context__)})" if refused.__context__ else "")
+                             + ("; the stream is still capturing" if still_capturing else ""))
+    message = str(refused).splitlines()[0][:200]
+    refused = graph = None  # the traceback's frames hold the graph (and its pool, the capture's grads)
+    try:
+        synchronize(cfg)  # a capture left broken shows here
+        opt.zero_grad(set_to_none=True)
+        model_step(model, opt, x, y)
+        if cuda:
+            twin_opt.zero_grad(set_to_none=True)
+            model_step(twin, twin_opt, x, y)
+        synchronize(cfg)
+    except Exception:
+        capture_failed("the refused capture")
+        raise
+    bad = differing_state(model, opt, twin, twin_opt) if cuda else [
+        n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        what = "differs from the twin's in" if cuda else "left non-finite"
+        raise AssertionError(f"the eager step after the refusal {what} {len(bad)} tensors, first {', '.join(bad[:3])}")
+    return {"message": message, "graph": cuda, "twin_compared": cuda}
+
+
+# SGD with momentum: its first step creates the momentum buffers (a first-step flag in the tables).
+TABLES_KEPT_OPTIONS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def junk_allocations(cfg: Config) -> list:
+    """Memory handed out and filled with -1 (as an address: illegal), small blocks and a large one, after
+    ``empty_cache``: tables a graph reads that had been freed would now hold it."""
+    gc.collect()
+    if cfg.device == "cuda":
+        torch.cuda.empty_cache()
+    small, n, large = (64, 256, 1 << 12) if cfg.dry else (4096, 2048, 1 << 25)
+    return [torch.full((n,), -1, dtype=torch.int64, device=cfg.device) for _ in range(small)] + \
+        [torch.full((large,), -1, dtype=torch.int64, device=cfg.device)]
+
+
+def tables_kept(cfg: Config) -> dict:
+    """A captured SGD(momentum) step (one eager warm-up step before it) still replays right after an eager
+    step with new grads (``set_to_none=True``) rebuilt the optimizer's tables, ``empty_cache`` and new
+    allocations filled with garbage: fastres keeps the tables a graph reads for good
+    (multi_tensor._captured_tables). Three replays equal an eagerly stepped copy bitwise."""
+    shapes = shapes_of(cfg, "resnet20")
+    graphed = leaf_params(shapes, FP32, cfg.device, seed=6)
+    eager = [p.detach().clone().requires_grad_() for p in graphed]
+    opt_g = fastres.optim.SGD(graphed, **TABLES_KEPT_OPTIONS)
+    opt_e = fastres.optim.SGD(eager, **TABLES_KEPT_OPTIONS)
+    static = [torch.empty_like(p) for p in graphed]  # the grads the graph reads
+    gen = torch.Generator(cfg.device).manual_seed(7)
+    first = device_grads(shapes, gen, cfg.device)
+
+    def step_on_static():  # on the CPU it stands in for the replay: the grads must be the static ones again
+        for p, g in zip(graphed, static):
+            p.grad = g
+        opt_g.step()
+
+    def load(_):
+        torch._foreach_copy_(static, first)
+
+    replay = capture(step_on_static, cfg, warmup=1, before=load)
+
+    def eager_step(grads):
+        for p, g in zip(eager, grads):
+            p.grad = g.clone()
+        opt_e.step()
+
+    eager_step(first)
+    fresh = device_grads(shapes, gen, cfg.device)
+    opt_g.zero_grad(set_to_none=True)
+    for p, g in zip(graphed, fresh):
+        p.grad = g.clone()  # new tensors: the eager step rebuilds the tables
+    opt_g.step()
+    eager_step(fresh)
+    del fresh, first
+    junk = junk_allocations(cfg)
+    replays = 3
+    for _ in range(replays):
+        grads = device_grads(shapes, gen, cfg.device)
+        torch._foreach_copy_(static, grads)
+        replay()
+        eager_step(grads)
+    synchronize(cfg)
+    del junk
+    for i, (p, q) in enumerate(zip(graphed, eager)):
+        for key, a, b in (("param", p, q), ("momentum_buffer", opt_g.state[p]["momentum_buffer"],
+                                              opt_e.state[q]["momentum_buffer"])):
+            if not torch.equal(a, b):
+                raise AssertionError(f"param {i} {tuple(p.shape)} {key}: the replays after the eager rebuild "
+                                     "differ from the eager steps")
+    return {"replays": replays, "tensors": len(shapes), "graph": cfg.device == "cuda"}
+
+
+FIRST_STEP_ADAM = dict(lr=1e-3, weight_decay=1e-2)
+
+
+def first_step_no_sync(cfg: Config, loaded: bool) -> dict:
+    """The first ``step()`` of a fresh fastres Adam, or of one that loaded a torch.optim.Adam's CPU
+    state_dict (its 'step' a CPU tensor), runs under ``set_sync_debug_mode("error")``: no host
+    synchronisation (state and step tensors are made on the device by fills). Then it equals torch's step."""
+    shapes = shapes_of(cfg, "resnet20")
+    params = leaf_params(shapes, FP32, cfg.device, seed=8)
+    ref = [p.detach().cpu().clone().requires_grad_() for p in params]
+    ref_opt = torch.optim.Adam(ref, **FIRST_STEP_ADAM)
+    gen = torch.Generator(cfg.device).manual_seed(9)
+    if loaded:  # one step of torch.optim on the CPU, its state loaded into fastres
+        for q, g in zip(ref, device_grads(shapes, gen, cfg.device)):
+            q.grad = g.cpu()
+        ref_opt.step()
+        with torch.no_grad():
+            for p, q in zip(params, ref):
+                p.copy_(q)
+    opt = fastres.optim.Adam(params, **FIRST_STEP_ADAM)
+    if loaded:  # a copy, as from a file: torch's load_state_dict keeps a CPU 'step' tensor as it is (shared)
+        opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
+    for p, q, g in zip(params, ref, device_grads(shapes, gen, cfg.device)):
+        p.grad, q.grad = g, g.cpu()
+    try:
+        with no_host_sync(cfg):
+            opt.step()
+    except RuntimeError as exc:
+        if "synchroniz" in str(exc).lower():
+            raise AssertionError(f"the first step synchronised with the host: {short(exc)}") from exc
+        raise
+    ref_opt.step()
+    steps = 2 if loaded else 1
+    counts = torch.stack([opt.state[p]["step"].float() for p in params]).cpu()
+    if not bool((counts == steps).all()):
+        raise AssertionError(f"state['step'] after the step: {counts.tolist()[:4]}..., expected {steps}")
+    tol = optim_cases.tolerance(FP32, "master")
+    for key in ("param", "exp_avg", "exp_avg_sq"):
+        a = flat([p if key == "param" else opt.state[p][key] for p in params])
+        b = flat([q if key == "param" else ref_opt.state[q][key] for q in ref]).to(a.device)
+        bad = mismatch(a, b, tol, None, f"{key} (all {len(params)} tensors, flattened)")
+        if bad:
+            raise AssertionError(bad + " (vs torch.optim.Adam on the CPU)")
+    if cfg.device != "cuda":
+        raise Skip("set_sync_debug_mode needs CUDA: no host synchronisation to check on a CPU (the step ran "
+                   "and equals torch.optim.Adam's)")
+    return {"loaded_from": "torch.optim.Adam CPU state_dict" if loaded else None, "steps": steps,
+            "sync_checked": True}
+
+
 def optim_checks(cfg: Config) -> list:
-    """The step counter, CUDA graphs and the >2^31 tensor first (one each), then parity on every set and dtype."""
+    """The step counter, CUDA graphs, issue 18's CUDA-only checks, the counter stress and the >2^31 tensor
+    first (one each), then parity on every set and dtype."""
     numel, steps = cfg.counter
     items = [Item("optim step counter Adam", "check", functools.partial(step_counter, cfg),
                   functools.partial(warm_optim, cfg, "Adam", {"lr": 1e-4}, [(numel,), (3,), ()], FP32),
@@ -595,6 +923,29 @@ def optim_checks(cfg: Config) -> list:
                           functools.partial(warm_optim, cfg, name, dict(opts, lr=1e-2), shapes_of(cfg, "resnet20"),
                                             FP32, lr_tensor=True),
                           cfg.scaled("no CUDA graph on a CPU: the eager step stands in for the replay")))
+    # Issue 18's CUDA-only fixes (short): tables a graph reads outlive an eager rebuild; no host sync in a
+    # first step; a capture that would rebuild tables is refused cleanly (the last of these: a capture that
+    # ends any other way sends the items after it to a fresh process).
+    shapes = shapes_of(cfg, "resnet20")
+    items.append(Item("optim CUDA graph tables kept after an eager rebuild SGD", "check",
+                      functools.partial(tables_kept, cfg),
+                      functools.partial(warm_optim, cfg, "SGD", TABLES_KEPT_OPTIONS, shapes, FP32),
+                      cfg.scaled("no CUDA graph on a CPU: the eager step on the captured grads stands in for "
+                                 "the replay; the rebuild, empty_cache and garbage allocations run")))
+    for loaded, label in ((False, "fresh"), (True, "loaded from torch CPU state")):
+        items.append(Item(f"optim first step without host sync Adam {label}", "check",
+                          functools.partial(first_step_no_sync, cfg, loaded),
+                          None if loaded else functools.partial(warm_optim, cfg, "Adam", FIRST_STEP_ADAM, shapes, FP32),
+                          cfg.scaled("no host sync to check on a CPU: the step and its comparison with "
+                                     "torch.optim.Adam run, then the check skips"),
+                          group="optim first step without host sync Adam", label=label))
+    model, batch, _, warmup, _ = cfg.graph_models
+    items.append(Item("optim capture refused after zero_grad(set_to_none=True)", "check",
+                      functools.partial(capture_refused, cfg), functools.partial(warm_graph_model, cfg),
+                      cfg.scaled(f"model {model}, batch {batch}, {warmup} warm-up step; no CUDA graph on a CPU: "
+                                 "fastres's launchers are told a capture is on (launchers.core.capturing), so "
+                                 "its refusal and the eager step after it run (no twin to compare with: the "
+                                 "pretended capture's forward ran)")))
     singles, multi, stress_steps = cfg.counter_stress
     for name in COUNTER_STRESS_OPTIONS:
         items.append(Item(f"optim step counter stress {name}", "check", functools.partial(counter_stress, cfg, name),
@@ -743,6 +1094,103 @@ def batch_suffix(case) -> str:
     return "" if case.batch == 512 else f" b{case.batch}"
 
 
+# TF32 operands (issue 18): fastres's fp32 convs with TF32 round their operands to TF32 to nearest, ties
+# away from zero (kernels/conv.py, _to_tf32), as cuDNN's cvt.rna.tf32.f32 does; the tensor cores alone
+# would truncate them (ignore the low 13 bits), which biases every product toward zero.
+
+
+def tf32_operands(x: torch.Tensor, rule: str) -> torch.Tensor:
+    """fp32 ``x`` rounded to TF32 in its bits: "rna" ``(bits + 0x1000) & 0xFFFFE000`` on the magnitude (to
+    nearest, ties away: the sign bit is untouched by the carry for finite values), "trunc" the low 13 bits
+    dropped. Infinities and NaN unchanged."""
+    bits = x.contiguous().view(torch.int32)
+    mask = -0x2000  # 0xFFFFE000 as an int32
+    rounded = (bits + 0x1000) & mask if rule == "rna" else bits & mask
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return torch.where(finite, rounded, bits).view(torch.float32).view(x.shape)
+
+
+def conv_error(out: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor) -> dict:
+    """``out`` against the float64 ``ref``: the largest and mean error in units of 2^-24 sum|x w| (an ulp
+    of the fp32 sum of the products' magnitudes), and the signed error along the reference's sign relative
+    to its magnitude ("bias": < 0 toward zero, as truncated operands give), and the plain mean error."""
+    err = out.double() - ref
+    ulps = err.abs() / (magnitude * 2.0**-24).clamp_min(1e-300)
+    return {"max_ulps": float(ulps.max()), "mean_ulps": float(ulps.mean()),
+            "bias": float((err * ref.sign()).sum() / ref.abs().sum().clamp_min(1e-300)),
+            "mean_error": float(err.mean())}
+
+
+@contextlib.contextmanager
+def interpreter_tf32() -> Iterator[None]:
+    """On the CPU: fastres's fp32 convs planned as with TF32 (``_to_tf32`` on the operands). The
+    interpreter's ``tl.dot`` multiplies fp32 values exactly and sums them in fp32 (numpy), as the tensor
+    cores do with the rounded operands, so the check's arithmetic holds there too."""
+    real = conv_launchers.dot_precision
+    conv_launchers.dot_precision = lambda dtype, device: "tf32" if dtype == FP32 else real(dtype, device)
+    try:
+        yield
+    finally:
+        conv_launchers.dot_precision = real
+
+
+TF32_BIAS_LIMIT = 2.0**-14  # |bias| allowed against the rounded reference; truncation gives ~ -2^-10.5
+
+
+def tf32_inputs(cfg: Config) -> tuple:
+    batch, c, hw = cfg.tf32_conv
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(batch, c, hw, hw, generator=gen).relu()  # a block's input: a ReLU's output
+    w = torch.randn(c, c, 3, 3, generator=gen) * math.sqrt(2 / (9 * c))
+    return x.to(cfg.device, memory_format=torch.channels_last), w.to(cfg.device)
+
+
+def tf32_rounding(cfg: Config) -> dict:
+    """fastres's fp32 conv forward with TF32 (a ResNet-20 stage-1 conv, 3x3, batch 256) against a float64
+    conv of the operands rounded to TF32 as cuDNN rounds them: the error is fp32 accumulation's alone, at
+    most 2K ulps of sum|x w| (K = 9 C products per output) and no bias beyond TF32_BIAS_LIMIT. The errors
+    against a reference from truncated operands (what the tensor cores alone compute), and cuDNN's own
+    against the rounded reference, are reported beside it."""
+    x, w = tf32_inputs(cfg)
+    cpu = cfg.device != "cuda"
+    with tf32(True), interpreter_tf32() if cpu else contextlib.nullcontext():
+        precision = conv_launchers.dot_precision(FP32, x.device)
+        if precision != "tf32":
+            raise AssertionError(f"fastres's fp32 convs run with {precision!r}, not TF32, with cuDNN's TF32 on")
+        with poisoned(cfg):
+            out, _ = conv_launchers.conv(x, w, 1, 1, dtype=FP32)
+        cudnn = None if cpu else F.conv2d(x, w, padding=1)
+    synchronize(cfg)
+    if not bool(torch.isfinite(out).all()):
+        raise AssertionError(f"{int((~torch.isfinite(out)).sum())} of {out.numel()} outputs not finite (unwritten)")
+    refs, magnitude = {}, None
+    for rule in ("rna", "trunc"):
+        xr, wr = tf32_operands(x, rule).double(), tf32_operands(w, rule).double()
+        refs[rule] = F.conv2d(xr, wr, padding=1)
+        if rule == "rna":
+            magnitude = F.conv2d(xr.abs(), wr.abs(), padding=1)
+    k = 9 * x.shape[1]
+    vs = {rule: conv_error(out, ref, magnitude) for rule, ref in refs.items()}
+    record = {"shape": list(x.shape), "k": k, "bound_ulps": 2 * k, "bias_limit": TF32_BIAS_LIMIT,
+              "fastres_vs_rna": vs["rna"], "fastres_vs_trunc": vs["trunc"],
+              "cudnn_vs_rna": None if cudnn is None else conv_error(cudnn, refs["rna"], magnitude),
+              "cudnn_vs_trunc": None if cudnn is None else conv_error(cudnn, refs["trunc"], magnitude)}
+    rna = vs["rna"]
+    if rna["max_ulps"] > 2 * k or abs(rna["bias"]) > TF32_BIAS_LIMIT:
+        raise AssertionError(
+            f"against TF32-rounded operands: max {rna['max_ulps']:.0f} ulps of sum|x w| (allowed {2 * k}), bias "
+            f"{rna['bias']:.2e} (allowed {TF32_BIAS_LIMIT:.1e}); against truncated ones: max "
+            f"{vs['trunc']['max_ulps']:.0f} ulps, bias {vs['trunc']['bias']:.2e}")
+    return record
+
+
+def warm_tf32_conv(cfg: Config) -> None:
+    x, w = tf32_inputs(cfg)
+    with tf32(True):
+        conv_launchers.conv(x, w, 1, 1, dtype=FP32)
+    synchronize(cfg)
+
+
 # torch.compile(fastres model, fullgraph=True) modes checked against eager (issue 11).
 COMPILE_CHECK_MODES = ("default", "reduce-overhead")
 
@@ -754,6 +1202,19 @@ def block_checks(cfg: Config) -> list:
     items = [Item(f"model {name} {steps} SGD steps", "check", functools.partial(model_check, cfg, name),
                   functools.partial(warm_model, cfg, name), cfg.scaled(f"batch {batch}, {hw}x{hw}, {steps} step"))
              for name, (batch, hw, steps) in cfg.models.items()]
+    # Issue 18: captured conv launches with workspaces of their own graph's; fp32 TF32 operands rounded.
+    model, batch, hw, warmup, replays = cfg.graph_models
+    items.append(Item(f"model {model} b{batch} two CUDA graphs on two streams + eager", "check",
+                      functools.partial(captured_models, cfg), functools.partial(warm_graph_model, cfg),
+                      cfg.scaled(f"model {model}, batch {batch}, {hw}x{hw}, {warmup} warm-up step, {replays} "
+                                 "replay; no CUDA graphs or streams on a CPU: one 'captured' model (its eager "
+                                 "step stands in for the replay) and the eager third")))
+    tb, tc, thw = cfg.tf32_conv
+    items.append(Item(f"conv fp32 TF32 operands rounded like cuDNN b{tb} {tc}@{thw}x{thw}", "check",
+                      functools.partial(tf32_rounding, cfg), functools.partial(warm_tf32_conv, cfg),
+                      cfg.scaled(f"batch {tb}, {tc} channels, {thw}x{thw}; no TF32 on a CPU: fastres's conv is "
+                                 "planned as with TF32 (its operands rounded by _to_tf32) and the interpreter's "
+                                 "exact fp32 dot stands in for the tensor cores")))
     for case, mode in combos:
         dtype, use_tf32 = BLOCK_MODES[mode]
         items.append(Item(f"block {case.net} {case.name}{batch_suffix(case)} {mode}", "check",
@@ -866,9 +1327,6 @@ def ratio(medians: dict, subject: str, baseline, goal: Optional[float] = None, n
 
 def read_ceilings(out_dir: Optional[str]) -> dict:
     """The ceilings stage 1 recorded in OUT/results.jsonl ({} when it recorded none: GB/s rows then lack a fraction)."""
-    import json
-    import os
-
     if out_dir and os.path.exists(os.path.join(out_dir, "results.jsonl")):
         with open(os.path.join(out_dir, "results.jsonl")) as f:
             for line in f:
@@ -1021,11 +1479,80 @@ def profile_row(cfg: Config, model: str, batch: int) -> dict:
     # the measured one) without changing the record's shape.
     kernels = {e.key: {"ms": (e.device_time_total if on_gpu else e.self_cpu_time_total) / 1e3 / steps,
                        "launches": e.count / steps} for e in events}
+    try:  # the model's prediction beside each measured kernel (issue 18): never the row's undoing
+        modeled = join_modeled(kernels, load_modeled(), "bf16")
+    except Exception as exc:  # noqa: BLE001
+        modeled = {"status": "error", "file": str(modeled_path()), "detail": short(exc)}
     return {"medians_ms": {"fastres": sum(k["ms"] for k in kernels.values())}, "errors": {}, "ratios": [],
             "batch": batch, "dtype": "bf16 autocast",
             "time": "GPU kernel time per step" if on_gpu else "CPU self time per step (dry run)",
             "kernels_per_step": sum(k["launches"] for k in kernels.values()),
-            "kernels": dict(list(kernels.items())[:PROFILE_TOP])}
+            "kernels": dict(list(kernels.items())[:PROFILE_TOP]), "modeled": modeled}
+
+
+# The modeled GPU time of each launch of a ResNet-20 step at batch 512 (fastres/testing/gpu_model.py), written
+# by `python -m fastres.testing.traffic --dtypes bf16 --time --json PATH` (Triton's interpreter, 1-2
+# CPU-minutes: the lease reads the committed file). FASTRES_LEASE_MODELED names another file (tests).
+MODELED_JSON = Path(__file__).resolve().with_name("modeled_resnet20_b512.json")
+MODELED_ENV = "FASTRES_LEASE_MODELED"
+
+
+def modeled_path() -> Path:
+    return Path(os.environ.get(MODELED_ENV) or MODELED_JSON)
+
+
+def load_modeled() -> Optional[dict]:
+    """The modeled-time file's contents, or None when there is none."""
+    path = modeled_path()
+    if not path.is_file():
+        return None
+    return {"path": str(path), "data": json.loads(path.read_text())}
+
+
+def profiled_name(name: str) -> str:
+    """A profiler event's name as the model names it: kernels by their function name (Triton's), aten ops
+    without the ``aten::`` prefix (the dry run profiles CPU ops)."""
+    return name.removeprefix("aten::")
+
+
+def join_modeled(kernels: dict, modeled: Optional[dict], dtype: str) -> dict:
+    """Put the model's time beside the profiler's: each kernel of ``kernels`` ({name: {"ms", "launches"}},
+    per step) whose name the model also has gets ``modeled_ms``, ``modeled_calls`` and
+    ``measured_over_modeled`` (> 1: slower than modeled); returns the record's ``modeled`` field: the file,
+    the step totals (every measured kernel against every modeled launch and op), the totals over the
+    names both have, and the largest modeled names the profiler did not see."""
+    if modeled is None:
+        return {"status": "missing", "file": str(modeled_path()),
+                "detail": f"no {modeled_path().name}: `python -m fastres.testing.traffic --dtypes {dtype} --time "
+                          "--json PATH` writes it"}
+    data = modeled["data"].get(dtype)
+    if not data or not isinstance(data.get("fastres"), dict):
+        return {"status": "error", "file": modeled["path"], "detail": f"no {dtype!r} fastres entry in the file"}
+    model = data["fastres"]
+    seen = set()
+    matched_ms = matched_model_ms = 0.0
+    for name, k in kernels.items():
+        row = model.get(profiled_name(name))
+        if row is None:
+            continue
+        seen.add(profiled_name(name))
+        k["modeled_ms"] = row["us"] / 1e3
+        k["modeled_calls"] = row.get("calls")
+        k["measured_over_modeled"] = k["ms"] / k["modeled_ms"] if k["modeled_ms"] else None
+        matched_ms += k["ms"]
+        matched_model_ms += k["modeled_ms"]
+    measured = sum(k["ms"] for k in kernels.values())
+    modeled_ms = sum(row["us"] for row in model.values()) / 1e3
+    unseen = sorted(((n, r["us"] / 1e3) for n, r in model.items() if n not in seen), key=lambda t: -t[1])
+    return {"status": "ok", "file": modeled["path"], "dtype": dtype, "batch": data.get("batch"),
+            "size": data.get("size"), "summary": data.get("summary"), "matched": len(seen), "modeled_names": len(model),
+            "total": {"measured_ms": measured, "modeled_ms": modeled_ms,
+                      "measured_over_modeled": measured / modeled_ms if modeled_ms else None,
+                      "measured_launches": sum(k["launches"] for k in kernels.values()),
+                      "modeled_calls": sum(row.get("calls", 0) for row in model.values())},
+            "matched_total": {"measured_ms": matched_ms, "modeled_ms": matched_model_ms,
+                              "measured_over_modeled": matched_ms / matched_model_ms if matched_model_ms else None},
+            "not_measured": dict(unseen[:5])}
 
 
 def train_rows(cfg: Config) -> list:
@@ -1041,7 +1568,8 @@ def profile_rows(cfg: Config) -> list:
     """The profiler's table of one ResNet-20 step: last in stage 4, so its profiling skews no timed row."""
     model, batch = next(iter(cfg.train_models.items()))
     return [Item(f"profile {model} b{batch} bf16", "ratio", functools.partial(profile_row, cfg, model, batch),
-                 None, cfg.scaled(f"model {model}, batch {batch}, CPU ops, 1 warm-up step"))]
+                 None, cfg.scaled(f"model {model}, batch {batch}, CPU ops, 1 warm-up step; the modeled GPU times "
+                                  "joined by name (aten ops match, the interpreted kernels do not show)"))]
 
 
 SEPARATE_GRADS = "fastres separate grads"

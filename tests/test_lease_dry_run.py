@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -23,9 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 PARTS = ["1", "2", "3a", "3b", "4a", "4b", "4c", "4d", "5"]
 
 
-def _run(out: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
+def _run(out: Path, *args: str, timeout: float, env_extra: Optional[dict] = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the runner sets it for its stages
     env["PYTHON"] = sys.executable
+    env.update(env_extra or {})
     return subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry-run", str(out), *args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
@@ -35,10 +37,26 @@ def _describe(run: subprocess.CompletedProcess, out: Path) -> str:
     return f"exit {run.returncode}\nstdout tail:\n{run.stdout[-3000:]}\nstderr tail:\n{run.stderr[-2000:]}\nlease.log tail:\n{log}"
 
 
+# The profile row's modeled times (the committed benchmarks/modeled_resnet20_b512.json on a lease): made-up
+# figures under names the dry run's CPU profile has (aten ops) and one it has not (an interpreted kernel).
+_ROW = {"calls": 1, "us": 10.0, "bytes": 0, "flops": 0.0, "tail_us": 0.0, "tail_share": 0.0}
+FAKE_MODELED = {"bf16": {"batch": 512, "size": 32, "model": {"name": "H200"}, "summary": "modeled step: made up",
+                         "eager": {}, "fastres": {n: _ROW for n in ("_conv_kernel", "addmm", "avg_pool2d", "_log_softmax")}}}
+# Issue 18's CUDA-only checks: what each does on the dry run (the eager halves pass; the sync check skips).
+ISSUE_18_CHECKS = {"optim CUDA graph tables kept after an eager rebuild SGD": "pass",
+                   "optim first step without host sync Adam fresh": "skipped",
+                   "optim first step without host sync Adam loaded from torch CPU state": "skipped",
+                   "optim capture refused after zero_grad(set_to_none=True)": "pass",
+                   "model tiny b2 two CUDA graphs on two streams + eager": "pass",
+                   "conv fp32 TF32 operands rounded like cuDNN b2 8@6x6": "pass"}
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lease")
-    run = _run(out, timeout=420)
+    modeled = tmp_path_factory.mktemp("modeled") / "modeled.json"
+    modeled.write_text(json.dumps(FAKE_MODELED))
+    run = _run(out, timeout=420, env_extra={"FASTRES_LEASE_MODELED": str(modeled)})
     return run, out
 
 
@@ -97,12 +115,25 @@ def test_dry_run_passes_and_reports_every_stage(dry_run):
     profile = next(r for r in ratios if r["name"].startswith("profile"))
     assert profile["stage"] == "4d" and profile["status"] == "ok", profile
     assert all(set(k) >= {"ms", "launches"} for k in profile["kernels"].values()), profile
+    # Beside the measured times, the model's, by name: the CPU profile's aten ops match, its kernels do not.
+    modeled = profile["modeled"]
+    assert modeled["status"] == "ok" and modeled["matched"] >= 1 and modeled["modeled_names"] == 4, modeled
+    assert "_conv_kernel" in modeled["not_measured"] and modeled["total"]["modeled_ms"] == pytest.approx(0.04)
+    assert any(k.get("modeled_ms") == 0.01 for k in profile["kernels"].values()), profile["kernels"]
+
+    # Issue 18's CUDA-only checks ran their eager halves (the sync check has nothing to check on a CPU).
+    by_name = {c["name"]: c for c in checks}
+    assert {n: by_name[n]["status"] for n in ISSUE_18_CHECKS if n in by_name} == ISSUE_18_CHECKS, checks
+    assert all(by_name[n]["scaled_down"] for n in ISSUE_18_CHECKS)
+    tf32 = by_name["conv fp32 TF32 operands rounded like cuDNN b2 8@6x6"]
+    assert tf32["fastres_vs_rna"]["max_ulps"] <= tf32["bound_ulps"] and tf32["fastres_vs_trunc"]["bias"] > 1e-4, tf32
 
     # The compact table is the last thing printed, and it is what summary.txt holds.
     table = (out / "summary.txt").read_text().strip()
     assert run.stdout.rstrip().endswith(table)
     assert table.splitlines()[-1].startswith("result: PASS (exit 0)")
     assert "DRY RUN" in table and "checks:" in table and "ratios" in table and "tests:" in table
+    assert "    step total" in table and "of 4 modeled names measured" in table, table
     for record in (out / "results.jsonl").read_text().splitlines():
         json.loads(record)
 
@@ -112,7 +143,7 @@ def test_hung_stage_is_cut_crash_resumed_and_failed_check_fails_the_run(tmp_path
     """Stage 1 hangs: it is cut at its deadline (its 3 s budget plus what the start-up and its import left of
     their plan) and part 3a still runs. 3a's process aborts in its first item: that item is an error and 3a
     resumes after it. Its injected wrong element fails its check."""
-    run = _run(tmp_path, "--stages", "1,3a", "--inject-hang", "1", "--budget", "1=3", "--budget", "3a=35",
+    run = _run(tmp_path, "--stages", "1,3a", "--inject-hang", "1", "--budget", "1=3", "--budget", "3a=50",
                "--inject-crash", "3a", "--inject-failure", timeout=240)
     why = _describe(run, tmp_path)
     assert run.returncode == 1, why

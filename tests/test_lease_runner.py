@@ -7,6 +7,7 @@ the install check. tests/test_lease_dry_run.py runs the runner itself.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -90,16 +91,17 @@ def test_gpu_warm_up_builds_only_what_the_stages_reach():
 def test_time_a_part_leaves_goes_to_the_next_part():
     parts = [p for p in lease.PARTS if p.key != "5"]
     plan = lease.plan_ends(parts, lambda p: p.gpu_s, 100.0, "gpu")
-    assert plan["1"] == 100 + lease.IMPORT_S["gpu"] + 15
-    assert plan["2"] == plan["1"] + 80  # stage 2's process imports no torch: its workers do, in its budget
-    assert plan["3a"] == plan["2"] + lease.IMPORT_S["gpu"] + 40 and plan["3b"] == plan["3a"] + 60
-    hard = 1000.0
-    # 3b starts 30 s early (3a ended early): it gets its 60 s and the 30 s 3a left.
-    assert lease.part_deadline(plan["3a"] - 30, 60, plan["3b"], hard) == plan["3b"]
+    gpu_s = {p.key: p.gpu_s for p in parts}
+    assert plan["1"] == 100 + lease.IMPORT_S["gpu"] + gpu_s["1"]
+    assert plan["2"] == plan["1"] + gpu_s["2"]  # stage 2's process imports no torch: its workers do, in its budget
+    assert plan["3a"] == plan["2"] + lease.IMPORT_S["gpu"] + gpu_s["3a"] and plan["3b"] == plan["3a"] + gpu_s["3b"]
+    hard, b = 1000.0, gpu_s["3b"]
+    # 3b starts 30 s early (3a ended early): it gets its own budget and the 30 s 3a left.
+    assert lease.part_deadline(plan["3a"] - 30, b, plan["3b"], hard) == plan["3b"]
     # 3b starts 20 s late (an import took long): its own budget from its start; the tests pay.
-    assert lease.part_deadline(plan["3a"] + 20, 60, plan["3b"], hard) == plan["3a"] + 80
+    assert lease.part_deadline(plan["3a"] + 20, b, plan["3b"], hard) == plan["3a"] + 20 + b
     # Never past what the tests must keep.
-    assert lease.part_deadline(plan["3a"], 60, plan["3b"], plan["3a"] + 10) == plan["3a"] + 10
+    assert lease.part_deadline(plan["3a"], b, plan["3b"], plan["3a"] + 10) == plan["3a"] + 10
 
 
 def test_the_gpu_plan_fits_seven_minutes_and_leaves_the_tests_their_time():
@@ -177,6 +179,121 @@ def test_the_profile_row_is_a_dict_per_kernel():
                                                "_tail_kernel": {"ms": 1.0, "launches": 9}}}
     line = lease.render(_data([row])).splitlines()[-2]
     assert "79 kernels; top: _conv_kernel 2 ms, _tail_kernel 1 ms" in line
+
+
+def _fake_modeled(path: Path) -> Path:
+    """A modeled-times file in the format of ``python -m fastres.testing.traffic --time --json`` (the
+    committed benchmarks/modeled_resnet20_b512.json), with made-up figures."""
+    row = lambda calls, us: {"calls": calls, "us": us, "bytes": 1, "flops": 0.0, "tail_us": 0.0, "tail_share": 0.0}
+    path.write_text(json.dumps({"bf16": {
+        "batch": 512, "size": 32, "model": {"name": "H200"}, "summary": "modeled step: fastres 1.105 ms, ...",
+        "fastres": {"_conv_kernel": row(27, 800.0), "_tail_kernel": row(9, 300.0), "addmm": row(1, 5.0)},
+        "eager": {"convolution": row(21, 900.0)}}}))
+    return path
+
+
+def _li():
+    lease.setup_paths()
+    import lease_items
+
+    return lease_items
+
+
+def test_the_profile_row_joins_the_modeled_times_by_kernel_name(tmp_path, monkeypatch):
+    li = _li()
+    monkeypatch.setenv(li.MODELED_ENV, str(_fake_modeled(tmp_path / "modeled.json")))
+    kernels = {"_conv_kernel": {"ms": 1.0, "launches": 27},
+               "void at::native::elementwise_kernel": {"ms": 0.2, "launches": 10},
+               "aten::addmm": {"ms": 0.01, "launches": 1}}
+    m = li.join_modeled(kernels, li.load_modeled(), "bf16")
+    assert m["status"] == "ok" and m["matched"] == 2 and m["modeled_names"] == 3 and m["batch"] == 512
+    conv = kernels["_conv_kernel"]
+    assert conv["modeled_ms"] == 0.8 and conv["modeled_calls"] == 27
+    assert conv["measured_over_modeled"] == pytest.approx(1.25)
+    assert kernels["aten::addmm"]["modeled_ms"] == 0.005  # an aten op (the dry run's CPU profile) by its bare name
+    assert "modeled_ms" not in kernels["void at::native::elementwise_kernel"]
+    assert m["total"]["measured_ms"] == pytest.approx(1.21) and m["total"]["modeled_ms"] == pytest.approx(1.105)
+    assert m["total"]["modeled_calls"] == 37 and m["total"]["measured_launches"] == 38
+    assert m["matched_total"] == pytest.approx({"measured_ms": 1.01, "modeled_ms": 0.805,
+                                                "measured_over_modeled": 1.01 / 0.805})
+    assert m["not_measured"] == {"_tail_kernel": 0.3}
+
+    row = {"name": "profile resnet20 b512 bf16", "kind": "ratio", "status": "ok", "medians_ms": {"fastres": 1.21},
+           "kernels_per_step": 38, "kernels": kernels, "modeled": m}
+    lines = lease.render(_data([row])).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("  profile resnet20"))
+    assert "_conv_kernel" in lines[at + 1]
+    assert "measured 1 ms, modeled 0.8 ms: x1.25; launches 27 vs 27" in lines[at + 1]
+    assert "aten::addmm" in lines[at + 2] and "x2.00" in lines[at + 2]
+    assert "step total" in lines[at + 3]
+    assert "measured 1.21 ms, modeled 1.1 ms: x1.10; 2 of 3 modeled names measured (1.01 vs 0.805 ms)" in lines[at + 3]
+    assert lines[at + 4].startswith("result:")
+
+
+def test_the_profile_row_says_when_there_is_no_model(tmp_path, monkeypatch):
+    li = _li()
+    monkeypatch.setenv(li.MODELED_ENV, str(tmp_path / "none.json"))
+    kernels = {"_conv_kernel": {"ms": 1.0, "launches": 27}}
+    m = li.join_modeled(kernels, li.load_modeled(), "bf16")
+    assert m["status"] == "missing" and "fastres.testing.traffic" in m["detail"]
+    assert kernels["_conv_kernel"] == {"ms": 1.0, "launches": 27}
+    (tmp_path / "none.json").write_text(json.dumps({"fp32": {}}))
+    assert li.join_modeled(kernels, li.load_modeled(), "bf16")["status"] == "error"
+    row = {"name": "profile resnet20 b512 bf16", "kind": "ratio", "status": "ok", "medians_ms": {"fastres": 1.0},
+           "kernels_per_step": 27, "kernels": kernels, "modeled": m}
+    line = lease.render(_data([row])).splitlines()[-2]
+    assert line.startswith("    modeled: missing: no none.json: `python -m fastres.testing.traffic")
+
+
+def test_the_committed_modeled_times_join():
+    """The lead's benchmarks/modeled_resnet20_b512.json, once committed, has what the profile row reads."""
+    li = _li()
+    if not li.MODELED_JSON.is_file():
+        pytest.skip("benchmarks/modeled_resnet20_b512.json is not committed yet")
+    data = json.loads(li.MODELED_JSON.read_text())
+    rows = data["bf16"]["fastres"]
+    assert data["bf16"]["batch"] == 512 and "_conv_kernel" in rows
+    assert all({"calls", "us"} <= set(r) for r in rows.values())
+    kernels = {name: {"ms": r["us"] / 1e3, "launches": r["calls"]} for name, r in rows.items()}
+    m = li.join_modeled(kernels, {"path": str(li.MODELED_JSON), "data": data}, "bf16")
+    assert m["matched"] == len(rows) and m["total"]["measured_over_modeled"] == pytest.approx(1.0)
+
+
+def test_tf32_reference_rounding_is_the_kernels_rule():
+    """The TF32 check's reference operands (lease_items.tf32_operands): to nearest with ties away from zero
+    in the float32 bits (kernels/conv.py's _to_tf32, cuDNN's cvt.rna), or truncated; and its bias measure."""
+    import torch
+
+    li = _li()
+    x = torch.tensor([1.0 + 2**-11, -(1.0 + 2**-11), 1.0 + 2**-11 - 2**-23, 2.0 - 2**-23, float("inf"), 0.0,
+                      -2.0**-130])
+    rna, trunc = li.tf32_operands(x, "rna"), li.tf32_operands(x, "trunc")
+    assert rna[:4].tolist() == [1.0 + 2**-10, -(1.0 + 2**-10), 1.0, 2.0] and rna[4] == float("inf")
+    assert trunc[:4].tolist() == [1.0, -1.0, 1.0, 2.0 - 2**-10] and rna[6] == trunc[6] == -2.0**-130
+    assert li.tf32_operands(torch.tensor([float("nan")]), "rna").isnan().all()
+    ref = torch.randn(1000, dtype=torch.float64)
+    shrunk = li.conv_error((ref * (1 - 2**-10)).float(), ref, ref.abs())
+    assert shrunk["bias"] == pytest.approx(-(2**-10), rel=0.05) and shrunk["max_ulps"] < 2**14 + 10
+
+
+def test_issue_18s_lease_items_are_planned_and_warmed():
+    """The lease's GPU item lists have issue 18's CUDA-only checks (short ones, before the long parity checks
+    and block checks), each with its kernels warmed in stage 2 at the same sizes."""
+    li = _li()
+    cfg = li.Config(dry=False)
+    names = {"3a": [i.name for i in li.optim_checks(cfg)], "3b": [i.name for i in li.block_checks(cfg)]}
+    new = {"3a": ["optim CUDA graph tables kept after an eager rebuild SGD",
+                  "optim first step without host sync Adam fresh",
+                  "optim first step without host sync Adam loaded from torch CPU state",
+                  "optim capture refused after zero_grad(set_to_none=True)"],
+           "3b": ["model resnet20 b64 two CUDA graphs on two streams + eager",
+                  "conv fp32 TF32 operands rounded like cuDNN b256 16@32x32"]}
+    for key, wanted in new.items():
+        at = [names[key].index(n) for n in wanted]
+        assert at == sorted(at) and at[-1] < len(names[key]) // 2, (key, at, len(names[key]))
+    assert names["3a"].index(new["3a"][-1]) < min(i for i, n in enumerate(names["3a"]) if "stress" in n)
+    tasks = {t[1] for t in lease.warm_tasks(cfg, Path("/nonexistent"))}
+    assert set(new["3a"] + new["3b"]) - tasks == {"optim first step without host sync Adam loaded from torch CPU state"}
 
 
 def _one_line_failure(run: subprocess.CompletedProcess) -> str:
