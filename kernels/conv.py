@@ -181,7 +181,8 @@ def _group_moments(mean_ptr, m2_ptr, first, n, unit, M, offs_c, c_mask, C, BLOCK
     offs = index[:, None].to(tl.int64) * C + offs_c[None, :]
     part_mean = tl.load(mean_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
     part_m2 = tl.load(m2_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    mean = tl.sum(tl.where(mask, count * part_mean, 0.0), axis=0) / tl.sum(tl.where(mask, count, 0.0), axis=0)
+    rows = tl.minimum(n * unit, M - first * unit).to(tl.float32)
+    mean = tl.sum(tl.where(mask, count * part_mean, 0.0), axis=0) / rows
     dev = part_mean - mean[None, :]
     return mean, tl.sum(tl.where(mask, part_m2 + count * dev * dev, 0.0), axis=0)
 
