@@ -32,6 +32,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+class FusionWarning(UserWarning):
+    """A fused module runs PyTorch's ops instead of its kernels, and why (once per module and reason): a
+    replaced or subclassed child, hooks, parametrisations, or a configuration the kernels do not take.
+    ``warnings.filterwarnings("ignore", category=fastres.FusionWarning)`` silences it."""
+
+
 class Backend(NamedTuple):
     """Which implementation a tensor takes (``name``) and why (``reason``)."""
 

@@ -30,17 +30,35 @@ output channel computed inside the conv from the current running statistics,
 so nothing can go stale when an optimizer writes weights in place), with
 residual and ReLU in the last conv's epilogue. Eval-mode calls that need
 gradients run the reference ops.
+
+The rule: the fused path gives PyTorch's answer, or it does not run. Every
+call checks, before any kernel touches memory, that the kernels compute what
+the plain modules would: children of the exact classes fused (``nn.Conv2d``,
+``nn.BatchNorm2d``/``nn.SyncBatchNorm``, ``nn.ReLU``, the downsample's
+``nn.Sequential``) with no hooks (module or global; pruning and the old
+weight/spectral norm are hooks) and no parametrisations (they change the
+class), configurations the kernels take (3x3 convs, zero padding, no bias,
+affine BatchNorms whose every per-channel tensor has the conv's output
+channels, ...), and inputs they take (channels, sizes, dtypes as torch would
+accept them). Otherwise the plain forward runs (hooks fire, parametrisations
+apply, torch raises its own errors); a module whose structure keeps it off
+the kernels says why once (:class:`fastres.FusionWarning`). These checks are
+a few dozen attribute reads per call, no allocation.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import os
+import sys
+import warnings
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules import module as _module_globals
 
-from ._backend import KERNEL_DTYPES, uses_kernels
+from ._backend import KERNEL_DTYPES, FusionWarning, uses_kernels
 from . import ops  # noqa: F401  (registers torch.ops.fastres.*)
 from .launchers import conv as L
 from .reference.nn import ResidualBlock as PlainResidualBlock
@@ -56,20 +74,17 @@ class _BN(NamedTuple):
     update: bool  # training and tracking: update the running statistics
 
 
-def _bn_config(bn: nn.BatchNorm2d, where: str) -> _BN:
-    if not bn.affine:
-        raise ValueError(f"{where}: BatchNorm2d(affine=False) is not supported by the fused op")
+def _bn_config(bn: nn.BatchNorm2d, where: str = "") -> _BN:
+    """The kernel arguments of a BatchNorm that :func:`_bn_problem` passed."""
     # Read the dicts behind nn.Module.__getattr__ directly: this runs on every call.
     params, buffers = bn._parameters, bn._buffers
     update = bn.training and bn.track_running_stats
     running_mean = buffers.get("running_mean")
-    if update and buffers.get("num_batches_tracked") is None:
-        raise ValueError(f"{where}: a BatchNorm2d that tracks running statistics needs num_batches_tracked")
     batch_stats = bn.training or running_mean is None
     keep_running = update or not batch_stats
     args = L.BatchNormArgs(params["weight"], params["bias"], running_mean if keep_running else None,
                            buffers["running_var"] if keep_running else None,
-                           buffers["num_batches_tracked"] if update else None,
+                           buffers.get("num_batches_tracked") if update else None,
                            None if bn.momentum is None else float(bn.momentum), float(bn.eps))
     return _BN(args, batch_stats, update)
 
@@ -84,53 +99,271 @@ def _sync_group_name(bn: nn.SyncBatchNorm) -> Optional[str]:
 
 
 def _bn_group(norms) -> tuple[bool, Optional[str]]:
-    """(fusable, process group name) of a fused op's BatchNorms: ``nn.BatchNorm2d``, or
-    ``nn.SyncBatchNorm`` (fused with its collectives when it synchronises). Other norms, or BatchNorms
-    that disagree on the group, take the PyTorch ops."""
-    names = set()
+    """(one group, its name) of a fused op's BatchNorms (classes checked by :func:`_bn_problem`):
+    ``nn.SyncBatchNorm`` synchronises over its group when it synchronises (fused with its collectives),
+    ``nn.BatchNorm2d`` over none. BatchNorms that disagree on the group take the PyTorch ops."""
     for bn in norms:
         if type(bn) is nn.SyncBatchNorm:
-            names.add(_sync_group_name(bn))
-        elif type(bn) is nn.BatchNorm2d:
-            names.add(None)
-        else:
-            return False, None
+            break
+    else:
+        return True, None  # the usual case, cheaply
+    names = {_sync_group_name(bn) if type(bn) is nn.SyncBatchNorm else None for bn in norms}
     if len(names) > 1:
         return False, None
     return True, names.pop()
 
 
-def _conv_config(conv: nn.Conv2d, in_channels: int, where: str) -> tuple[int, int]:
-    """(stride, padding) of a conv the kernels take; a clear error otherwise."""
-    if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"{where}: expected an nn.Conv2d, got {type(conv).__name__}")
-    if conv.in_channels != in_channels:
-        raise ValueError(f"{where}: the input has {in_channels} channels but the conv expects {conv.in_channels}")
+# ------------------------------------------------------------------ whether the kernels stand in
+#
+# Two passes. The fast one (every call) reads what decides, builds no strings and returns the kernels'
+# arguments or None: the children's exact classes and hooks, the convs' settings, every tensor the
+# kernels read or write (length, contiguity, dtype, device), the input's channels and size. Only when it
+# says no does the slow one (``_block_problem``, ``_stem_problem``) find what a user should be told: a
+# structural reason is warned once per module, a device mismatch raised, and anything else (an input
+# torch refuses or takes differently) left to the plain forward.
+
+_ONE = (1, 1)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Module hooks that the plain forward would fire (pruning masks and the old ``weight_norm`` and
+    ``spectral_norm`` are forward pre-hooks)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Hooks registered for every module (``torch.nn.modules.module.register_module_forward_hook`` and
+    its siblings): they fire on the children only in the plain forward."""
+    g = _module_globals
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks)
+
+
+def _conv_weight(conv: object, device: torch.device, dtype: torch.dtype, autocast: bool) -> Optional[torch.Tensor]:
+    """The weight of a plain ``nn.Conv2d`` the kernels take (groups 1, no dilation, square stride and
+    zero padding, no bias, no hooks), on ``device`` in a dtype torch takes with ``dtype`` activations
+    (under autocast any floating dtype but float64, which autocast casts); else None."""
+    if (type(conv) is not nn.Conv2d or _hooked(conv) or conv.groups != 1 or conv.dilation != _ONE
+            or conv.padding_mode != "zeros" or conv._parameters.get("bias") is not None):
+        return None
+    padding, stride = conv.padding, conv.stride
+    if type(padding) is not tuple or padding[0] != padding[1] or stride[0] != stride[1]:
+        return None
+    weight = conv._parameters.get("weight")
+    if (weight is None or weight.dim() != 4 or weight.device != device
+            or (weight.dtype != dtype and not (autocast and weight.dtype in KERNEL_DTYPES))):
+        return None
+    return weight
+
+
+def _bn_takes(bn: object, channels: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the kernels stand in for ``bn`` (an exact ``nn.BatchNorm2d``/``nn.SyncBatchNorm`` without
+    hooks, affine) after a conv with ``channels`` outputs: every per-channel tensor they read or write has
+    ``channels`` contiguous elements (torch checks the count too) on ``device``, all in one dtype torch
+    takes with ``dtype`` activations (``dtype`` or float32); eps > 0 in training (torch raises)."""
+    if (type(bn) is not nn.BatchNorm2d and type(bn) is not nn.SyncBatchNorm) or _hooked(bn):
+        return False
+    params, buffers = bn._parameters, bn._buffers
+    weight, bias = params.get("weight"), params.get("bias")
+    if weight is None or bias is None:
+        return False
+    t = weight.dtype
+    if t != dtype and t != torch.float32:
+        return False
+    running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+    for v in (weight, bias) if running_mean is None else (weight, bias, running_mean, running_var):
+        if v is None or v.numel() != channels or not v.is_contiguous() or v.dtype != t or v.device != device:
+            return False
+    if running_mean is None and running_var is not None:
+        return False
+    if bn.training:
+        if not bn.eps > 0:
+            return False
+        if bn.track_running_stats:
+            count = buffers.get("num_batches_tracked")
+            if running_mean is None:  # torch counts the batch without statistics to update: the kernels do not
+                return count is None
+            if count is None or count.numel() != 1 or count.device != device:
+                return False
+    return True
+
+
+def _kernel_dtype(x: object) -> Optional[torch.dtype]:
+    """The dtype the kernels would compute ``x`` in, or None when they do not take it: not a kernel
+    tensor (:func:`fastres.backend_for`), not a 4-D non-empty floating-point tensor (PyTorch's ops then
+    give PyTorch's answer or error)."""
+    if not isinstance(x, torch.Tensor) or not uses_kernels(x) or x.dim() != 4 or x.numel() == 0:
+        return None
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # autocast casts every floating input but float64 (as cuDNN convs run)
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+# The slow pass: what to tell the user.
+
+def _class_problem(module: object, name: str, expected: str) -> str:
+    if isinstance(module, nn.Module) and torch.nn.utils.parametrize.is_parametrized(module):
+        return f"{name} has parametrizations ({', '.join(module.parametrizations)})"
+    return f"{name} is a {type(module).__module__}.{type(module).__qualname__}, not an {expected}"
+
+
+def _module_problem(module: object, name: str, cls: type, expected: str) -> Optional[str]:
+    if type(module) is not cls:
+        return _class_problem(module, name, expected)
+    if _hooked(module):
+        return f"{name} has hooks"
+    return None
+
+
+def _conv_problem(conv: object, name: str, kernel: Optional[tuple] = None, stride: Optional[int] = None
+                  ) -> Optional[str]:
+    """Why the conv kernels cannot stand in for ``conv`` whatever the input (None: they can).
+    ``kernel``/``stride``: what the fused op needs."""
+    problem = _module_problem(conv, name, nn.Conv2d, "nn.Conv2d")
+    if problem is not None:
+        return problem
+    weight = conv._parameters.get("weight")
+    if weight is None or weight.dim() != 4:
+        return f"{name}.weight is not a 4-D parameter"
     problems = []
     if conv.groups != 1:
-        problems.append(f"groups={conv.groups} (needs 1)")
-    if conv.dilation != (1, 1):
-        problems.append(f"dilation={conv.dilation} (needs 1)")
+        problems.append(f"groups={conv.groups}")
+    if conv.dilation != _ONE:
+        problems.append(f"dilation={conv.dilation}")
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        problems.append(f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r} (needs integer zero padding)")
-    if conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:
-        problems.append(f"stride={conv.stride}, padding={conv.padding} (needs the same value for height and width)")
+        problems.append(f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+    elif conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:
+        problems.append(f"stride={conv.stride}, padding={conv.padding} (different for height and width)")
     if conv._parameters.get("bias") is not None:
-        problems.append("bias=True (BatchNorm cancels a conv bias; build the conv with bias=False)")
+        problems.append("bias=True")
+    if kernel is not None and (tuple(weight.shape[2:]) != kernel or conv.padding != _ONE):
+        problems.append(f"kernel size {tuple(weight.shape[2:])}, padding {conv.padding} (the fused block: 3x3, "
+                        f"padding 1)")
+    if stride is not None and conv.stride != (stride, stride):
+        problems.append(f"stride {conv.stride} (needs {stride})")
     if problems:
-        raise ValueError(f"{where}: unsupported conv: " + "; ".join(problems))
-    return conv.stride[0], conv.padding[0]
+        return f"{name} has " + ", ".join(problems)
+    return None
 
 
-def _check_input(x: torch.Tensor, where: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{where}: expected a tensor input, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{where}: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{where}: expected a floating-point input, got {x.dtype}")
-    if x.shape[0] == 0 or x.numel() == 0:
-        raise ValueError(f"{where}: got an empty input of shape {tuple(x.shape)}")
+def _bn_problem(bn: object, name: str, channels: int) -> Optional[str]:
+    """Why the kernels cannot stand in for ``bn`` after a conv with ``channels`` outputs whatever the
+    input (None: they can)."""
+    if type(bn) is not nn.BatchNorm2d and type(bn) is not nn.SyncBatchNorm:
+        return _class_problem(bn, name, "nn.BatchNorm2d")
+    if _hooked(bn):
+        return f"{name} has hooks"
+    params, buffers = bn._parameters, bn._buffers
+    weight, bias = params.get("weight"), params.get("bias")
+    if weight is None or bias is None:
+        return f"{name} has no affine weight and bias (affine=False)"
+    running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+    for label, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                     ("running_var", running_var)):
+        if t is not None and (t.numel() != channels or not t.is_contiguous()):
+            return (f"{name}.{label} has shape {tuple(t.shape)}{'' if t.is_contiguous() else ' (not contiguous)'}, "
+                    f"but its conv has {channels} output channels")
+    if (running_mean is None) != (running_var is None):
+        return f"{name} has only one of running_mean and running_var"
+    if bn.training:
+        if not bn.eps > 0:
+            return f"{name}.eps={bn.eps} (batch_norm needs eps > 0 in training)"
+        if bn.track_running_stats:
+            count = buffers.get("num_batches_tracked")
+            if running_mean is None and count is not None:
+                return f"{name} counts batches (num_batches_tracked) but has no running statistics"
+            if running_mean is not None and (count is None or count.numel() != 1):
+                return f"{name}.num_batches_tracked is not a one-element tensor"
+    return None
+
+
+def _block_problem(block: nn.Module) -> Optional[str]:
+    """Why a residual block's children keep it off the kernels whatever the input (None: they do not)."""
+    children = block._modules
+    conv1, bn1, conv2, bn2 = children.get("conv1"), children.get("bn1"), children.get("conv2"), children.get("bn2")
+    down, relu = children.get("downsample"), children.get("relu")
+    problem = (_conv_problem(conv1, "conv1", (3, 3)) or _conv_problem(conv2, "conv2", (3, 3), 1)
+               or _module_problem(relu, "relu", nn.ReLU, "nn.ReLU"))
+    if problem is not None:
+        return problem
+    w1, w2 = conv1._parameters["weight"], conv2._parameters["weight"]
+    width, out_channels = w1.shape[0], w2.shape[0]
+    if w2.shape[1] != width:
+        return f"conv2 takes {w2.shape[1]} channels, conv1 gives {width}"
+    problem = _bn_problem(bn1, "bn1", width) or _bn_problem(bn2, "bn2", out_channels)
+    if problem is not None:
+        return problem
+    stride = conv1.stride[0]
+    norms = [bn1, bn2]
+    if down is not None:
+        parts = tuple(down._modules.values()) if type(down) is nn.Sequential else ()
+        if len(parts) != 2 or _hooked(down):
+            return "downsample is not a plain nn.Sequential(nn.Conv2d, nn.BatchNorm2d)"
+        problem = _conv_problem(parts[0], "downsample.0", (3, 3), stride)
+        if problem is not None:
+            return problem
+        wd = parts[0]._parameters["weight"]
+        if wd.shape[0] != out_channels or wd.shape[1] != w1.shape[1]:
+            return (f"downsample.0's weight has shape {tuple(wd.shape)}, conv1's {tuple(w1.shape)}, conv2's "
+                    f"{tuple(w2.shape)}")
+        problem = _bn_problem(parts[1], "downsample.1", out_channels)
+        if problem is not None:
+            return problem
+        norms.append(parts[1])
+    elif stride != 1 or out_channels != w1.shape[1]:
+        return (f"an identity residual needs conv1's stride 1 and conv2's {out_channels} output channels to equal "
+                f"conv1's {w1.shape[1]} input channels")
+    if _global_hooks():
+        return "global module hooks are registered"
+    if not _bn_group(norms)[0]:
+        return "its BatchNorms synchronise over different process groups"
+    return None
+
+
+def _stem_problem(conv: object, bn: object, relu: object) -> Optional[str]:
+    """Why a conv -> BatchNorm -> ReLU keeps off the kernels whatever the input (None: it does not)."""
+    problem = _conv_problem(conv, "conv")
+    if problem is None:
+        problem = _bn_problem(bn, "bn", conv._parameters["weight"].shape[0])
+    if problem is None:
+        problem = _module_problem(relu, "relu", nn.ReLU, "nn.ReLU")
+    if problem is None and _global_hooks():
+        problem = "global module hooks are registered"
+    if problem is None and not _bn_group((bn,))[0]:
+        problem = "its BatchNorm synchronises over another group"
+    return problem
+
+
+def _step_aside(owner: nn.Module, problem: Optional[str], x: torch.Tensor, modules) -> None:
+    """The fast pass said no: warn once about a structural ``problem``; raise if a tensor is on another
+    device than ``x`` (the kernels would address it as x's); else the input is one torch refuses or takes
+    otherwise (channels, sizes, dtypes), which the plain forward shows."""
+    if problem is not None:
+        _fall_back(owner, problem)
+        return
+    _check_devices(type(owner).__name__, x, *(m for m in modules if isinstance(m, nn.Module)))
+
+
+def _fall_back(owner: nn.Module, reason: str) -> None:
+    """Say once per module (and reason) that it runs the PyTorch ops, and why (in eager mode: dynamo
+    traces no warning, and a compiled model's eager calls say it)."""
+    if torch.compiler.is_compiling() or owner.__dict__.get("_fastres_fallback") == reason:
+        return
+    owner.__dict__["_fastres_fallback"] = reason
+    name = owner.__dict__.get("_fastres_name")
+    warnings.warn(f"fastres: {type(owner).__name__}{f' {name!r}' if name else ''} runs PyTorch's ops instead of the "
+                  f"fused kernels: {reason}", FusionWarning, stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside fastres and torch (the user's call of the module)."""
+    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_devices(where: str, x: torch.Tensor, *modules: nn.Module) -> None:
@@ -145,31 +378,8 @@ def _check_devices(where: str, x: torch.Tensor, *modules: nn.Module) -> None:
                 raise RuntimeError(f"{where}: input is on {device} but {type(module).__name__}.{name} is on {t.device}")
 
 
-def _check_batch(bn: _BN, y_shape: torch.Size) -> None:
-    """The error nn.BatchNorm2d gives when a channel has one value in training."""
-    if bn.batch_stats and y_shape[0] * y_shape[2] * y_shape[3] == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {y_shape}")
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The activation dtype: autocast's when it is on (as cuDNN convs would run), else x's."""
-    device = x.device.type
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
-
-
 def _needs_grad(x: torch.Tensor, *modules: nn.Module) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters()))
-
-
-def _prepare(x: torch.Tensor, where: str) -> tuple[torch.Tensor, bool]:
-    """Cast to the compute dtype; say whether the kernels take it."""
-    _check_input(x, where)
-    dtype = _compute_dtype(x)
-    if dtype not in KERNEL_DTYPES or not uses_kernels(x):
-        return x, False
-    return x.to(dtype), True
 
 
 def _eval_conv(x, conv_weight, stride, padding, bn: _BN, residual=None, relu=False):
@@ -183,84 +393,123 @@ def _bn_op_args(bn: L.BatchNormArgs) -> tuple:
     return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps
 
 
+# ------------------------------------------------------------------ conv + BN + ReLU
+
 def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """``relu(bn(conv(x)))``, fused; exactly ``nn.Conv2d -> nn.BatchNorm2d -> nn.ReLU``
     (outputs, gradients, running statistics) in training and eval mode.
 
-    Tensors that take no kernel (see :func:`fastres.backend_for`), and eval-mode
-    calls that need gradients, run the PyTorch ops.
+    Tensors that take no kernel (see :func:`fastres.backend_for`), eval-mode calls that need gradients,
+    and modules or inputs the kernels do not take run the PyTorch ops (see the module docstring).
     """
-    where = "conv_bn_relu"
-    x_in = x
-    x, fused = _prepare(x, where)
-    stride, padding = _conv_config(conv, x.shape[1], where)
-    fusable, bn_group = _bn_group((bn,))
-    if not fusable:
-        return torch.relu(bn(conv(x_in)))
-    bn_cfg = _bn_config(bn, where)
-    _check_devices(where, x, conv, bn)
-    if not fused or (not bn_cfg.batch_stats and _needs_grad(x, conv, bn)):
-        return torch.relu(bn(conv(x_in)))
-    out_hw = (L.out_size(x.shape[2], conv.kernel_size[0], stride, padding),
-              L.out_size(x.shape[3], conv.kernel_size[1], stride, padding))
+    return _conv_bn_relu(x, conv, bn, _RELU, conv, lambda: torch.relu(bn(conv(x))))
+
+
+_RELU = nn.ReLU()  # the functional form's ReLU
+
+
+def _conv_bn_relu(x: torch.Tensor, conv: nn.Module, bn: nn.Module, relu: Optional[nn.Module], owner: nn.Module,
+                  plain: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """:func:`conv_bn_relu` for ``owner`` (warned once when it falls back) whose ReLU is ``relu``;
+    ``plain()`` is its plain forward."""
+    dtype = _kernel_dtype(x)
+    if dtype is None:
+        return plain()
+    device = x.device
+    weight = _conv_weight(conv, device, dtype, torch.is_autocast_enabled(device.type))
+    bn_group = None
+    takes = weight is not None and type(relu) is nn.ReLU and not _hooked(relu) and not _global_hooks()
+    if takes:
+        n, channels, h, w = x.shape
+        out_channels, in_channels, kh, kw = weight.shape
+        stride, padding = conv.stride[0], conv.padding[0]
+        out_h, out_w = L.out_size(h, kh, stride, padding), L.out_size(w, kw, stride, padding)
+        takes = (channels == in_channels and out_h > 0 and out_w > 0 and _bn_takes(bn, out_channels, dtype, device)
+                 and not ((bn.training or bn._buffers.get("running_mean") is None) and n * out_h * out_w == 1))
+        if takes:
+            takes, bn_group = _bn_group((bn,))
+    if not takes:
+        _step_aside(owner, _stem_problem(conv, bn, relu), x, (conv, bn))
+        return plain()
+    bn_cfg = _bn_config(bn)
+    if not bn_cfg.batch_stats and _needs_grad(x, conv, bn):
+        return plain()
+    x = x.to(dtype)
     if not bn_cfg.batch_stats:
-        return _eval_conv(x, conv._parameters["weight"], stride, padding, bn_cfg, relu=True)
-    _check_batch(bn_cfg, torch.Size((x.shape[0], conv.out_channels, *out_hw)))
-    out, _, _ = torch.ops.fastres.conv_bn_relu(x, conv._parameters["weight"], *_bn_op_args(bn_cfg.args),
-                                               stride, padding, bn_group)
+        return _eval_conv(x, weight, stride, padding, bn_cfg, relu=True)
+    out, _, _ = torch.ops.fastres.conv_bn_relu(x, weight, *_bn_op_args(bn_cfg.args), stride, padding, bn_group)
     return out
 
+
+# ------------------------------------------------------------------ residual block
 
 def residual_block(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
     """The notes' residual block (``fastres.nn.ResidualBlock`` or the reference
     one), fused: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + residual)``."""
-    where = f"{type(block).__name__}"
-    x_in = x
-    x, fused = _prepare(x, where)
+    dtype = _kernel_dtype(x)
+    if dtype is None:
+        return _reference_block(block, x)
     children = block._modules  # not nn.Module.__getattr__: this runs on every call
-    conv1, bn1_module, conv2, bn2_module = children["conv1"], children["bn1"], children["conv2"], children["bn2"]
-    down = children.get("downsample")
-    norms = [bn1_module, bn2_module] + ([down[1]] if isinstance(down, nn.Sequential) and len(down) == 2 else [])
-    fusable, bn_group = _bn_group(norms)
-    if not fusable:
-        return _reference_block(block, x_in)
-    if down is not None and not (isinstance(down, nn.Sequential) and len(down) == 2):
-        raise ValueError(f"{where}: downsample must be nn.Sequential(conv, BatchNorm2d), got {down!r}")
-    stride, padding = _conv_config(conv1, x.shape[1], f"{where}.conv1")
-    width = conv1.out_channels
-    stride2, padding2 = _conv_config(conv2, width, f"{where}.conv2")
-    bn1, bn2 = _bn_config(bn1_module, f"{where}.bn1"), _bn_config(bn2_module, f"{where}.bn2")
-    bnd = None
-    if down is not None:
-        if _conv_config(down[0], x.shape[1], f"{where}.downsample.0") != (stride, padding):
-            raise ValueError(f"{where}: the downsample conv must have conv1's stride and padding")
-        bnd = _bn_config(down[1], f"{where}.downsample.1")
-    shapes = (conv1.kernel_size, conv2.kernel_size, padding, padding2, stride2)
-    if shapes != ((3, 3), (3, 3), 1, 1, 1) or (down is not None and down[0].kernel_size != (3, 3)):
-        raise ValueError(f"{where}: the fused block needs 3x3 convs with padding 1 (conv2 stride 1), got kernel sizes "
-                         f"{conv1.kernel_size}, {conv2.kernel_size}, paddings {padding}, {padding2}, "
-                         f"conv2 stride {stride2}")
-    if down is None and (stride != 1 or x.shape[1] != width):
-        raise ValueError(f"{where}: an identity residual needs stride 1 and {width} input channels, "
-                         f"got stride {stride} and input shape {tuple(x.shape)}")
-    _check_devices(where, x, conv1, bn1_module, conv2, bn2_module, *(down if down is not None else ()))
-    if not fused or (not bn1.batch_stats and _needs_grad(x, block)):
-        return _reference_block(block, x_in)
-    if not bn1.batch_stats:
-        if not (bn1.batch_stats == bn2.batch_stats == (bnd.batch_stats if bnd else bn1.batch_stats)):
-            return _reference_block(block, x_in)
-        h1 = _eval_conv(x, conv1._parameters["weight"], stride, 1, bn1, relu=True)
-        residual = x if down is None else _eval_conv(x, down[0]._parameters["weight"], stride, 1, bnd)
-        return _eval_conv(h1, conv2._parameters["weight"], 1, 1, bn2, residual=residual, relu=True)
-    if not (bn2.batch_stats and (bnd is None or bnd.batch_stats)):
-        return _reference_block(block, x_in)
-    out_hw = L.out_size(x.shape[2], 3, stride, 1), L.out_size(x.shape[3], 3, stride, 1)
-    _check_batch(bn1, torch.Size((x.shape[0], width, *out_hw)))
-    down_args = ((down[0]._parameters["weight"], *_bn_op_args(bnd.args)) if down is not None
-                 else (None,) * 7 + (0.0,))
-    out = torch.ops.fastres.residual_block(x, conv1._parameters["weight"], *_bn_op_args(bn1.args),
-                                           conv2._parameters["weight"], *_bn_op_args(bn2.args), *down_args, stride,
-                                           bn_group)
+    conv1, bn1m, conv2, bn2m = children.get("conv1"), children.get("bn1"), children.get("conv2"), children.get("bn2")
+    down, relu = children.get("downsample"), children.get("relu")
+    device = x.device
+    autocast = torch.is_autocast_enabled(device.type)
+    w1 = _conv_weight(conv1, device, dtype, autocast)
+    w2 = _conv_weight(conv2, device, dtype, autocast)
+    conv_d = bnd_m = wd = None
+    takes = (w1 is not None and w2 is not None and type(relu) is nn.ReLU and not _hooked(relu)
+             and conv1.padding == _ONE and conv2.padding == _ONE and conv2.stride == _ONE)
+    if takes:
+        n, channels, h, w = x.shape
+        width, in_channels, kh, kw = w1.shape
+        out_channels, width2, kh2, kw2 = w2.shape
+        stride = conv1.stride[0]
+        takes = (kh == kw == kh2 == kw2 == 3 and width2 == width and channels == in_channels
+                 and _bn_takes(bn1m, width, dtype, device) and _bn_takes(bn2m, out_channels, dtype, device))
+    if takes:
+        norms = (bn1m, bn2m)
+        if down is None:
+            takes = stride == 1 and out_channels == in_channels
+        else:
+            parts = tuple(down._modules.values()) if type(down) is nn.Sequential else ()
+            takes = len(parts) == 2 and not _hooked(down)
+            if takes:
+                conv_d, bnd_m = parts
+                wd = _conv_weight(conv_d, device, dtype, autocast)
+                takes = (wd is not None and conv_d.padding == _ONE and conv_d.stride == conv1.stride
+                         and wd.shape == (out_channels, in_channels, 3, 3)
+                         and _bn_takes(bnd_m, out_channels, dtype, device))
+                norms = (bn1m, bn2m, bnd_m)
+    if takes:
+        out_h, out_w = L.out_size(h, 3, stride, 1), L.out_size(w, 3, stride, 1)
+        takes = not _global_hooks() and not (
+            (bn1m.training or bn1m._buffers.get("running_mean") is None) and n * out_h * out_w == 1)
+    if takes:
+        takes, bn_group = _bn_group(norms)
+    if not takes:
+        _step_aside(block, _block_problem(block), x, (conv1, bn1m, conv2, bn2m, relu, *(
+            down._modules.values() if isinstance(down, nn.Module) else ())))
+        return _reference_block(block, x)
+    bn1, bn2 = _bn_config(bn1m), _bn_config(bn2m)
+    bnd = _bn_config(bnd_m) if down is not None else None
+    batch_stats = bn1.batch_stats
+    if bn2.batch_stats != batch_stats or (bnd is not None and bnd.batch_stats != batch_stats):
+        return _reference_block(block, x)  # BatchNorms in different modes
+    if not batch_stats and _needs_grad(x, block):
+        return _reference_block(block, x)
+    x = x.to(dtype)
+    if not batch_stats:
+        h1 = _eval_conv(x, w1, stride, 1, bn1, relu=True)
+        if down is None:
+            # The identity residual is read with the output's strides (h1's layout): a view of x with other
+            # strides (a slice, a permutation) is copied into that layout, one activation.
+            residual = x if L.same_layout(x, h1) else x.contiguous(memory_format=L.memory_format_of(h1))
+        else:
+            residual = _eval_conv(x, wd, stride, 1, bnd)
+        return _eval_conv(h1, w2, 1, 1, bn2, residual=residual, relu=True)
+    down_args = (wd, *_bn_op_args(bnd.args)) if down is not None else (None,) * 7 + (0.0,)
+    out = torch.ops.fastres.residual_block(x, w1, *_bn_op_args(bn1.args), w2, *_bn_op_args(bn2.args), *down_args,
+                                           stride, bn_group)
     return out[0]
 
 

@@ -26,9 +26,12 @@ class ResNet(ref.ResNet):
     def __init__(self, block: type[nn.Module] = fnn.ResidualBlock, layers: Sequence[int] = (2, 2, 2),
                  num_classes: int = 10, widths: Sequence[int] = (16, 32, 64), in_channels: int = 3) -> None:
         super().__init__(block, layers, num_classes, widths=widths, in_channels=in_channels)
+        _name_fused(self)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv_bn_relu(x, self.conv, self.bn)
+        children = self._modules
+        return F._conv_bn_relu(x, children.get("conv"), children.get("bn"), children.get("relu"), self,
+                               lambda: ref.ResNet.stem(self, x))
 
 
 _FUSED = {ref.ResNet: ResNet, ref.ResidualBlock: fnn.ResidualBlock, ref.ConvBNReLU: fnn.ConvBNReLU}
@@ -40,12 +43,25 @@ def convert(model: nn.Module) -> nn.Module:
 
     Only the exact reference classes are converted (subclasses with their own
     ``forward`` are left alone, since fusing them could change what they do).
+    A converted module runs its kernels only while its children are what they
+    fuse (no hooks, parametrisations, replaced or subclassed children, ...);
+    otherwise it runs the plain forward and says why once
+    (:class:`fastres.FusionWarning`, naming the module as in ``model``).
     """
     for module in model.modules():
         fused = _FUSED.get(type(module))
         if fused is not None:
             module.__class__ = fused
+    _name_fused(model)
     return model
+
+
+def _name_fused(model: nn.Module) -> None:
+    """Each fused module remembers its name in ``model``, for the FusionWarning that says it runs
+    PyTorch's ops (a module's name is its parent's business: nothing else knows it)."""
+    for name, module in model.named_modules():
+        if name and isinstance(module, (fnn.ResidualBlock, fnn.ConvBNReLU)):
+            module.__dict__["_fastres_name"] = name
 
 
 def _factory(name: str):

@@ -12,7 +12,10 @@ Being real operators (not Python functions that autograd calls) is what lets
   (shapes, dtypes, strides), from the same layout rule the launchers use;
 * for the training ops, an autograd kernel: a ``torch.autograd.Function`` that
   runs the op below autograd, saves the activations it returns and calls the
-  backward op.
+  backward op; under ``create_graph=True`` (double backward, gradient
+  penalties) its backward differentiates the forward recomputed in PyTorch's
+  ops instead, so the gradients carry a graph and second-order gradients are
+  torch's.
 
 Why ``torch.library.Library`` rather than ``custom_op``/``triton_op``: an op
 that mutates its inputs (the running statistics) cannot take
@@ -162,8 +165,9 @@ class _ConvBNReLUAutograd(torch.autograd.Function):
         else:
             with torch._C._AutoDispatchBelowAutograd():
                 out, y, stats = torch.ops.fastres.conv_bn_relu(*args)
-        ctx.save_for_backward(x, weight, bn_weight, y, stats)
+        ctx.save_for_backward(x, weight, bn_weight, y, stats, bn_bias)
         ctx.conv = (stride, padding)
+        ctx.eps = eps
         ctx.bn_group = bn_group
         ctx.mark_non_differentiable(y, stats)
         ctx.set_materialize_grads(False)  # no zero tensors for the gradients of y and stats
@@ -171,7 +175,12 @@ class _ConvBNReLUAutograd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dy, _dstats):
-        x, weight, bn_weight, y, stats = ctx.saved_tensors
+        x, weight, bn_weight, y, stats, bn_bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable in turn
+            return _differentiable_grads(
+                ctx, dout, (x, weight, bn_weight, bn_bias),
+                lambda x, weight, bn_weight, bn_bias: _plain_conv_bn(x, weight, bn_weight, bn_bias, ctx.eps,
+                                                                     *ctx.conv).relu())
         input_grad = ctx.needs_input_grad[0]
         backward = conv_bn_relu_backward if _is_plain_eager(dout) else torch.ops.fastres.conv_bn_relu_backward
         dx, dweight, dbn_weight, dbn_bias = backward(dout, x, weight, bn_weight, y, stats, *ctx.conv, input_grad,
@@ -312,20 +321,32 @@ class _ResidualBlockAutograd(torch.autograd.Function):
         else:
             with torch._C._AutoDispatchBelowAutograd():
                 outputs = torch.ops.fastres.residual_block(*args)
-        x, w1, g1, b1, eps1, w2, g2 = args[0], args[1], args[2], args[3], args[8], args[9], args[10]
-        wd, gd, stride = args[17], args[18], args[25]
+        x, w1, g1, b1, eps1, w2, g2, b2 = args[0], args[1], args[2], args[3], args[8], args[9], args[10], args[11]
+        wd, gd, bd, stride = args[17], args[18], args[19], args[25]
         ctx.bn_group = args[26] if len(args) > 26 else None
         _, y1, s1, y2, s2, yd, sd = outputs
-        ctx.save_for_backward(x, w1, g1, b1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd)
+        ctx.save_for_backward(x, w1, g1, b1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd, b2, bd)
         ctx.eps1, ctx.stride = eps1, stride
+        ctx.eps2, ctx.epsd = args[16], args[24]
         ctx.mark_non_differentiable(*outputs[1:])
         ctx.set_materialize_grads(False)  # no zero tensors for the gradients of the saved activations
         return outputs
 
     @staticmethod
     def backward(ctx, dout, *_saved_grads):
-        x, w1, g1, b1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd = ctx.saved_tensors
+        x, w1, g1, b1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd, b2, bd = ctx.saved_tensors
         has_down = wd is not None
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable in turn
+            def block(x, w1, g1, b1, w2, g2, b2, wd=None, gd=None, bd=None):
+                stride = ctx.stride
+                h = _plain_conv_bn(x, w1, g1, b1, ctx.eps1, stride, 1).relu()
+                residual = x if wd is None else _plain_conv_bn(x, wd, gd, bd, ctx.epsd, stride, 1)
+                return (_plain_conv_bn(h, w2, g2, b2, ctx.eps2, 1, 1) + residual).relu()
+
+            # Positions of the op's differentiable arguments (x, conv1_weight, bn1_weight, ...) in its schema.
+            index = (0, 1, 2, 3, 9, 10, 11) + ((17, 18, 19) if has_down else ())
+            inputs = (x, w1, g1, b1, w2, g2, b2) + ((wd, gd, bd) if has_down else ())
+            return _differentiable_grads(ctx, dout, inputs, block, index)
         input_grad = ctx.needs_input_grad[0]
         backward = residual_block_backward if _is_plain_eager(dout) else torch.ops.fastres.residual_block_backward
         dx, dw1, dg1, db1, dw2, dg2, db2, dwd, dgd, dbd = backward(
@@ -339,6 +360,37 @@ class _ResidualBlockAutograd(torch.autograd.Function):
 
 
 _lib.impl("residual_block", _ResidualBlockAutograd.apply, "Autograd")
+
+
+# ------------------------------------------------------------------ double backward
+
+def _plain_conv_bn(x, weight, bn_weight, bn_bias, eps, stride, padding):
+    """Training-mode ``batch_norm(conv2d(x, weight))`` (batch statistics, no running statistics) in
+    PyTorch's differentiable ops; the weight in x's dtype, as autocast runs the fused ops."""
+    y = torch.nn.functional.conv2d(x, weight.to(x.dtype), stride=stride, padding=padding)
+    return torch.nn.functional.batch_norm(y, None, None, bn_weight, bn_bias, training=True, eps=eps)
+
+
+def _differentiable_grads(ctx, dout, inputs, forward, index=None):
+    """The gradients of a fused training op for ``create_graph=True`` (gradient penalties, double
+    backward): its forward recomputed from the saved inputs in PyTorch's ops, then differentiated
+    with a graph, so second-order gradients are PyTorch's. ``inputs``: the op's differentiable
+    arguments, at ``index`` in its argument list (default: the first ones); the statistics come from
+    this batch as in the forward, and nothing is updated."""
+    if ctx.bn_group is not None:
+        raise RuntimeError("fastres: double backward (create_graph=True) through a fused op whose BatchNorms "
+                           "synchronise across processes is not supported; use torch.nn modules for it")
+    index = tuple(range(len(inputs))) if index is None else index
+    wanted = [i for i, position in enumerate(index) if ctx.needs_input_grad[position]]
+    grads = [None] * len(ctx.needs_input_grad)
+    if not wanted or dout is None:
+        return tuple(grads)
+    with torch.enable_grad():
+        out = forward(*inputs)
+        found = torch.autograd.grad(out, [inputs[i] for i in wanted], dout, create_graph=True, allow_unused=True)
+    for i, g in zip(wanted, found):
+        grads[index[i]] = g
+    return tuple(grads)
 
 
 # ------------------------------------------------------------------ eval mode

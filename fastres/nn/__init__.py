@@ -2,8 +2,11 @@
 
 Same parameters, buffers and attribute names as the plain modules (they
 subclass them), so state_dicts load either way; only ``forward`` differs.
-Inputs are checked (clear errors), then tensors that take no kernel (see
-:func:`fastres.backend_for`) run the plain PyTorch forward.
+Tensors that take no kernel (see :func:`fastres.backend_for`), and modules or
+inputs the kernels would not give PyTorch's answer for (a replaced child,
+hooks, parametrisations, configurations they do not take: see
+:mod:`fastres.functional`), run the plain PyTorch forward: its answer, or its
+error.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ class ConvBNReLU(ref.ConvBNReLU):
     """``relu(bn(conv(x)))`` as one fused op (children ``conv`` and ``bn``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv_bn_relu(x, self.conv, self.bn)
+        children = self._modules
+        return F._conv_bn_relu(x, children.get("conv"), children.get("bn"), children.get("relu"), self,
+                               lambda: ref.ConvBNReLU.forward(self, x))
 
 
 class ResidualBlock(ref.ResidualBlock):
