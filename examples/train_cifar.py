@@ -8,12 +8,15 @@
 
 The data set stays on the device (fastres.data.GPULoader, with the notes'
 augmentation: pad 4, random crop, horizontal flip): no worker processes.
-CIFAR-10 is read from --data (default ./data); without it the run uses
-fastres' synthetic stand-in and says so. Each epoch writes OUT/log.json and
-OUT/checkpoint.pt atomically, so an interrupted run (Ctrl-C, a crash, a lost
-machine) resumes with --resume and ends with exactly the weights of an
-uninterrupted one on the same machine and settings (on a GPU, bitwise only
-with --deterministic). With torchrun every process reads the checkpoint, so
+CIFAR-10 is read from ./data; without it the run uses fastres' synthetic
+stand-in and says so. A --data PATH given without CIFAR-10 there is an error
+(a mistyped path never trains on the stand-in). Each epoch writes OUT/log.json
+and OUT/checkpoint.pt atomically (a temporary file, then a rename), so an
+interrupted run (Ctrl-C, a crash, a lost machine) resumes with --resume and
+ends with exactly the weights of an uninterrupted one on the same machine and
+settings (on a GPU, bitwise only with --deterministic); a write that fails (a
+full disk) stops the run with an error and leaves the previous checkpoint
+intact. With torchrun every process reads the checkpoint, so
 OUT must be on a file system they share. ``main(argv)`` runs in-process and
 returns the final metrics.
 """
@@ -154,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu; torchrun: "
                                     "cuda:LOCAL_RANK)")
     g = parser.add_argument_group("data")
-    g.add_argument("--data", metavar="PATH", help="CIFAR-10 root holding cifar-10-batches-py/ (default ./data)")
+    g.add_argument("--data", metavar="PATH", help="CIFAR-10 root holding cifar-10-batches-py/ (default ./data, "
+                                                  "the synthetic stand-in when it is not there; a PATH given "
+                                                  "must hold it, or take --download)")
     g.add_argument("--download", action="store_true", help="download CIFAR-10 into --data if it is not there")
     g.add_argument("--synthetic", action="store_true", help="use the synthetic stand-in even if CIFAR-10 is there")
     g.add_argument("--train-subset", type=int, metavar="N", help="train on the first N training images (0: all)")
@@ -464,6 +469,12 @@ def load_data(parser: argparse.ArgumentParser, args: dict[str, Any], cfg: dict[s
                          "its accuracies say nothing about CIFAR-10")
     else:
         present = os.path.exists(os.path.join(root, CIFAR10_DIR)) or os.path.exists(os.path.join(root, CIFAR10_ARCHIVE))
+        if not present and not args.get("download") and saved_source != "cifar10" and "data" in args:
+            where = (f"{os.path.abspath(root)} does not exist" if not os.path.exists(root) else
+                     f"{os.path.abspath(root)} holds no {CIFAR10_DIR}/ (nor {CIFAR10_ARCHIVE})")
+            parser.exit(2, f"train_cifar.py: error: --data {root}: {where}. Point --data at the folder holding "
+                           f"{CIFAR10_DIR}/, add --download to fetch CIFAR-10 (163 MB) there, or use --synthetic "
+                           f"for fastres' synthetic stand-in\n")
         if not present and not args.get("download") and saved_source != "cifar10":
             data = synthetic(
                 f"NOTICE: CIFAR-10 was not found at {os.path.abspath(root)} (no {CIFAR10_DIR}/ there), so this "
@@ -670,6 +681,34 @@ def write_plot(history: list[dict[str, Any]], path: str, title: str) -> str | No
     return None
 
 
+def check_writable(parser: argparse.ArgumentParser, out: str) -> None:
+    """OUT can be made and takes a file: a clear error before any training otherwise (the folder is made
+    for the check and removed again if it was not there: a run that stops on another error leaves none)."""
+    made = not os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        parser.exit(1, f"train_cifar.py: error: cannot write to --out {out}: {exc.strerror or exc}\n")
+    if made:
+        with contextlib.suppress(OSError):
+            os.rmdir(out)
+
+
+class WriteError(Exception):
+    """A file of the run could not be written (a full disk, a lost mount): the run stops with this message."""
+
+
+def write_or_stop(path: str, write: Callable[[], None], previous: str) -> None:
+    """``write()`` (an :func:`atomic_write` of ``path``), or a :class:`WriteError` saying what is intact."""
+    try:
+        write()
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}. Nothing was half-written (each file is "
+                         f"written to a temporary file, then renamed): {previous}") from exc
+
+
 def resume_command(out: str, dist: Dist) -> str:
     script = os.path.relpath(THIS) if not os.path.relpath(THIS).startswith("..") else THIS
     launcher = f"torchrun --nproc_per_node {dist.world_size} " if dist.enabled else "python "
@@ -695,8 +734,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ckpt_path = where if where.endswith(".pt") else os.path.join(where, CHECKPOINT)
         if not os.path.isfile(ckpt_path):
             parser.error(f"--resume: no checkpoint at {ckpt_path}")
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if saved.get("format") != CHECKPOINT_FORMAT:
+        try:
+            saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated, corrupt, or not a torch file: torch's error types vary
+            parser.exit(1, f"train_cifar.py: error: --resume: cannot read {ckpt_path} ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else 'no details'}); it is truncated or corrupt. "
+                           f"This script replaces its checkpoint atomically, so a run's own writes never leave it "
+                           f"half-written: was it copied or edited?\n")
+        if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
             parser.error(f"--resume: {ckpt_path} is not a checkpoint of this script")
         out = args.get("out") or os.path.dirname(os.path.abspath(ckpt_path))
     else:
@@ -709,6 +754,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     given = {k: v for k, v in args.items() if k in CONFIG_KEYS}
     cfg = resolve_config(parser, given, saved["config"] if saved else None, device, dist.world_size)
     check_config(parser, cfg, device, dist.world_size)
+    if dist.main:
+        check_writable(parser, out)
 
     dist.init(device)
     try:
@@ -836,7 +883,12 @@ def _train(parser, args, cfg, saved, out, device, dist: Dist, say, argv) -> dict
     data_info = {"source": data.source, "path": os.path.abspath(args.get("data", "./data")) if data.source == "cifar10"
                  else None, "train_images": len(data.train_labels), "test_images": len(data.test_labels),
                  "mean": mean, "std": std}
-    stack = "fastres model + fastres.optim" if cfg["impl"] == "fastres" else "torch.nn + torch.optim"
+    if cfg["impl"] == "fastres":
+        runs_on = {"triton": "Triton kernels", "interpreter": "Triton kernels under the interpreter"}.get(
+            backend.name, f"PyTorch's ops: {backend.reason}")
+        stack = f"fastres model + fastres.optim, on {runs_on}"
+    else:
+        stack = "torch.nn + torch.optim"
     say(f"{cfg['model']} ({cfg['impl']}: {stack}), {sum(p.numel() for p in net.parameters()):,} params, "
         f"{cfg['optimizer']} lr {cfg['lr']:g} ({cfg['schedule']} schedule), batch {cfg['batch_size']}"
         f"{f' ({world} x {per_rank_batch})' if world > 1 else ''}, {plural(cfg['epochs'], 'epoch')}, amp {cfg['amp']}, "
@@ -934,8 +986,12 @@ def _train(parser, args, cfg, saved, out, device, dist: Dist, say, argv) -> dict
             if dist.main:
                 with deferred_interrupt():
                     status = "completed" if done == cfg["epochs"] else "running"
-                    checkpoint(done)
-                    log_json()
+                    ckpt_path = os.path.join(out, CHECKPOINT)
+                    intact = (f"{ckpt_path} still holds epoch {done - 1}; continue with: {resume_command(out, dist)}"
+                              if done > 1 or saved is not None else "no checkpoint was written yet")
+                    write_or_stop(ckpt_path, lambda: checkpoint(done), intact)
+                    write_or_stop(os.path.join(out, LOG), log_json,
+                                  f"{ckpt_path} holds epoch {done}; continue with: {resume_command(out, dist)}")
             if stop_after is not None and done >= stop_after and done < cfg["epochs"]:
                 status = "stopped"
                 say(f"stopped after epoch {done} (--stop-after {stop_after}); "
@@ -949,7 +1005,8 @@ def _train(parser, args, cfg, saved, out, device, dist: Dist, say, argv) -> dict
 
     if dist.main and history:
         with deferred_interrupt():
-            log_json()
+            write_or_stop(os.path.join(out, LOG), log_json,
+                          f"{os.path.join(out, CHECKPOINT)} holds epoch {len(history)}")
     if history:
         last_eval = history[-1]
         say(f"per-class test accuracy after epoch {last_eval['epoch']}:")
@@ -960,7 +1017,11 @@ def _train(parser, args, cfg, saved, out, device, dist: Dist, say, argv) -> dict
             f"training time {last_eval['train_time_s']:.1f}s over {plural(len(history), 'epoch')}")
         if dist.main:
             if not args.get("no_plot"):
-                why = write_plot(history, os.path.join(out, PLOT), f"{cfg['model']} ({cfg['impl']}), {data.source}")
+                try:
+                    why = write_plot(history, os.path.join(out, PLOT),
+                                     f"{cfg['model']} ({cfg['impl']}), {data.source}")
+                except OSError as exc:
+                    why = f"cannot write it ({exc.strerror or exc})"
                 say(f"curves: {os.path.join(out, PLOT)}" if why is None else f"plot skipped: {why}")
             say(f"log: {os.path.join(out, LOG)}, checkpoint: {os.path.join(out, CHECKPOINT)}")
     result: dict[str, Any] = {"status": status, "out": out, "epochs_done": len(history), "best_test_acc": best_acc,
@@ -978,6 +1039,9 @@ def cli() -> int:
     except KeyboardInterrupt:  # before training started
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except WriteError as exc:
+        print(f"train_cifar.py: error: {exc}", file=sys.stderr)
+        return 1
     return 130 if result["status"] == "interrupted" else 0
 
 

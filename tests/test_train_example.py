@@ -36,8 +36,8 @@ def one_thread():
 
 
 def _args(tmp_path: Path, *extra: str) -> list[str]:
-    # --data points at an empty folder: the synthetic stand-in, whatever ./data holds.
-    return [*TINY, "--data", str(tmp_path / "no-cifar"), *extra]
+    # The synthetic stand-in, whatever ./data holds.
+    return [*TINY, "--synthetic", *extra]
 
 
 def _run(args: list[str], cwd: Path, launcher: list[str] | None = None, timeout: int = 240):
@@ -73,7 +73,7 @@ def _check_run(out: Path, impl: str, epochs: int, stdout: str) -> dict:
     ref.ResNet(ref.ResidualBlock, [2, 2, 2]).load_state_dict(ckpt["model"])
     assert "per-class test accuracy" in stdout
     assert all(name in stdout for name in CIFAR10_CLASSES)
-    assert "CIFAR-10 was not found" in stdout and "--download" in stdout
+    assert "synthetic CIFAR-10 stand-in (--synthetic)" in stdout
     if importlib.util.find_spec("matplotlib") is not None:  # installed by fastres[test] and fastres[examples]
         assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"no curves.png:\n{stdout}"
         assert f"curves: {out / 'curves.png'}" in stdout
@@ -103,6 +103,9 @@ def test_one_epoch_fastres_subprocess(tmp_path):
     log = _check_run(out, "fastres", 1, result.stdout)
     assert log["config"]["amp"] == "bf16"
     assert "pure-PyTorch" in log["env"]["fastres_backend"]
+    # Which path runs is said, not only the stack (issue #19, item 7).
+    assert ("fastres model + fastres.optim, on PyTorch's ops: CPU tensor and TRITON_INTERPRET is not set"
+            in result.stdout), result.stdout
 
 
 def _same_training(a: Path, b: Path) -> None:
@@ -186,8 +189,8 @@ def test_ddp_two_processes(tmp_path, device):
 )
 def test_bad_arguments_give_clear_errors(train_cifar, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
-        train_cifar.main([*argv, "--out", str(tmp_path / "run"), "--data", str(tmp_path / "no-cifar"),
-                          "--test-subset", "16", "--no-progress"])
+        train_cifar.main([*argv, "--out", str(tmp_path / "run"), "--synthetic", "--test-subset", "16",
+                          "--no-progress"])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -207,3 +210,76 @@ def test_resume_refuses_changed_hyperparameters(train_cifar, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_cifar.main(["--resume", str(out), "--lr", "0.1"])
     assert "--lr 0.001" in capsys.readouterr().err
+
+
+def test_without_data_the_synthetic_stand_in_says_so(train_cifar, tmp_path, capsys, monkeypatch):
+    """No --data and no ./data: the synthetic stand-in, with a notice saying how to get CIFAR-10."""
+    monkeypatch.chdir(tmp_path)
+    result = train_cifar.main([*TINY, "--impl", "torch", "--model", "notes", "--epochs", "1", "--out", "run",
+                               "--no-plot"])
+    out = capsys.readouterr().out
+    assert result["data_source"] == "synthetic" and "CIFAR-10 was not found" in out and "--download" in out
+
+
+def test_a_data_path_without_cifar_is_an_error(train_cifar, tmp_path, capsys):
+    """A mistyped --data never trains on the synthetic stand-in (issue #19, item 7); nothing is left behind."""
+    for data in (tmp_path / "no-such-folder", tmp_path):
+        with pytest.raises(SystemExit) as exc:
+            train_cifar.main([*TINY, "--data", str(data), "--out", str(tmp_path / "run"), "--impl", "torch"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--data {data}" in err and "--download" in err and "--synthetic" in err
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_checkpoint_is_a_clear_error(train_cifar, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_cifar.main(_args(tmp_path, "--impl", "torch", "--model", "notes", "--epochs", "1", "--out", str(out),
+                           "--no-plot"))
+    data = (out / "checkpoint.pt").read_bytes()
+    for corrupt in (data[: len(data) // 2], b"not a checkpoint"):
+        (out / "checkpoint.pt").write_bytes(corrupt)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            train_cifar.main(["--resume", str(out), "--epochs", "2", "--no-progress"])
+        assert exc.value.code == 1
+        err = capsys.readouterr().err
+        assert f"cannot read {out / 'checkpoint.pt'}" in err and "truncated or corrupt" in err
+
+
+def test_an_unwritable_out_is_a_clear_error_before_training(train_cifar, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        train_cifar.main(_args(tmp_path, "--impl", "torch", "--out", str(tmp_path / "a-file" / "run")))
+    assert exc.value.code == 1
+    assert f"cannot write to --out {tmp_path / 'a-file' / 'run'}" in capsys.readouterr().err
+
+
+def test_a_full_disk_stops_with_the_previous_checkpoint_intact(train_cifar, tmp_path, capsys, monkeypatch):
+    """The second epoch's checkpoint fails half-written (ENOSPC from torch.save): exit 1 with a message
+    (no traceback), checkpoint.pt still holds epoch 1 (written to a temporary file, then renamed), no
+    temporary file is left, and the run resumes from it."""
+    import errno
+
+    out = tmp_path / "run"
+    save = torch.save
+    calls = []
+
+    def disk_full_on_second_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_on_second_save)
+    monkeypatch.setattr(sys, "argv", ["train_cifar.py", *_args(tmp_path, "--impl", "torch", "--model", "notes",
+                                                               "--epochs", "2", "--out", str(out))])
+    assert train_cifar.cli() == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and f"{out / 'checkpoint.pt'} still holds epoch 1" in err
+    assert "Traceback" not in err
+    monkeypatch.setattr(torch, "save", save)
+    assert _load(out / "checkpoint.pt")["epoch"] == 1
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert train_cifar.main(["--resume", str(out), "--no-progress"])["epochs_done"] == 2
