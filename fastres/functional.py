@@ -282,39 +282,52 @@ def _bn_problem(bn: object, name: str, channels: int) -> Optional[str]:
 def _block_problem(block: nn.Module) -> Optional[str]:
     """Why a residual block's children keep it off the kernels whatever the input (None: they do not)."""
     children = block._modules
-    conv1, bn1, conv2, bn2 = children.get("conv1"), children.get("bn1"), children.get("conv2"), children.get("bn2")
-    down, relu = children.get("downsample"), children.get("relu")
-    problem = (_conv_problem(conv1, "conv1", (3, 3)) or _conv_problem(conv2, "conv2", (3, 3), 1)
-               or _module_problem(relu, "relu", nn.ReLU, "nn.ReLU"))
+    down = children.get("downsample")
+    if down is not None:
+        parts = tuple(down._modules.values()) if type(down) is nn.Sequential else ()
+        if len(parts) != 2 or _hooked(down):
+            return "downsample is not a plain nn.Sequential(nn.Conv2d, nn.BatchNorm2d)"
+        down = parts
+    return _join_problem(children.get("conv1"), children.get("bn1"), children.get("relu"), children.get("conv2"),
+                         children.get("bn2"), down, None, BLOCK_NAMES)
+
+
+# How the slow pass names a block's children: the notes' block's attribute names (the graph pass gives paths).
+BLOCK_NAMES = ("conv1", "bn1", "relu", "conv2", "bn2", "downsample.0", "downsample.1")
+
+
+def _join_problem(conv1: object, bn1: object, relu: object, conv2: object, bn2: object, down: Optional[tuple],
+                  residual: Optional[torch.Tensor], names: tuple) -> Optional[str]:
+    """Why ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)`` keeps off the kernels whatever the input
+    (None: it does not); ``down``: the shortcut's (conv, BN), ``residual``: a tensor shortcut."""
+    problem = (_conv_problem(conv1, names[0]) or _conv_problem(conv2, names[3], stride=1)
+               or _module_problem(relu, names[2], nn.ReLU, "nn.ReLU"))
     if problem is not None:
         return problem
     w1, w2 = conv1._parameters["weight"], conv2._parameters["weight"]
     width, out_channels = w1.shape[0], w2.shape[0]
     if w2.shape[1] != width:
-        return f"conv2 takes {w2.shape[1]} channels, conv1 gives {width}"
-    problem = _bn_problem(bn1, "bn1", width) or _bn_problem(bn2, "bn2", out_channels)
+        return f"{names[3]} takes {w2.shape[1]} channels, {names[0]} gives {width}"
+    problem = _bn_problem(bn1, names[1], width) or _bn_problem(bn2, names[4], out_channels)
     if problem is not None:
         return problem
     stride = conv1.stride[0]
     norms = [bn1, bn2]
     if down is not None:
-        parts = tuple(down._modules.values()) if type(down) is nn.Sequential else ()
-        if len(parts) != 2 or _hooked(down):
-            return "downsample is not a plain nn.Sequential(nn.Conv2d, nn.BatchNorm2d)"
-        problem = _conv_problem(parts[0], "downsample.0", (3, 3), stride)
+        problem = _conv_problem(down[0], names[5], stride=stride)
         if problem is not None:
             return problem
-        wd = parts[0]._parameters["weight"]
+        wd = down[0]._parameters["weight"]
         if wd.shape[0] != out_channels or wd.shape[1] != w1.shape[1]:
-            return (f"downsample.0's weight has shape {tuple(wd.shape)}, conv1's {tuple(w1.shape)}, conv2's "
+            return (f"{names[5]}'s weight has shape {tuple(wd.shape)}, {names[0]}'s {tuple(w1.shape)}, {names[3]}'s "
                     f"{tuple(w2.shape)}")
-        problem = _bn_problem(parts[1], "downsample.1", out_channels)
+        problem = _bn_problem(down[1], names[6], out_channels)
         if problem is not None:
             return problem
-        norms.append(parts[1])
-    elif stride != 1 or out_channels != w1.shape[1]:
-        return (f"an identity residual needs conv1's stride 1 and conv2's {out_channels} output channels to equal "
-                f"conv1's {w1.shape[1]} input channels")
+        norms.append(down[1])
+    elif residual is None and (stride != 1 or out_channels != w1.shape[1]):
+        return (f"an identity residual needs {names[0]}'s stride 1 and {names[3]}'s {out_channels} output channels "
+                f"to equal {names[0]}'s {w1.shape[1]} input channels")
     if _global_hooks():
         return "global module hooks are registered"
     if not _bn_group(norms)[0]:
@@ -446,70 +459,108 @@ def _conv_bn_relu(x: torch.Tensor, conv: nn.Module, bn: nn.Module, relu: Optiona
 def residual_block(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
     """The notes' residual block (``fastres.nn.ResidualBlock`` or the reference
     one), fused: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + residual)``."""
-    dtype = _kernel_dtype(x)
-    if dtype is None:
+    if _kernel_dtype(x) is None:
         return _reference_block(block, x)
     children = block._modules  # not nn.Module.__getattr__: this runs on every call
-    conv1, bn1m, conv2, bn2m = children.get("conv1"), children.get("bn1"), children.get("conv2"), children.get("bn2")
-    down, relu = children.get("downsample"), children.get("relu")
+    down = children.get("downsample")
+    if down is not None:
+        parts = tuple(down._modules.values()) if type(down) is nn.Sequential else ()
+        if len(parts) != 2 or _hooked(down):
+            _step_aside(block, _block_problem(block), x, ())
+            return _reference_block(block, x)
+        down = parts
+    return _residual_join(x, children.get("conv1"), children.get("bn1"), children.get("relu"), children.get("conv2"),
+                          children.get("bn2"), down, None, block, BLOCK_NAMES, lambda: _reference_block(block, x))
+
+
+def _residual_join(x: torch.Tensor, conv1: object, bn1m: object, relu: object, conv2: object, bn2m: object,
+                   down: Optional[tuple], residual: Optional[torch.Tensor], owner: nn.Module, names: tuple,
+                   plain: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)`` fused, the shortcut ``bnd(convd(x))`` with
+    ``down = (convd, bnd)``, else the tensor ``residual``, else ``x``: a residual block however its code is
+    written (``owner`` is warned once when it falls back, its children named by ``names``; ``plain()`` is
+    its plain forward). conv1 may have any kernel size, stride and padding the conv kernel takes, conv2
+    any with stride 1, the downsample conv1's stride."""
+    dtype = _kernel_dtype(x)
+    if dtype is None:
+        return plain()
     device = x.device
     autocast = torch.is_autocast_enabled(device.type)
     w1 = _conv_weight(conv1, device, dtype, autocast)
     w2 = _conv_weight(conv2, device, dtype, autocast)
-    conv_d = bnd_m = wd = None
+    wd = None
     takes = (w1 is not None and w2 is not None and type(relu) is nn.ReLU and not _hooked(relu)
-             and conv1.padding == _ONE and conv2.padding == _ONE and conv2.stride == _ONE)
+             and conv2.stride == _ONE)
     if takes:
         n, channels, h, w = x.shape
         width, in_channels, kh, kw = w1.shape
         out_channels, width2, kh2, kw2 = w2.shape
-        stride = conv1.stride[0]
-        takes = (kh == kw == kh2 == kw2 == 3 and width2 == width and channels == in_channels
-                 and _bn_takes(bn1m, width, dtype, device) and _bn_takes(bn2m, out_channels, dtype, device))
+        stride, padding1, padding2 = conv1.stride[0], conv1.padding[0], conv2.padding[0]
+        out_h, out_w = L.out_size(h, kh, stride, padding1), L.out_size(w, kw, stride, padding1)
+        out_h2, out_w2 = L.out_size(out_h, kh2, 1, padding2), L.out_size(out_w, kw2, 1, padding2)
+        takes = (out_h > 0 and out_w > 0 and out_h2 > 0 and out_w2 > 0 and width2 == width
+                 and channels == in_channels and _bn_takes(bn1m, width, dtype, device)
+                 and _bn_takes(bn2m, out_channels, dtype, device))
+    down_padding = 1
     if takes:
         norms = (bn1m, bn2m)
-        if down is None:
-            takes = stride == 1 and out_channels == in_channels
-        else:
-            parts = tuple(down._modules.values()) if type(down) is nn.Sequential else ()
-            takes = len(parts) == 2 and not _hooked(down)
+        if down is not None:
+            conv_d, bnd_m = down
+            wd = _conv_weight(conv_d, device, dtype, autocast)
+            takes = wd is not None and conv_d.stride == conv1.stride and wd.shape[:2] == (out_channels, in_channels)
             if takes:
-                conv_d, bnd_m = parts
-                wd = _conv_weight(conv_d, device, dtype, autocast)
-                takes = (wd is not None and conv_d.padding == _ONE and conv_d.stride == conv1.stride
-                         and wd.shape == (out_channels, in_channels, 3, 3)
-                         and _bn_takes(bnd_m, out_channels, dtype, device))
+                down_padding = conv_d.padding[0]
+                shape_d = (L.out_size(h, wd.shape[2], stride, down_padding),
+                           L.out_size(w, wd.shape[3], stride, down_padding))
+                takes = shape_d == (out_h2, out_w2) and _bn_takes(bnd_m, out_channels, dtype, device)
                 norms = (bn1m, bn2m, bnd_m)
+        elif residual is not None:
+            # The kernels read the residual as the output's elements: no broadcasting, the compute dtype.
+            takes = (isinstance(residual, torch.Tensor) and residual.shape == (n, out_channels, out_h2, out_w2)
+                     and residual.dtype == dtype and residual.device == device)
+        else:
+            takes = stride == 1 and out_channels == in_channels and (out_h2, out_w2) == (h, w)
     if takes:
-        out_h, out_w = L.out_size(h, 3, stride, 1), L.out_size(w, 3, stride, 1)
         takes = not _global_hooks() and not (
             (bn1m.training or bn1m._buffers.get("running_mean") is None) and n * out_h * out_w == 1)
     if takes:
         takes, bn_group = _bn_group(norms)
     if not takes:
-        _step_aside(block, _block_problem(block), x, (conv1, bn1m, conv2, bn2m, relu, *(
-            down._modules.values() if isinstance(down, nn.Module) else ())))
-        return _reference_block(block, x)
+        _step_aside(owner, _join_problem(conv1, bn1m, relu, conv2, bn2m, down, residual, names), x,
+                    (conv1, bn1m, conv2, bn2m, relu, *(down or ())))
+        return plain()
     bn1, bn2 = _bn_config(bn1m), _bn_config(bn2m)
-    bnd = _bn_config(bnd_m) if down is not None else None
+    bnd = _bn_config(down[1]) if down is not None else None
     batch_stats = bn1.batch_stats
     if bn2.batch_stats != batch_stats or (bnd is not None and bnd.batch_stats != batch_stats):
-        return _reference_block(block, x)  # BatchNorms in different modes
-    if not batch_stats and _needs_grad(x, block):
-        return _reference_block(block, x)
+        return plain()  # BatchNorms in different modes
+    if not batch_stats and _needs_grad(x, conv1, bn1m, conv2, bn2m, *(down or ())):
+        return plain()
+    if not batch_stats and residual is not None and residual.requires_grad and torch.is_grad_enabled():
+        return plain()
     x = x.to(dtype)
     if not batch_stats:
-        h1 = _eval_conv(x, w1, stride, 1, bn1, relu=True)
-        if down is None:
-            # The identity residual is read with the output's strides (h1's layout): a view of x with other
-            # strides (a slice, a permutation) is copied into that layout, one activation.
-            residual = x if L.same_layout(x, h1) else x.contiguous(memory_format=L.memory_format_of(h1))
+        h1 = _eval_conv(x, w1, stride, padding1, bn1, relu=True)
+        if down is not None:
+            shortcut = _eval_conv(x, wd, stride, down_padding, bnd)
         else:
-            residual = _eval_conv(x, wd, stride, 1, bnd)
-        return _eval_conv(h1, w2, 1, 1, bn2, residual=residual, relu=True)
+            shortcut = x if residual is None else residual
+            # The residual is read with the output's strides: a view with other strides (a slice, a
+            # permutation) is copied into that layout, one activation.
+            shape, strides = L.conv_output_layout(tuple(h1.shape), h1.stride(), tuple(w2.shape), 1, padding2)
+            if any(a != b for a, b, size in zip(shortcut.stride(), strides, shape) if size > 1):
+                shortcut = shortcut.contiguous(memory_format=L.memory_format_of(h1))
+        return _eval_conv(h1, w2, 1, padding2, bn2, residual=shortcut, relu=True)
+    if residual is not None and down is None:
+        # Read as the output's elements: copied once into the output's memory format when it has another
+        # (the option-A shortcut's F.pad gives NCHW), so the kernels' loads stay coalesced.
+        layout = L.memory_format_of(x)
+        if not residual.is_contiguous(memory_format=layout):
+            residual = residual.contiguous(memory_format=layout)
     down_args = (wd, *_bn_op_args(bnd.args)) if down is not None else (None,) * 7 + (0.0,)
     out = torch.ops.fastres.residual_block(x, w1, *_bn_op_args(bn1.args), w2, *_bn_op_args(bn2.args), *down_args,
-                                           stride, bn_group)
+                                           stride, bn_group, padding1, padding2, down_padding,
+                                           residual if down is None else None)
     return out[0]
 
 

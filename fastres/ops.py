@@ -57,13 +57,16 @@ _lib.define("residual_block(Tensor x, Tensor conv1_weight, " + _BN_ARGS.format(p
             ", Tensor conv2_weight, " + _BN_ARGS.format(p="bn2_", i="2") +
             ", Tensor? down_weight, Tensor? bnd_weight, Tensor? bnd_bias, Tensor(a3!)? bnd_running_mean, "
             "Tensor(b3!)? bnd_running_var, Tensor(c3!)? bnd_num_batches_tracked, float? bnd_momentum, float bnd_eps, "
-            "int stride, str? bn_group=None) -> (Tensor out, Tensor y1, Tensor stats1, Tensor y2, Tensor stats2, Tensor yd, Tensor statsd)")
+            "int stride, str? bn_group=None, int padding1=1, int padding2=1, int down_padding=1, "
+            "Tensor? residual=None) -> (Tensor out, Tensor y1, Tensor stats1, Tensor y2, Tensor stats2, Tensor yd, "
+            "Tensor statsd)")
 _lib.define("residual_block_backward(Tensor dout, Tensor x, Tensor conv1_weight, Tensor bn1_weight, "
             "Tensor bn1_bias, float bn1_eps, Tensor y1, Tensor stats1, Tensor conv2_weight, Tensor bn2_weight, "
             "Tensor y2, Tensor stats2, Tensor? down_weight, Tensor? bnd_weight, Tensor? yd, Tensor? statsd, "
-            "int stride, bool input_grad, str? bn_group=None) -> (Tensor dx, Tensor dconv1_weight, Tensor dbn1_weight, "
-            "Tensor dbn1_bias, Tensor dconv2_weight, Tensor dbn2_weight, Tensor dbn2_bias, Tensor ddown_weight, "
-            "Tensor dbnd_weight, Tensor dbnd_bias)")
+            "int stride, bool input_grad, str? bn_group=None, int padding1=1, int padding2=1, int down_padding=1, "
+            "Tensor? residual=None) -> (Tensor dx, Tensor dconv1_weight, Tensor dbn1_weight, Tensor dbn1_bias, "
+            "Tensor dconv2_weight, Tensor dbn2_weight, Tensor dbn2_bias, Tensor ddown_weight, Tensor dbnd_weight, "
+            "Tensor dbnd_bias, Tensor dresidual)")
 _lib.define("conv_bn_eval(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor bn_running_mean, "
             "Tensor bn_running_var, float bn_eps, int stride, int padding, Tensor? residual, bool relu) -> Tensor")
 
@@ -103,6 +106,15 @@ def _empty_conv_output(a: torch.Tensor, weight: torch.Tensor, stride: int, paddi
     return a.new_empty_strided(shape, strides, dtype=dtype)
 
 
+def _in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``like``'s layout (a copy only when it has another): the elementwise kernels read a
+    channels_last activation's 8 channels per 128-bit access, which an NCHW gradient (what pooling's
+    backward gives) would turn into strided 2-byte loads."""
+    if L.same_layout(t, like):
+        return t
+    return torch.empty_like(like).copy_(t)
+
+
 def _stats_like(y: torch.Tensor) -> torch.Tensor:
     return y.new_empty((4, y.shape[1]), dtype=torch.float32)
 
@@ -132,7 +144,7 @@ def _conv_bn_relu_fake(x, weight, bn_weight, bn_bias, bn_running_mean, bn_runnin
 @_impl("conv_bn_relu_backward")
 def conv_bn_relu_backward(dout, x, weight, bn_weight, y, stats, stride, padding, input_grad, bn_group=None):
     group = S.group_named(bn_group)
-    g, coefs, _ = L.bn_relu_backward(dout, y, stats, bn_weight)
+    g, coefs, _ = L.bn_relu_backward(_in_layout_of(dout, y), y, stats, bn_weight)
     coefs = S.maybe_sync_coefs(coefs, stats, bn_weight, y, group)
     if input_grad and L.grads_fusable(weight, stride, padding):
         dx, _, dweight = L.conv_grads(g, weight, x, dy2=y, dy_pro=coefs.packed)
@@ -198,9 +210,12 @@ def residual_block(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_
                    bn1_momentum, bn1_eps, conv2_weight, bn2_weight, bn2_bias, bn2_running_mean, bn2_running_var,
                    bn2_num_batches_tracked, bn2_momentum, bn2_eps, down_weight, bnd_weight, bnd_bias,
                    bnd_running_mean, bnd_running_var, bnd_num_batches_tracked, bnd_momentum, bnd_eps, stride,
-                   bn_group=None):
-    """Training-mode ``relu(bn2(conv2(relu(bn1(conv1(x))))) + residual)``, ``residual`` ``x`` or
-    ``bnd(down(x))``: (out, y1, stats1, y2, stats2, yd, statsd), the last two empty without a downsample."""
+                   bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None):
+    """Training-mode ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)``: the shortcut ``bnd(down(x))`` with
+    a downsample, else the tensor ``residual`` when given, else ``x``. conv1 has ``stride`` and ``padding1``,
+    conv2 stride 1 and ``padding2``, the downsample ``stride`` and ``down_padding`` (any kernel sizes the
+    conv kernel takes). Returns (out, y1, stats1, y2, stats2, yd, statsd), the last two empty without a
+    downsample."""
     dtype = x.dtype
     bn1 = L.BatchNormArgs(bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var, bn1_num_batches_tracked,
                           bn1_momentum, bn1_eps)
@@ -211,37 +226,48 @@ def residual_block(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_
     if down_weight is not None:
         bnd = L.BatchNormArgs(bnd_weight, bnd_bias, bnd_running_mean, bnd_running_var, bnd_num_batches_tracked,
                               bnd_momentum, bnd_eps)
-    if (bnd is not None and L.pair_bn_flags_match(S.local_args(bn1, group), S.local_args(bnd, group))
-            and down_weight.stride() == conv1_weight.stride() and down_weight.dtype == conv1_weight.dtype):
+    if (bnd is not None and _pairs(conv1_weight, down_weight, padding1, down_padding)
+            and L.pair_bn_flags_match(S.local_args(bn1, group), S.local_args(bnd, group))):
         # conv1 and the projection read x once, in one launch.
-        y1, s1, yd, sd = L.conv_pair(x, conv1_weight, down_weight, stride, 1, dtype=dtype,
+        y1, s1, yd, sd = L.conv_pair(x, conv1_weight, down_weight, stride, padding1, dtype=dtype,
                                      bn=S.local_args(bn1, group), bn2=S.local_args(bnd, group))
         sd = S.maybe_sync_stats(yd, sd, bnd, group)
     else:
-        y1, s1 = L.conv(x, conv1_weight, stride, 1, dtype=dtype, epilogue=L.EPI_STATS, bn=S.local_args(bn1, group))
+        y1, s1 = L.conv(x, conv1_weight, stride, padding1, dtype=dtype, epilogue=L.EPI_STATS,
+                        bn=S.local_args(bn1, group))
         if bnd is not None:
-            yd, sd = L.conv(x, down_weight, stride, 1, dtype=dtype, epilogue=L.EPI_STATS,
+            yd, sd = L.conv(x, down_weight, stride, down_padding, dtype=dtype, epilogue=L.EPI_STATS,
                             bn=S.local_args(bnd, group))
             sd = S.maybe_sync_stats(yd, sd, bnd, group)
     s1 = S.maybe_sync_stats(y1, s1, bn1, group)
-    y2, s2 = L.conv(y1, conv2_weight, 1, 1, dtype=dtype, prologue=L.PRO_BN_RELU, pro=s1, epilogue=L.EPI_STATS,
+    y2, s2 = L.conv(y1, conv2_weight, 1, padding2, dtype=dtype, prologue=L.PRO_BN_RELU, pro=s1, epilogue=L.EPI_STATS,
                     bn=S.local_args(bn2, group))
     s2 = S.maybe_sync_stats(y2, s2, bn2, group)
     if down_weight is None:
-        return L.bn_relu_apply(y2, s2, x), y1, s1, y2, s2, _absent(x), _absent(s1)
+        return L.bn_relu_apply(y2, s2, x if residual is None else residual), y1, s1, y2, s2, _absent(x), _absent(s1)
     return L.bn_relu_apply(y2, s2, yd, sd), y1, s1, y2, s2, yd, sd
 
 
+def _pairs(conv1_weight: torch.Tensor, down_weight: torch.Tensor, padding1: int, down_padding: int) -> bool:
+    """Whether conv1 and the downsample conv can share launches (``conv_pair`` forward, ``PAIR_OPERANDS``
+    data gradients): the same weight shape, strides, dtype and padding."""
+    return (down_weight.shape == conv1_weight.shape and down_weight.stride() == conv1_weight.stride()
+            and down_weight.dtype == conv1_weight.dtype and down_padding == padding1)
+
+
 @torch.library.register_fake("fastres::residual_block")
-def _residual_block_fake(x, conv1_weight, *args):
-    conv2_weight, down_weight, stride = args[7], args[15], args[23]
-    y1 = _empty_conv_output(x, conv1_weight, stride, 1, dtype=x.dtype)
-    y2 = _empty_conv_output(y1, conv2_weight, 1, 1, dtype=x.dtype)
+def _residual_block_fake(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var,
+                         bn1_num_batches_tracked, bn1_momentum, bn1_eps, conv2_weight, bn2_weight, bn2_bias,
+                         bn2_running_mean, bn2_running_var, bn2_num_batches_tracked, bn2_momentum, bn2_eps, down_weight,
+                         bnd_weight, bnd_bias, bnd_running_mean, bnd_running_var, bnd_num_batches_tracked, bnd_momentum,
+                         bnd_eps, stride, bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None):
+    y1 = _empty_conv_output(x, conv1_weight, stride, padding1, dtype=x.dtype)
+    y2 = _empty_conv_output(y1, conv2_weight, 1, padding2, dtype=x.dtype)
     s1, s2 = _stats_like(y1), _stats_like(y2)
     if down_weight is None:
         yd, sd = _absent(x), _absent(s1)
     else:
-        yd = _empty_conv_output(x, down_weight, stride, 1, dtype=x.dtype)
+        yd = _empty_conv_output(x, down_weight, stride, down_padding, dtype=x.dtype)
         sd = _stats_like(yd)
     return torch.empty_like(y2), y1, s1, y2, s2, yd, sd
 
@@ -249,68 +275,79 @@ def _residual_block_fake(x, conv1_weight, *args):
 @_impl("residual_block_backward")
 def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps, y1, stats1, conv2_weight,
                             bn2_weight, y2, stats2, down_weight, bnd_weight, yd, statsd, stride, input_grad,
-                            bn_group=None):
+                            bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None):
+    """The gradients of :func:`residual_block`; ``dresidual`` (the tail's masked gradient g) is empty
+    unless the shortcut was the tensor ``residual``."""
     dtype = x.dtype
     group = S.group_named(bn_group)
     has_down = down_weight is not None
+    dout = _in_layout_of(dout, y2)
     if has_down:
         g, coefs2, coefs_d = L.bn_relu_backward(dout, y2, stats2, bn2_weight, yd, statsd, bnd_weight)
         coefs_d = S.maybe_sync_coefs(coefs_d, statsd, bnd_weight, yd, group)
     else:
-        g, coefs2, _ = L.bn_relu_backward(dout, y2, stats2, bn2_weight, x)
+        g, coefs2, _ = L.bn_relu_backward(dout, y2, stats2, bn2_weight, x if residual is None else residual)
     coefs2 = S.maybe_sync_coefs(coefs2, stats2, bn2_weight, y2, group)
     # dL/d(y1) through conv2: BN2 backward on load, ReLU1 mask and BN1's backward in the epilogue.
     bn1 = L.BatchNormArgs(bn1_weight, bn1_bias, None, None, None, None, bn1_eps)
-    if L.grads_fusable(conv2_weight, 1, 1):
+    if L.grads_fusable(conv2_weight, 1, padding2):
         # conv2's weight gradient in the same launch: g, y2 and y1 are read once.
         g1_masked, coefs1, dw2 = L.conv_grads(g, conv2_weight, y1, dy2=y2, dy_pro=coefs2.packed, x_pro=stats1,
                                               epilogue=L.EPI_RELU_GRAD, ey=y1, bn=bn1, stats=stats1)
     else:
-        g1_masked, coefs1 = L.conv(g, conv2_weight, 1, 1, dtype=dtype, transposed=True,
+        g1_masked, coefs1 = L.conv(g, conv2_weight, 1, padding2, dtype=dtype, transposed=True,
                                    out_hw=tuple(y1.shape[2:]), prologue=L.PRO_BN_GRAD, a2=y2, pro=coefs2.packed,
                                    epilogue=L.EPI_RELU_GRAD, ey=y1, bn=bn1, stats=stats1)
-        dw2 = L.conv_wgrad(g, y1, conv2_weight, 1, 1, dy2=y2, dy_pro=coefs2.packed, x_pro=stats1)
+        dw2 = L.conv_wgrad(g, y1, conv2_weight, 1, padding2, dy2=y2, dy_pro=coefs2.packed, x_pro=stats1)
     coefs1 = S.maybe_sync_coefs(coefs1, stats1, bn1_weight, y1, group)
     dwd, dgd, dbd = _absent(x), _absent(stats1), _absent(stats1)
     if has_down:
-        dwd = L.conv_wgrad(g, x, down_weight, stride, 1, dy2=yd, dy_pro=coefs_d.packed)
+        dwd = L.conv_wgrad(g, x, down_weight, stride, down_padding, dy2=yd, dy_pro=coefs_d.packed)
         dgd, dbd = coefs_d.dweight, coefs_d.dbias
+    identity = not has_down and residual is None
+    dresidual = g if residual is not None else _absent(x)
+    grads = (coefs1.dweight, coefs1.dbias, dw2, coefs2.dweight, coefs2.dbias, dwd, dgd, dbd, dresidual)
     dx = _absent(x)
-    if input_grad and not has_down and L.grads_fusable(conv1_weight, stride, 1) and L.same_layout(g, g1_masked):
-        # Both of conv1's gradients in one launch, the residual's gradient added to dx.
-        dx, _, dw1 = L.conv_grads(g1_masked, conv1_weight, x, dy2=y1, dy_pro=coefs1.packed, residual=g)
-        return dx, dw1, coefs1.dweight, coefs1.dbias, dw2, coefs2.dweight, coefs2.dbias, dwd, dgd, dbd
-    if input_grad and has_down and L.same_layout(g, g1_masked) and L.same_layout(yd, g1_masked):
+    if input_grad and not has_down and L.grads_fusable(conv1_weight, stride, padding1) and L.same_layout(g, g1_masked):
+        # Both of conv1's gradients in one launch, an identity residual's gradient added to dx.
+        dx, _, dw1 = L.conv_grads(g1_masked, conv1_weight, x, dy2=y1, dy_pro=coefs1.packed,
+                                  residual=g if identity else None)
+        return (dx, dw1, *grads)
+    if (input_grad and has_down and _pairs(conv1_weight, down_weight, padding1, down_padding)
+            and L.same_layout(g, g1_masked) and L.same_layout(yd, g1_masked)):
         # Both data gradients in one launch: conv1's and the projection's.
-        dx, _ = L.conv(g1_masked, conv1_weight, stride, 1, dtype=dtype, transposed=True, out_hw=tuple(x.shape[2:]),
-                       prologue=L.PRO_BN_GRAD, a2=y1, pro=coefs1.packed,
+        dx, _ = L.conv(g1_masked, conv1_weight, stride, padding1, dtype=dtype, transposed=True,
+                       out_hw=tuple(x.shape[2:]), prologue=L.PRO_BN_GRAD, a2=y1, pro=coefs1.packed,
                        b=g, b2=yd, pro_b=coefs_d.packed, weight_b=down_weight)
     elif input_grad:
-        residual_grad = g
+        residual_grad = g if identity else None
         if has_down:
-            residual_grad, _ = L.conv(g, down_weight, stride, 1, dtype=dtype, transposed=True,
+            residual_grad, _ = L.conv(g, down_weight, stride, down_padding, dtype=dtype, transposed=True,
                                       out_hw=tuple(x.shape[2:]), prologue=L.PRO_BN_GRAD, a2=yd, pro=coefs_d.packed)
-        dx, _ = L.conv(g1_masked, conv1_weight, stride, 1, dtype=dtype, transposed=True, out_hw=tuple(x.shape[2:]),
-                       prologue=L.PRO_BN_GRAD, a2=y1, pro=coefs1.packed, residual=residual_grad)
-    dw1 = L.conv_wgrad(g1_masked, x, conv1_weight, stride, 1, dy2=y1, dy_pro=coefs1.packed)
-    return dx, dw1, coefs1.dweight, coefs1.dbias, dw2, coefs2.dweight, coefs2.dbias, dwd, dgd, dbd
+        dx, _ = L.conv(g1_masked, conv1_weight, stride, padding1, dtype=dtype, transposed=True,
+                       out_hw=tuple(x.shape[2:]), prologue=L.PRO_BN_GRAD, a2=y1, pro=coefs1.packed,
+                       residual=residual_grad)
+    dw1 = L.conv_wgrad(g1_masked, x, conv1_weight, stride, padding1, dy2=y1, dy_pro=coefs1.packed)
+    return (dx, dw1, *grads)
 
 
 @torch.library.register_fake("fastres::residual_block_backward")
 def _residual_block_backward_fake(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps, y1, stats1, conv2_weight,
                                   bn2_weight, y2, stats2, down_weight, bnd_weight, yd, statsd, stride, input_grad,
-                                  bn_group=None):
+                                  bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None):
     dx = _absent(x)
     if input_grad:  # g has y2's layout; g1_masked is conv2's transposed output of it; dx conv1's of that
-        g1_masked = _empty_conv_output(y2, conv2_weight, 1, 1, dtype=x.dtype, transposed=True,
+        g1_masked = _empty_conv_output(y2, conv2_weight, 1, padding2, dtype=x.dtype, transposed=True,
                                        out_hw=tuple(y1.shape[2:]))
-        dx = _empty_conv_output(g1_masked, conv1_weight, stride, 1, dtype=x.dtype, transposed=True,
+        dx = _empty_conv_output(g1_masked, conv1_weight, stride, padding1, dtype=x.dtype, transposed=True,
                                 out_hw=tuple(x.shape[2:]))
     dwd, dgd, dbd = _absent(x), _absent(stats1), _absent(stats1)
     if down_weight is not None:
         dwd, dgd, dbd = torch.empty_like(down_weight), torch.empty_like(bnd_weight), torch.empty_like(bnd_weight)
+    dresidual = torch.empty_like(y2) if residual is not None else _absent(x)
     return (dx, torch.empty_like(conv1_weight), torch.empty_like(bn1_weight), torch.empty_like(bn1_weight),
-            torch.empty_like(conv2_weight), torch.empty_like(bn2_weight), torch.empty_like(bn2_weight), dwd, dgd, dbd)
+            torch.empty_like(conv2_weight), torch.empty_like(bn2_weight), torch.empty_like(bn2_weight), dwd, dgd, dbd,
+            dresidual)
 
 
 class _ResidualBlockAutograd(torch.autograd.Function):
@@ -324,8 +361,11 @@ class _ResidualBlockAutograd(torch.autograd.Function):
         x, w1, g1, b1, eps1, w2, g2, b2 = args[0], args[1], args[2], args[3], args[8], args[9], args[10], args[11]
         wd, gd, bd, stride = args[17], args[18], args[19], args[25]
         ctx.bn_group = args[26] if len(args) > 26 else None
+        # padding1, padding2, down_padding, residual (the schema's defaults when not given)
+        ctx.paddings = tuple(args[27:30]) + (1, 1, 1)[len(args[27:30]):]
+        residual = args[30] if len(args) > 30 else None
         _, y1, s1, y2, s2, yd, sd = outputs
-        ctx.save_for_backward(x, w1, g1, b1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd, b2, bd)
+        ctx.save_for_backward(x, w1, g1, b1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd, b2, bd, residual)
         ctx.eps1, ctx.stride = eps1, stride
         ctx.eps2, ctx.epsd = args[16], args[24]
         ctx.mark_non_differentiable(*outputs[1:])
@@ -334,29 +374,36 @@ class _ResidualBlockAutograd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *_saved_grads):
-        x, w1, g1, b1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd, b2, bd = ctx.saved_tensors
+        x, w1, g1, b1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd, b2, bd, residual = ctx.saved_tensors
         has_down = wd is not None
+        padding1, padding2, down_padding = ctx.paddings
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable in turn
-            def block(x, w1, g1, b1, w2, g2, b2, wd=None, gd=None, bd=None):
+            def block(x, w1, g1, b1, w2, g2, b2, *rest):
                 stride = ctx.stride
-                h = _plain_conv_bn(x, w1, g1, b1, ctx.eps1, stride, 1).relu()
-                residual = x if wd is None else _plain_conv_bn(x, wd, gd, bd, ctx.epsd, stride, 1)
-                return (_plain_conv_bn(h, w2, g2, b2, ctx.eps2, 1, 1) + residual).relu()
+                h = _plain_conv_bn(x, w1, g1, b1, ctx.eps1, stride, padding1).relu()
+                if has_down:
+                    shortcut = _plain_conv_bn(x, rest[0], rest[1], rest[2], ctx.epsd, stride, down_padding)
+                else:
+                    shortcut = rest[0] if residual is not None else x
+                return (_plain_conv_bn(h, w2, g2, b2, ctx.eps2, 1, padding2) + shortcut).relu()
 
             # Positions of the op's differentiable arguments (x, conv1_weight, bn1_weight, ...) in its schema.
-            index = (0, 1, 2, 3, 9, 10, 11) + ((17, 18, 19) if has_down else ())
-            inputs = (x, w1, g1, b1, w2, g2, b2) + ((wd, gd, bd) if has_down else ())
+            index = (0, 1, 2, 3, 9, 10, 11) + ((17, 18, 19) if has_down else (30,) if residual is not None else ())
+            inputs = (x, w1, g1, b1, w2, g2, b2) + ((wd, gd, bd) if has_down else
+                                                    (residual,) if residual is not None else ())
             return _differentiable_grads(ctx, dout, inputs, block, index)
         input_grad = ctx.needs_input_grad[0]
         backward = residual_block_backward if _is_plain_eager(dout) else torch.ops.fastres.residual_block_backward
-        dx, dw1, dg1, db1, dw2, dg2, db2, dwd, dgd, dbd = backward(
+        dx, dw1, dg1, db1, dw2, dg2, db2, dwd, dgd, dbd, dres = backward(
             dout, x, w1, g1, b1, ctx.eps1, y1, s1, w2, g2, y2, s2, wd, gd,
-            yd if has_down else None, sd if has_down else None, ctx.stride, input_grad, ctx.bn_group)
+            yd if has_down else None, sd if has_down else None, ctx.stride, input_grad, ctx.bn_group,
+            padding1, padding2, down_padding, residual)
         if not has_down:
             dwd = dgd = dbd = None
         none4 = (None,) * 4  # running statistics, num_batches_tracked, momentum, eps
         return ((dx if input_grad else None), dw1, dg1, db1, *none4, None, dw2, dg2, db2, *none4, None,
-                dwd, dgd, dbd, *none4, None, None, None)[:len(ctx.needs_input_grad)]
+                dwd, dgd, dbd, *none4, None, None, None, None, None, None,
+                dres if residual is not None else None)[:len(ctx.needs_input_grad)]
 
 
 _lib.impl("residual_block", _ResidualBlockAutograd.apply, "Autograd")

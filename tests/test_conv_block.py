@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -357,13 +358,31 @@ def test_wrong_channel_count_gives_torchs_error():
     _same_error(lambda: _stem()(x), lambda: ref.ConvBNReLU(3, 8).to(DEVICE)(x))
 
 
-def test_unsupported_kernel_size_in_block_runs_the_plain_forward():
+def test_unsupported_conv_in_block_runs_the_plain_forward():
     block = fastres.nn.ResidualBlock(8, 8).to(DEVICE)
-    block.conv2 = nn.Conv2d(8, 8, 5, padding=2, bias=False).to(DEVICE)
+    block.conv2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False).to(DEVICE)
     x = torch.randn(2, 8, 8, 8, device=DEVICE)
-    with pytest.warns(fastres.FusionWarning, match=r"conv2 has kernel size \(5, 5\)"):
+    with pytest.warns(fastres.FusionWarning, match=r"conv2 has dilation=\(2, 2\)"):
         out = block(x)
     torch.testing.assert_close(out, ref.ResidualBlock.forward(block, x))
+
+
+@pytest.mark.parametrize("k1,k2,kd", [(3, 5, 1), (1, 3, 3)], ids=["5x5-conv2-1x1-projection", "1x1-conv1"])
+def test_block_with_other_kernel_sizes_is_fused(k1, k2, kd):
+    """conv1 and conv2 of any size (padding keeping the size), a projection of another size than conv1
+    (separate launches: conv_pair needs equal weights), all fused and matching PyTorch."""
+    torch.manual_seed(k1 * 10 + k2)
+    block = ref.ResidualBlock(4, 8, 2, nn.Sequential(nn.Conv2d(4, 8, kd, 2, kd // 2, bias=False), nn.BatchNorm2d(8)))
+    block.conv1 = nn.Conv2d(4, 8, k1, 2, k1 // 2, bias=False)
+    block.conv2 = nn.Conv2d(8, 8, k2, 1, k2 // 2, bias=False)
+    _randomize_bn(block, torch.Generator().manual_seed(1))
+    x = torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastres.FusionWarning)
+        with count_launches() as launches:
+            _compare_training(None, block.to(DEVICE), x.to(DEVICE), torch.float32, steps=1,
+                              memory_format=torch.channels_last)
+    assert launches["_conv_kernel"] > 0
 
 
 def test_one_value_per_channel_gives_torchs_error():
