@@ -4,6 +4,8 @@
 ops (``python -m fastres.testing.traffic`` prints the ResNet-20 report).
 :mod:`fastres.testing.no_gpu` takes launches through Triton's compile and
 launch path on a machine without a GPU (compiled for one, recorded, not run).
+:mod:`fastres.testing.zoo` holds CIFAR ResNets written the common plain-PyTorch
+ways, the models ``fastres.convert`` is tested and counted on.
 """
 
 from __future__ import annotations

@@ -1,0 +1,402 @@
+"""``fastres.convert`` for networks written in plain PyTorch: fusion by patterns on the ``torch.fx`` graph.
+
+The model is traced symbolically (``torch.fx``), so what is matched is what the code computes, however it
+is written: ReLU as an ``nn.ReLU`` module (one module used twice, ``inplace=True``), ``F.relu``,
+``torch.relu`` or ``.relu()``; a residual as ``out += s``, ``out = out + s`` or ``torch.add``. Two patterns:
+
+* **conv -> BN -> ReLU** (each result used only by the next): ``fastres.functional.conv_bn_relu``;
+* **the basic residual block**: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)``, the shortcut being
+  ``x`` itself, ``bnd(convd(x))`` (any kernel size and stride the kernels take), or any other tensor (the
+  option-A strided slice, a conv without BN, ...), which the fused join takes as a plain tensor:
+  ``fastres.functional.residual_block``.
+
+Matched nodes are replaced by one call each; the modules stay where they were (the graph reads them by
+their paths on every call, so a module replaced later, e.g. by ``nn.SyncBatchNorm.convert_sync_batchnorm``,
+is the one used), and the converted model has the same parameters, buffers and ``state_dict`` keys, in
+the same order. Everything else stays as traced. Each conv and BatchNorm gets a line in the report: which
+fused op took it, or why none did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.nn.functional.relu_}
+_RELU_METHODS = {"relu", "relu_"}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the report: a conv or BatchNorm, the fused op that took it, or why none did."""
+
+    path: str
+    kind: str  # "Conv2d", "BatchNorm2d", ...
+    op: Optional[str]  # "conv_bn_relu", "residual_block", or None
+    why: str = ""
+
+    def __str__(self) -> str:
+        return f"  {self.path:<40} {self.kind:<14} " + (f"-> {self.op}" if self.op else f"not fused: {self.why}")
+
+
+@dataclasses.dataclass
+class Unit:
+    """A matched conv -> BN (-> ReLU) chain: its nodes (the ReLU's None when it has none)."""
+
+    conv: fx.Node
+    bn: fx.Node
+    relu: Optional[fx.Node]
+
+    @property
+    def input(self) -> fx.Node:
+        return self.conv.args[0]
+
+    @property
+    def output(self) -> fx.Node:
+        return self.relu if self.relu is not None else self.bn
+
+
+@dataclasses.dataclass
+class Block:
+    """A matched basic residual block: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)``."""
+
+    first: Unit  # conv1 -> bn1 -> relu
+    second: Unit  # conv2 -> bn2 (no ReLU)
+    add: fx.Node
+    relu: fx.Node  # after the add
+    projection: Optional[Unit]  # convd -> bnd when the shortcut is that of the block's input
+
+    @property
+    def input(self) -> fx.Node:
+        return self.first.input
+
+    @property
+    def shortcut(self) -> Any:
+        """The add's other operand (read from the graph: rewriting an earlier block replaces nodes)."""
+        a, b = self.add.args[:2]
+        return b if a is self.second.bn else a
+
+
+class Tracer(fx.Tracer):
+    """Traces into user modules; fastres's fused modules stay leaves (they are fused already)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from .nn import ConvBNReLU, ResidualBlock
+
+        if isinstance(m, (ResidualBlock, ConvBNReLU)):
+            return True
+        # A module with hooks runs as a whole, so that they fire (traced through, they would not).
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _module(node: Any, modules: dict, *classes: type) -> Optional[nn.Module]:
+    """The module a ``call_module`` node calls, if it is exactly one of ``classes``."""
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        m = modules.get(node.target)
+        if type(m) in classes:
+            return m
+    return None
+
+
+def _is_relu(node: fx.Node, modules: dict) -> bool:
+    """A ReLU written any of the usual ways, applied to the node's first argument alone."""
+    if node.op == "call_module":
+        return _module(node, modules, nn.ReLU) is not None
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+        return len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
+    if node.op == "call_method" and node.target in _RELU_METHODS:
+        return len(node.args) == 1 and not node.kwargs
+    return False
+
+
+def _is_add(node: fx.Node) -> bool:
+    """``a + b``, ``a += b``, ``torch.add(a, b)`` or ``a.add(b)``/``a.add_(b)`` without ``alpha``."""
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        return len(node.args) == 2 and not node.kwargs
+    if node.op == "call_method" and node.target in _ADD_METHODS:
+        return len(node.args) == 2 and not node.kwargs
+    return False
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _units(graph: fx.Graph, modules: dict) -> dict[fx.Node, Unit]:
+    """Every conv -> BN (-> ReLU) chain, by its conv node: the conv's only user is the BN, and the BN's only
+    user, if a ReLU, joins the chain."""
+    units = {}
+    for node in graph.nodes:
+        if _module(node, modules, nn.Conv2d) is None or len(node.args) != 1 or node.kwargs:
+            continue
+        bn = _only_user(node)
+        if bn is None or _module(bn, modules, nn.BatchNorm2d, nn.SyncBatchNorm) is None or bn.args[0] is not node:
+            continue
+        relu = _only_user(bn)
+        units[node] = Unit(node, bn, relu if relu is not None and _is_relu(relu, modules) else None)
+    return units
+
+
+def _blocks(units: dict[fx.Node, Unit], modules: dict) -> list[Block]:
+    """Basic blocks: a ReLU'd unit feeding only a unit without ReLU, whose BN's only user is an add whose
+    only user is a ReLU."""
+    by_output = {u.output: u for u in units.values()}
+    blocks = []
+    for second in units.values():
+        if second.relu is not None:
+            continue
+        first = by_output.get(second.input)
+        if first is None or first.relu is None or _only_user(first.relu) is not second.conv:
+            continue
+        add = _only_user(second.bn)
+        if add is None or not _is_add(add) or second.bn not in add.args[:2]:
+            continue
+        relu = _only_user(add)
+        if relu is None or not _is_relu(relu, modules):
+            continue
+        shortcut = add.args[1] if add.args[0] is second.bn else add.args[0]
+        if not isinstance(shortcut, fx.Node):
+            continue
+        if add.op == "call_method" and add.target == "add_" or add.target is operator.iadd:
+            if add.args[0] is not second.bn:  # `shortcut += out` would write into the shortcut
+                continue
+        projection = by_output.get(shortcut)
+        if projection is not None and (projection.relu is not None or projection.input is not first.input
+                                       or _only_user(projection.bn) is not add):
+            projection = None
+        blocks.append(Block(first, second, add, relu, projection))
+    return blocks
+
+
+# ------------------------------------------------------------------ the fused calls a converted graph makes
+
+
+class FusedSite(nn.Module):
+    """What one fused call of a converted graph stands for: its name in the model, which a FusionWarning
+    gives when the call runs PyTorch's ops (``fastres.functional`` keeps the warned reason in ``__dict__``).
+    A module without parameters or buffers (the graph reaches it by its path, ``_fastres_sites.<i>``), so
+    the ``state_dict`` is the model's."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self._fastres_name = name
+
+    def extra_repr(self) -> str:
+        return repr(self._fastres_name)
+
+
+class ConvBNReLUChain(FusedSite):
+    """A conv -> BatchNorm -> ReLU chain of a converted model."""
+
+
+class ResidualJoin(FusedSite):
+    """A residual block of a converted model: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)``."""
+
+    def __init__(self, name: str, names: tuple) -> None:
+        super().__init__(name)
+        self.names = names  # the children's paths, for the reasons a FusionWarning gives
+
+
+def _relu_or_default(relu: Optional[nn.Module]) -> nn.Module:
+    from .functional import _RELU
+
+    return _RELU if relu is None else relu
+
+
+def conv_bn_relu_chain(x: torch.Tensor, conv: nn.Module, bn: nn.Module, relu: Optional[nn.Module],
+                       site: ConvBNReLUChain) -> torch.Tensor:
+    """``relu(bn(conv(x)))`` of a converted graph (``relu`` None: the user wrote a functional ReLU)."""
+    from .functional import _conv_bn_relu
+
+    act = _relu_or_default(relu)
+    return _conv_bn_relu(x, conv, bn, act, site, lambda: act(bn(conv(x))))
+
+
+def residual_join(x: torch.Tensor, conv1: nn.Module, bn1: nn.Module, relu1: Optional[nn.Module], conv2: nn.Module,
+                  bn2: nn.Module, relu2: Optional[nn.Module], shortcut: torch.Tensor, down_conv: Optional[nn.Module],
+                  down_bn: Optional[nn.Module], identity: bool, site: ResidualJoin) -> torch.Tensor:
+    """``relu2(bn2(conv2(relu1(bn1(conv1(x))))) + shortcut)`` of a converted graph; ``shortcut`` is ``x``
+    (``identity``), ``down_bn(down_conv(x))`` (then computed here, fused with the block) or any tensor."""
+    from .functional import _hooked, _residual_join
+
+    act1, act2 = _relu_or_default(relu1), _relu_or_default(relu2)
+    down = (down_conv, down_bn) if down_conv is not None else None
+
+    def plain() -> torch.Tensor:
+        s = shortcut if down is None else down_bn(down_conv(x))
+        return act2(bn2(conv2(act1(bn1(conv1(x))))) + s)
+
+    if act1 is not act2 and (type(act2) is not nn.ReLU or _hooked(act2)):  # _residual_join checks act1
+        return plain()
+    return _residual_join(x, conv1, bn1, act1, conv2, bn2, down, None if identity or down else shortcut, site,
+                          site.names, plain)
+
+
+fx.wrap("conv_bn_relu_chain")
+fx.wrap("residual_join")
+
+
+# ------------------------------------------------------------------ converting a model
+
+
+def _static_problem_unit(unit: Unit, modules: dict) -> Optional[str]:
+    from .functional import _conv_problem, _bn_problem, _module_problem
+
+    conv, bn = modules[unit.conv.target], modules[unit.bn.target]
+    problem = _conv_problem(conv, unit.conv.target) or _bn_problem(bn, unit.bn.target,
+                                                                    conv._parameters["weight"].shape[0])
+    if problem is None and unit.relu is not None and unit.relu.op == "call_module":
+        problem = _module_problem(modules[unit.relu.target], unit.relu.target, nn.ReLU, "nn.ReLU")
+    return problem
+
+
+def _join_names(block: Block) -> tuple:
+    first, second = block.first, block.second
+    relu = first.relu.target if first.relu.op == "call_module" else "relu"
+    projection = block.projection
+    return (first.conv.target, first.bn.target, relu, second.conv.target, second.bn.target,
+            projection.conv.target if projection else "", projection.bn.target if projection else "")
+
+
+def _common_prefix(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths]
+    prefix = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        prefix.append(level[0])
+    return ".".join(prefix) or "(model)"
+
+
+def convert_graph(model: nn.Module) -> tuple[nn.Module, list[Row]]:
+    """``model`` traced, its conv -> BN -> ReLU chains and residual blocks fused (module docstring): the
+    converted ``fx.GraphModule`` (sharing ``model``'s modules) and the report's rows. A model that
+    ``torch.fx`` cannot trace comes back as it is, the report saying why."""
+    from .functional import _join_problem
+
+    from .models import _fused_rows
+
+    already = {row.path: row.op for row in _fused_rows(model)}  # inside fastres's fused modules
+    convs_and_norms = [(name, m) for name, m in model.named_modules()
+                       if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase))]
+    try:
+        graph = Tracer().trace(model)
+    except Exception as exc:  # torch.fx refuses data-dependent control flow, some builtins, ...
+        why = f"torch.fx cannot trace the model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        return model, [Row(name, type(m).__name__, already.get(name), "" if already.get(name) else why)
+                       for name, m in convs_and_norms]
+    gm = fx.GraphModule(model, graph)
+    modules = dict(gm.named_modules())
+    units = _units(graph, modules)
+    taken: dict[str, str] = {}  # module path -> fused op
+    reasons: dict[str, str] = {}
+
+    sites = nn.ModuleList()
+    gm.add_module("_fastres_sites", sites)
+
+    def site_attr(site: FusedSite) -> fx.Node:
+        sites.append(site)
+        return graph.get_attr(f"_fastres_sites.{len(sites) - 1}")
+
+    def module_arg(node: Optional[fx.Node]) -> Any:
+        if node is None or node.op != "call_module":
+            return None
+        return graph.get_attr(node.target)
+
+    consumed: set[fx.Node] = set()
+    for block in _blocks(units, modules):
+        first, second, projection = block.first, block.second, block.projection
+        names = _join_names(block)
+        down = (modules[projection.conv.target], modules[projection.bn.target]) if projection else None
+        identity = block.shortcut is block.input
+        problem = _join_problem(modules[first.conv.target], modules[first.bn.target],
+                                modules[first.relu.target] if first.relu.op == "call_module" else nn.ReLU(),
+                                modules[second.conv.target], modules[second.bn.target], down,
+                                None if identity or projection else torch.empty(0), names)
+        if problem is not None:
+            for node in (first.conv, first.bn, second.conv, second.bn):
+                reasons.setdefault(node.target, f"the residual block around it: {problem}")
+            continue
+        name = _common_prefix([n for n in names if n and n != "relu"])
+        with graph.inserting_before(block.relu):
+            args = (block.input, module_arg(first.conv), module_arg(first.bn), module_arg(first.relu),
+                    module_arg(second.conv), module_arg(second.bn), module_arg(block.relu),
+                    None if projection else block.shortcut,
+                    module_arg(projection.conv) if projection else None,
+                    module_arg(projection.bn) if projection else None, identity,
+                    site_attr(ResidualJoin(name, names)))
+            fused = graph.call_function(residual_join, args)
+        block.relu.replace_all_uses_with(fused)
+        dead = [block.relu, block.add, second.bn, second.conv, first.relu, first.bn, first.conv]
+        if projection is not None:
+            dead += [projection.bn, projection.conv]
+        for node in dead:
+            graph.erase_node(node)
+        for node in (first.conv, first.bn, second.conv, second.bn) + ((projection.conv, projection.bn)
+                                                                      if projection else ()):
+            taken[node.target] = f"residual join {name!r}"
+        consumed.update(dead)
+    for unit in units.values():
+        if unit.conv in consumed or unit.relu is None:
+            continue
+        problem = _static_problem_unit(unit, modules)
+        if problem is not None:
+            reasons.setdefault(unit.conv.target, problem)
+            reasons.setdefault(unit.bn.target, problem)
+            continue
+        with graph.inserting_before(unit.relu):
+            args = (unit.input, module_arg(unit.conv), module_arg(unit.bn), module_arg(unit.relu),
+                    site_attr(ConvBNReLUChain(unit.conv.target)))
+            fused = graph.call_function(conv_bn_relu_chain, args)
+        unit.relu.replace_all_uses_with(fused)
+        for node in (unit.relu, unit.bn, unit.conv):
+            graph.erase_node(node)
+        taken[unit.conv.target] = taken[unit.bn.target] = "conv-BN-ReLU chain"
+    graph.lint()
+    gm.recompile()
+    # The original modules, parameters and buffers, in their order: the same state_dict keys.
+    gm._modules.clear()
+    gm._modules.update(model._modules)
+    gm._modules["_fastres_sites"] = sites  # last: no parameters or buffers, the same state_dict
+    gm._parameters.clear()
+    gm._parameters.update(model._parameters)
+    gm._buffers.clear()
+    gm._buffers.update(model._buffers)
+    gm.train(model.training)
+    rows = []
+    for name, m in convs_and_norms:
+        op = taken.get(name) or already.get(name)
+        rows.append(Row(name, type(m).__name__, op, "" if op else reasons.get(name) or _why_not(name, m, graph, modules)))
+    return gm, rows
+
+
+def _why_not(name: str, module: nn.Module, graph: fx.Graph, modules: dict) -> str:
+    """Why a conv or BatchNorm that no pattern took stays as it is."""
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    if not calls:
+        return "not called by the traced forward (or inside a module traced as a whole: one with hooks)"
+    node = calls[0]
+    if type(module) is nn.Conv2d:
+        user = _only_user(node)
+        if _module(user, modules, nn.BatchNorm2d, nn.SyncBatchNorm) is None:
+            return "no BatchNorm2d alone takes its output (a conv without a BatchNorm after it is not fused)"
+        return "its BatchNorm's output feeds neither a ReLU nor a residual join (conv -> BN alone is not fused yet)"
+    if type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        source = node.args[0] if node.args else None
+        if isinstance(source, fx.Node) and _module(source, modules, nn.Conv2d) is not None:
+            return ("conv -> BN without a ReLU after it: fused only inside a residual join (as its second conv or "
+                    "its projection), not on its own yet")
+        return ("its input is not a conv's output (a pre-activation BatchNorm, of a residual sum or the network "
+                "input, is not fused yet)")
+    return f"a {type(module).__name__}: fastres fuses nn.Conv2d and nn.BatchNorm2d (or nn.SyncBatchNorm)"

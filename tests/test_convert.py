@@ -1,0 +1,162 @@
+"""``fastres.convert`` on ResNets written in plain PyTorch (issue 20): the zoo of ``fastres/testing/zoo.py``.
+
+Each model is converted and held to the plain model by the three-way rule of ``test_conv_block``
+(outputs, every gradient and the running statistics over two steps, then eval outputs, against float64);
+its ``state_dict`` keys stay the same, and a training step runs no aten convolution or batch norm for
+what the report says was fused.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastres
+from fastres.testing import zoo
+from fastres.testing import count_launches
+from optim_cases import DEVICE
+from test_conv_block import _compare_training, _randomize_bn
+
+# What the report leaves unfused, by model (the rest must run no aten conv or batch norm).
+UNFUSED = {
+    "kuangliu_resnet18": 0,
+    "option_a_resnet20": 0,
+    "torchvision_style": 0,
+    "resnet9": 0,
+    # pre-activation: the BatchNorms of residual sums and the network's first and last convs (no BN after)
+    "preact_resnet18": 7,
+    # bottlenecks: the 1x1 shortcut conv -> BN of the block input (conv -> BN without ReLU on its own)
+    "bottleneck": 4,
+}
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = zoo.SMALL[name]()
+    _randomize_bn(model, torch.Generator().manual_seed(1))
+    return model.to(DEVICE)
+
+
+class _AtenConvBN(TorchDispatchMode):
+    """Counts aten convolutions and batch norms (forward and backward)."""
+
+    NAMES = ("convolution", "batch_norm")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(n in func.__name__ for n in self.NAMES):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", list(zoo.SMALL))
+def test_converted_zoo_model_matches_pytorch_and_runs_fastres_kernels(name):
+    """Three-way parity over two steps and eval; the state_dict keys in their order, loading either way; the
+    report's unfused modules are the only aten convolutions and batch norms of a training step."""
+    model = _model(name)
+    size = 16 if name == "resnet9" else 8  # ResNet-9 max-pools three times: 8x8 leaves BatchNorms 2 values each
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    _compare_training(None, model, x, torch.float32, steps=2, memory_format=torch.channels_last)
+
+    converted = fastres.convert(copy.deepcopy(model))
+    assert list(converted.state_dict()) == list(model.state_dict())
+    converted.load_state_dict(model.state_dict())
+    model.load_state_dict(converted.state_dict())
+    rows = converted.fastres_report
+    assert len(rows) == sum(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in model.modules())
+    unfused = [row for row in rows if row.op is None]
+    assert len(unfused) == UNFUSED[name], "\n".join(map(str, unfused))
+    assert all(row.why for row in unfused)
+    x = torch.randn(2, 3, size // 2, size // 2, device=DEVICE).to(memory_format=torch.channels_last)
+    with count_launches() as launches, _AtenConvBN() as aten:
+        converted(x).sum().backward()
+    assert sum(launches.values()) > 0
+    # Each unfused conv or BN is an aten op forward and one backward (the first conv: no input grad).
+    assert aten.count <= 2 * len(unfused), aten.count
+    assert (aten.count == 0) == (not unfused)
+
+
+def test_report_names_every_conv_and_batchnorm(capsys):
+    model = _model("preact_resnet18")
+    converted = fastres.convert(model, report=True)
+    text = capsys.readouterr().out
+    assert text.startswith("fastres.convert: 4 of 11 convs and BatchNorms fused")
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
+            assert name in text
+    assert "pre-activation BatchNorm" in text and "conv-BN-ReLU chain" in text
+    assert fastres.convert(converted) is converted  # a second convert changes nothing
+
+
+def test_reference_classes_still_convert_in_place():
+    from fastres.reference import nn as ref
+
+    model = ref.resnet20()
+    assert fastres.convert(model) is model and type(model) is fastres.ResNet
+    assert all(row.op for row in model.fastres_report)
+
+
+def test_untraceable_model_comes_back_as_it_is_with_the_reason():
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # torch.fx cannot trace a branch on a tensor's value
+                return torch.relu(self.bn(self.conv(x)))
+            return x
+
+    model = DataDependent()
+    assert fastres.convert(model) is model
+    assert all(row.op is None and "torch.fx cannot trace" in row.why for row in model.fastres_report)
+
+
+def test_module_with_hooks_runs_whole_and_its_hooks_fire():
+    model = _model("kuangliu_resnet18")
+    seen = []
+    model.layers[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    converted = fastres.convert(model)
+    converted(torch.randn(2, 3, 4, 4, device=DEVICE))
+    assert seen == [(2, 4, 4, 4)]
+    unfused = {row.path for row in converted.fastres_report if row.op is None}
+    assert "layers.0.conv1" in unfused and "layers.1.conv1" not in unfused
+
+
+def test_sync_batchnorm_before_and_after_convert():
+    """convert after convert_sync_batchnorm matches the SyncBatchNorms; convert_sync_batchnorm after convert
+    replaces the modules the graph reads (by path, on every call). One process: they act as BatchNorm2d."""
+    model = _model("torchvision_style")
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    expected = copy.deepcopy(model)(x)
+    before = fastres.convert(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)))
+    after = nn.SyncBatchNorm.convert_sync_batchnorm(fastres.convert(copy.deepcopy(model)))
+    for converted in (before, after):
+        assert any(type(m) is nn.SyncBatchNorm for m in converted.modules())
+        assert all(row.op for row in converted.fastres_report)
+        torch.testing.assert_close(converted(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_converted_model_under_torch_compile():
+    model = _model("option_a_resnet20")
+    converted = fastres.convert(copy.deepcopy(model))
+    twin = copy.deepcopy(converted)
+    compiled = torch.compile(twin, fullgraph=True, backend="inductor" if DEVICE.type == "cuda" else "aot_eager")
+    x = torch.randn(2, 3, 4, 4, device=DEVICE).to(memory_format=torch.channels_last)
+    outs = []
+    for m in (converted, compiled):
+        xi = x.clone().requires_grad_(True)
+        out = m(xi)
+        out.square().sum().backward()
+        outs.append((out, xi.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert isinstance(converted, torch.fx.GraphModule)
