@@ -403,7 +403,25 @@ def runs(quick: bool = False) -> list[tuple[str, Callable[[], None]]]:
             ("resnet20 fp32 eval, BN without running stats",
              lambda: eval_forward(_model("resnet20", _no_running_stats), None, BATCH)),
         ]
+        # ResNets written in plain PyTorch, through fastres.convert (issue 20): 1x1 and strided projections,
+        # tensor residuals, 1x1 convs in a chain, conv-BN-ReLU chains before a max-pool.
+        for name, dname in (("kuangliu_resnet18", "fp32"), ("kuangliu_resnet18", "bf16"),
+                            ("torchvision_style", "bf16"), ("option_a_resnet20", "bf16"), ("resnet9", "bf16"),
+                            ("bottleneck", "bf16")):
+            out.append((f"zoo {name} {dname} train sgd",
+                        lambda n=name, a=dtypes[dname]: train_step(_zoo(n), "sgd", a, BATCH)))
+        out.append(("zoo kuangliu_resnet18 bf16 eval",
+                    lambda: eval_forward(_zoo("kuangliu_resnet18"), torch.bfloat16, BATCH)))
     return out
+
+
+def _zoo(name: str) -> nn.Module:
+    """A model of fastres.testing.zoo at its full widths (the bottleneck net at its own), converted."""
+    from fastres.testing import zoo
+
+    make = zoo.FULL.get(name) or {"torchvision_style": zoo.TorchvisionStyleResNet,
+                                  "bottleneck": zoo.BottleneckResNet}[name]
+    return fastres.convert(make().to(memory_format=torch.channels_last))
 
 
 def record(quick: bool = False) -> dict[str, Any]:
