@@ -3,7 +3,7 @@
 * ``torch.library.opcheck`` on every op (schema and mutations, fake against real
   outputs, autograd registration, AOT dispatch with dynamic shapes), contiguous
   and channels_last, fp32 and bf16, training and eval;
-* ``torch.compile(fastres.resnet20(), fullgraph=True)``: one graph, no break,
+* ``torch.compile(fullgraph=True)`` of a fastres ResNet: one graph, no break,
   and eager's outputs, gradients and running statistics;
 * ``torch.export.export`` of an eval-mode fastres model.
 
@@ -115,9 +115,10 @@ def test_opcheck_backward_ops():
                               test_utils=("test_schema", "test_faketensor"))
 
 
-def _small_resnet20(seed: int) -> nn.Module:
+def _small_resnet(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = fastres.resnet20().to(DEVICE).to(memory_format=CL)
+    # ResNet-8 (one block a stage): the stem, an identity block and two downsampling blocks, as in ResNet-20
+    model = fastres.ResNet(layers=(1, 1, 1)).to(DEVICE).to(memory_format=CL)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # non-trivial statistics and affine parameters
         for m in model.modules():
@@ -135,10 +136,10 @@ def _train_step(model, x, y):
 
 
 @pytest.mark.slow
-def test_resnet20_compiles_fullgraph_with_eager_numbers():
-    """torch.compile(fullgraph=True) of the fastres ResNet-20: two training steps and an eval
+def test_resnet_compiles_fullgraph_with_eager_numbers():
+    """torch.compile(fullgraph=True) of a fastres ResNet: two training steps and an eval
     forward give eager's outputs, every gradient and every buffer; dynamo sees one graph."""
-    eager = _small_resnet20(5)
+    eager = _small_resnet(5)
     twin = copy.deepcopy(eager)
     compiled = torch.compile(twin, fullgraph=True, backend=BACKEND)
     gen = torch.Generator().manual_seed(6)
@@ -159,7 +160,7 @@ def test_resnet20_compiles_fullgraph_with_eager_numbers():
 
 
 def test_dynamo_sees_one_graph_without_breaks():
-    model = _small_resnet20(7)
+    model = _small_resnet(7)
     x = torch.randn(2, 3, 4, 4).to(DEVICE).to(memory_format=CL)
     explanation = torch._dynamo.explain(model)(x)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
@@ -170,7 +171,7 @@ def test_dynamo_sees_one_graph_without_breaks():
 def test_export_of_an_eval_model():
     """torch.export of an eval-mode model: the fused eval op in the graph (under no_grad; with grad
     enabled eval-mode calls that need gradients take PyTorch's ops), eager's output."""
-    model = _small_resnet20(8).eval()
+    model = _small_resnet(8).eval()
     x = torch.randn(2, 3, 6, 6).to(DEVICE).to(memory_format=CL)
     with torch.no_grad():
         exported = torch.export.export(model, (x,))
