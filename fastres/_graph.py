@@ -395,6 +395,9 @@ def _why_not(name: str, module: nn.Module, graph: fx.Graph, modules: dict) -> st
     if type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm):
         source = node.args[0] if node.args else None
         if isinstance(source, fx.Node) and _module(source, modules, nn.Conv2d) is not None:
+            if _only_user(source) is not node:
+                return ("its conv's output is also used elsewhere (a pre-activation shortcut, ...): the fused "
+                        "ops do not keep the conv's output, only the BatchNorm's")
             return ("conv -> BN without a ReLU after it: fused only inside a residual join (as its second conv or "
                     "its projection), not on its own yet")
         return ("its input is not a conv's output (a pre-activation BatchNorm, of a residual sum or the network "
