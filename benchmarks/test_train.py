@@ -22,8 +22,10 @@ to float32 with the set's channel statistics, and the variant's memory format.
 (GPULoader's once-per-epoch shuffle on the host is left out: a constant, not per step.)
 
 Models: ``resnet20`` (16/32/64 channels, [3, 3, 3] blocks) and ``resnet18_cifar``
-(64/128/256/512, [2, 2, 2, 2]) of ``fastres.reference.nn``, He-initialised from one
-seed; every variant loads the same state_dict. dtypes: ``bf16`` is
+(64/128/256/512, [2, 2, 2, 2]) of ``fastres.reference.nn``, and ``kuangliu_resnet18``
+and ``resnet9`` of ``fastres.testing.zoo`` (plain PyTorch; fastres's variant is the
+same model through ``fastres.convert``), initialised from one seed; every variant
+loads the same state_dict. dtypes: ``bf16`` is
 ``torch.autocast(bfloat16)`` around forward and loss (fp32 parameters), for every
 variant; ``fp32`` is plain float32 (cuDNN's fp32 convs use TF32 by default, and
 fastres follows ``torch.backends.cudnn.allow_tf32``; the flags are in extra_info).
@@ -69,7 +71,10 @@ EPOCH_IMAGES = 50_000
 POOL_BATCHES = 8  # the device-resident pool holds this many batches
 RECIPE = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
 LABEL_SMOOTHING = 0.1
-MODELS = ("resnet20", "resnet18_cifar")
+MODELS = ("resnet20", "resnet18_cifar", "kuangliu_resnet18", "resnet9")
+# Written in plain PyTorch (fastres.testing.zoo), the fastres variant through fastres.convert (issue 20): a
+# ResNet-18 with 1x1-conv shortcuts in the most-copied CIFAR style, and ResNet-9 (64-128-256-512).
+CONVERTED_MODELS = ("kuangliu_resnet18", "resnet9")
 VARIANTS = ["fastres", "eager", "eager channels_last", "torch.compile"]
 FASTRES_MODEL = ("fastres", "torch.compile(fastres)")  # variants built from fastres's model and optimizer
 CUDA_GRAPH = " + CUDA graph"  # variant suffix: the whole step captured in one CUDA graph (train_step)
@@ -135,7 +140,13 @@ SMOKE_IMAGE_HW = {"tiny": 4}
 
 
 def build_model(model: str, fused: bool) -> torch.nn.Module:
-    """fastres's model (``fastres.resnet20()``, ...) or the reference one, or a CPU smoke model (SMOKE_MODELS)."""
+    """fastres's model (``fastres.resnet20()``, ...) or the reference one, a CPU smoke model (SMOKE_MODELS), or
+    a plain-PyTorch model of ``fastres.testing.zoo.FULL`` (CONVERTED_MODELS), fused by ``fastres.convert``."""
+    if model in CONVERTED_MODELS:
+        from fastres.testing import zoo
+
+        plain = zoo.FULL[model]()
+        return fastres.convert(plain) if fused else plain
     if model in SMOKE_MODELS:  # few ops, so the CPU row stays short on a busy machine
         layers, widths = SMOKE_MODELS[model]
         return (fastres.ResNet(fastres.nn.ResidualBlock, layers, widths=widths) if fused

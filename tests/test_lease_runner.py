@@ -296,6 +296,25 @@ def test_issue_18s_lease_items_are_planned_and_warmed():
     assert set(new["3a"] + new["3b"]) - tasks == {"optim first step without host sync Adam loaded from torch CPU state"}
 
 
+def test_converted_models_have_lease_rows_and_checks():
+    """Issue 20: a 1x1-shortcut ResNet-18 and ResNet-9 in plain PyTorch, fused by fastres.convert, get a
+    full-size parity check (3b) and a training row against eager and torch.compile (4b), each warmed with
+    its one inductor build; the fastres variant is the converted zoo model with the plain one's state_dict."""
+    li = _li()
+    cfg = li.Config(dry=False)
+    checks = [i.name for i in li.block_checks(cfg)]
+    rows = {i.name: i for i in li.train_rows(cfg)}
+    for model in ("kuangliu_resnet18", "resnet9"):
+        assert f"model {model} 5 SGD steps" in checks
+        item = rows[f"train {model} (convert) b512 bf16"]
+        assert list(item.compiles) == ["torch.compile"]
+        plain = li.test_train.build_model(model, fused=False)
+        fused = li.test_train.build_model(model, fused=True)
+        assert list(fused.state_dict()) == list(plain.state_dict())
+        assert all(row.op for row in fused.fastres_report), [str(r) for r in fused.fastres_report if not r.op]
+    assert li.CONVERTED_VARIANTS == ["fastres", "eager channels_last", "torch.compile"]
+
+
 def _one_line_failure(run: subprocess.CompletedProcess) -> str:
     lines = run.stdout.strip().splitlines()
     assert run.returncode == lease.INSTALL_FAILED and lines, (run.returncode, run.stdout, run.stderr[-2000:])
