@@ -41,7 +41,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MODELS = ["notes", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18_cifar"]
+MODELS = ["notes", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18_cifar", "resnet9",
+          "preact_resnet18"]
+# Written in plain PyTorch (fastres.testing.zoo), as public CIFAR code writes them; --impl fastres runs them
+# through fastres.convert, which fuses what it can on their torch.fx graph and says what it left.
+PLAIN_MODELS = {"resnet9": "ResNet9", "preact_resnet18": "PreActResNet18"}
 OPTIMIZERS = ["sgd", "adam", "adamw", "rmsprop", "adagrad", "adadelta"]
 OPTIMIZER_CLASS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop",
                    "adagrad": "Adagrad", "adadelta": "Adadelta"}
@@ -122,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: fastres)")
     g.add_argument("--model", choices=MODELS,
                    help="notes = the notes' ResNet(ResidualBlock, [2, 2, 2]); resnet20..110 = He et al.'s 6n+2; "
-                        "resnet18_cifar = the notes' wide variant (default: the recipe's)")
+                        "resnet18_cifar = the notes' wide variant; resnet9 (DAWNBench) and preact_resnet18 = plain "
+                        "PyTorch models that --impl fastres runs through fastres.convert (default: the recipe's)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="(default: sgd)")
     g = parser.add_argument_group("hyperparameters (default: the recipe's)")
     g.add_argument("--epochs", type=int)
@@ -507,6 +512,11 @@ def build_model(cfg: dict[str, Any], num_classes: int) -> torch.nn.Module:
     from fastres.reference import nn as ref
 
     fused = cfg["impl"] == "fastres"
+    if cfg["model"] in PLAIN_MODELS:
+        from fastres.testing import zoo
+
+        model = getattr(zoo, PLAIN_MODELS[cfg["model"]])(num_classes=num_classes)
+        return fastres.convert(model) if fused else model
     if cfg["model"] == "notes":
         if fused:
             return fastres.ResNet(fastres.nn.ResidualBlock, [2, 2, 2], num_classes)
@@ -811,6 +821,10 @@ def _train(parser, args, cfg, saved, out, device, dist: Dist, say, argv) -> dict
     # Model, identical on every rank and for both --impl (same seed, same init code).
     torch.manual_seed(cfg["seed"])
     net = build_model(cfg, num_classes)
+    report = getattr(net, "fastres_report", None)
+    if cfg["model"] in PLAIN_MODELS and report is not None:
+        say(f"fastres.convert: {sum(row.op is not None for row in report)} of {len(report)} convs and BatchNorms "
+            "fused (fastres.convert(model, report=True) says which, and why not the others)")
     if cfg["sync_bn"] and dist.enabled:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # keeps the state_dict keys
     elif cfg["sync_bn"]:
