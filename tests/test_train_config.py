@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.fx
 
 
 def _resolve(train_cifar, argv, device="cuda", world_size=1):
@@ -26,3 +27,15 @@ def _resolve(train_cifar, argv, device="cuda", world_size=1):
 ])
 def test_cuda_graph_default(train_cifar, argv, device, world_size, expected):
     assert _resolve(train_cifar, argv, device, world_size)["cuda_graph"] is expected
+
+
+@pytest.mark.parametrize("model,fused", [("resnet9", 16), ("preact_resnet18", 16)])
+def test_plain_models_run_through_convert(train_cifar, model, fused):
+    """--model resnet9|preact_resnet18: the plain-PyTorch zoo models, fastres.convert'ed with --impl fastres
+    (the same state_dict keys as --impl torch's model); the report's fused count is what the run prints."""
+    cfg = _resolve(train_cifar, ["--recipe", "fast", "--model", model], "cpu")
+    net = train_cifar.build_model(cfg, 10)
+    plain = train_cifar.build_model(dict(cfg, impl="torch"), 10)
+    assert isinstance(net, torch.fx.GraphModule) and not isinstance(plain, torch.fx.GraphModule)
+    assert list(net.state_dict()) == list(plain.state_dict())
+    assert sum(row.op is not None for row in net.fastres_report) == fused
