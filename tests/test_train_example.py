@@ -179,7 +179,7 @@ def test_ddp_two_processes(tmp_path, device):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--model", "resnet9"], "invalid choice: 'resnet9'"),
+        (["--model", "resnet7"], "invalid choice: 'resnet7'"),
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA device"),
         (["--optimizer", "adam", "--nesterov"], "--nesterov applies to --optimizer sgd"),

@@ -573,7 +573,7 @@ def training_step_traffic(model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 def learn_launch_roles(autocast: Sequence[Optional[torch.dtype]] = (None,), batch: int = 2, size: int = 6,
-                       memory_format: torch.memory_format = torch.channels_last) -> LaunchRoles:
+                       memory_format: torch.memory_format = torch.channels_last, zoo: bool = False) -> LaunchRoles:
     """Roles of every launch of a fused CIFAR ResNet's training step, learned from
     interpreted steps (per ``autocast`` dtype) of the smallest such network: one
     block per stage, so an identity block and two downsampling blocks, at
@@ -581,7 +581,9 @@ def learn_launch_roles(autocast: Sequence[Optional[torch.dtype]] = (None,), batc
     followed by an identity block, on twice that size and on that size. The
     defaults give every variant a full-size step launches: reductions over one
     and several row tiles, weight gradients unsplit and split, for stride 1 and
-    2 and both prologues. Takes tens of seconds."""
+    2 and both prologues. Takes tens of seconds. ``zoo``: also the small models of
+    :mod:`fastres.testing.zoo`, converted (1x1 and strided projections, tensor residuals,
+    1x1 convs in chains), on 4 and 16 pixels a side, and some at 72-80 channels (a few minutes more)."""
     from ..models import ResNet
     from ..nn import ResidualBlock, downsample
     from ..optim import SGD
@@ -593,6 +595,18 @@ def learn_launch_roles(autocast: Sequence[Optional[torch.dtype]] = (None,), batc
                                     torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
         cases = [(ResNet(layers=(1, 1, 1)), torch.randn(batch, 3, size, size)),
                  (stage, torch.randn(batch, 16, 2 * size, 2 * size)), (stage, torch.randn(batch, 16, size, size))]
+        if zoo:
+            from ..models import convert
+            from . import zoo as models
+
+            # Over 64 channels the stride-1 gradients leave the one-pass grads kernel (FULL's widths)
+            wide = {"kuangliu_wide": lambda: models.KuangliuResNet18(widths=(8, 72), blocks=(1, 2)),
+                    "preact_wide": lambda: models.PreActResNet18(widths=(8, 72), blocks=(1, 2)),
+                    "resnet9_wide": lambda: models.ResNet9(widths=(8, 72, 72, 80))}
+            for name, make in {**models.SMALL, **wide}.items():
+                # ResNet-9 pools three times; 16: stride-2 1x1 weight gradients split (M = 2 x 8 x 8 rows)
+                for side in ((16,) if name.startswith("resnet9") else (4, 16)):
+                    cases.append((convert(make()), torch.randn(batch, 3, side, side)))
         for model, x in cases:
             model = model.to(memory_format=memory_format)
             x = x.to(memory_format=memory_format)
@@ -611,15 +625,17 @@ def learn_launch_roles(autocast: Sequence[Optional[torch.dtype]] = (None,), batc
 
 
 def eager_step_traffic(batch: int, size: int, autocast: Optional[torch.dtype],
-                       memory_format: torch.memory_format = torch.channels_last) -> TrafficMeter:
-    """Eager ResNet-20 (``fastres.reference.nn``) with ``torch.optim.SGD(foreach=True)``,
-    under ``FakeTensorMode``: the aten ops of a real CPU step, none of the arithmetic."""
+                       memory_format: torch.memory_format = torch.channels_last,
+                       make_model: Optional[Callable[[], torch.nn.Module]] = None) -> TrafficMeter:
+    """Eager ResNet-20 (``fastres.reference.nn``; or ``make_model()``) with
+    ``torch.optim.SGD(foreach=True)``, under ``FakeTensorMode``: the aten ops of a real CPU step, none of
+    the arithmetic."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ..reference import nn as ref
 
     torch.manual_seed(0)
-    model = ref.resnet20().to(memory_format=memory_format)
+    model = (ref.resnet20() if make_model is None else make_model()).to(memory_format=memory_format)
     mode = FakeTensorMode()
     for module in model.modules():  # the same parameters and buffers, fake
         for name, p in module.named_parameters(recurse=False):
@@ -648,20 +664,47 @@ def planned_for_sms(sms: int) -> Iterator[None]:
 
 def fastres_step_traffic(roles: LaunchRoles, batch: int, size: int, autocast: Optional[torch.dtype],
                          memory_format: torch.memory_format = torch.channels_last,
-                         sms: int = GPU_SMS) -> TrafficMeter:
-    """``fastres.resnet20()`` with ``fastres.optim.SGD``, launches stubbed, planned as on a GPU with
-    ``sms`` SMs and counted by ``roles``; the aten ops around them (pooling, classifier, loss,
-    autograd's copies) run for real on the CPU and are counted by :class:`OpTraffic`."""
+                         sms: int = GPU_SMS, make_model: Optional[Callable[[], torch.nn.Module]] = None
+                         ) -> TrafficMeter:
+    """``fastres.resnet20()`` (or ``make_model()``) with ``fastres.optim.SGD``, launches stubbed, planned
+    as on a GPU with ``sms`` SMs and counted by ``roles``; the aten ops around them (pooling, classifier,
+    loss, autograd's copies, and whatever a converted model leaves unfused) run for real on the CPU and
+    are counted by :class:`OpTraffic`."""
     from ..models import resnet20
     from ..optim import SGD
 
     torch.manual_seed(0)
-    model = resnet20().to(memory_format=memory_format)
+    model = (resnet20() if make_model is None else make_model()).to(memory_format=memory_format)
     optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(batch, 3, size, size).to(memory_format=memory_format)
     y = torch.randint(0, 10, (batch,))
     with stub_launches(), planned_for_sms(sms):
         return training_step_traffic(model, optimizer, x, y, roles, autocast=autocast)
+
+
+def zoo_traffic(roles: LaunchRoles, batch: int, size: int, autocast: Optional[torch.dtype]) -> list[tuple]:
+    """(name, fastres meter, eager meter) of each full-width model of :mod:`fastres.testing.zoo`, converted
+    by ``fastres.convert`` against itself in eager PyTorch (``roles`` learned with ``zoo=True``)."""
+    from ..models import convert
+    from . import zoo
+
+    out = []
+    for name, make in zoo.FULL.items():
+        fused = fastres_step_traffic(roles, batch, size, autocast, make_model=lambda m=make: convert(m()))
+        eager = eager_step_traffic(batch, size, autocast, make_model=make)
+        out.append((name, fused, eager))
+    return out
+
+
+def _zoo_table(title: str, rows: list[tuple]) -> str:
+    head = f"{'model':<20}{'launches':>9}{'+ ops':>7}{'GB':>8}  |{'kernels':>8}{'GB':>8}  |{'bytes':>7}{'time':>7}"
+    lines = [title, f"{'':<20}{'fastres':^24}  |{'eager':^16}  |{'ratio':^14}", head, "-" * len(head)]
+    for name, fused, eager in rows:
+        f, e = fused.total(), eager.total()
+        f_us, e_us = sum(t.us(H200) for t in f.times), sum(t.us(H200) for t in e.times)
+        lines.append(f"{name:<20}{f.launches:>9}{f.ops:>7}{f.bytes / 1e9:>8.3f}  |{e.kernels:>8}{e.bytes / 1e9:>8.3f}"
+                     f"  |{f.bytes / e.bytes:>7.3f}{f_us / e_us:>7.3f}")
+    return "\n".join(lines)
 
 
 def _table(title: str, fused: TrafficMeter, eager: TrafficMeter) -> str:
@@ -709,6 +752,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--dtypes", default="fp32,bf16", help="activation dtypes (bf16: autocast)")
     parser.add_argument("--time", action="store_true",
                         help="also a modeled GPU time per kernel and per step (fastres.testing.gpu_model)")
+    parser.add_argument("--zoo", action="store_true",
+                        help="the full-width models of fastres.testing.zoo (plain PyTorch, through fastres.convert) "
+                             "instead of ResNet-20: launches, bytes and modeled time against eager")
     parser.add_argument("--json", metavar="PATH",
                         help="write the modeled GPU time per kernel and the summary, per dtype, as JSON (the lease "
                              "runner's profile row prints it beside the measured times)")
@@ -718,7 +764,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         os.execv(sys.executable, [sys.executable, "-m", "fastres.testing.traffic", *sys.argv[1:]])
     dtypes = {"fp32": None, "bf16": torch.bfloat16}
     chosen = [dtypes[d] for d in args.dtypes.split(",")]
-    roles = learn_launch_roles(autocast=chosen)
+    roles = learn_launch_roles(autocast=chosen, zoo=args.zoo)
+    if args.zoo:
+        print("Compulsory traffic of one training step of each zoo model (fastres.testing.zoo, plain PyTorch) through")
+        print("fastres.convert, against the same model in eager PyTorch; SGD momentum; each launch and aten op reads")
+        print("each distinct byte once and writes each once; 'time' is the modeled GPU time (gpu_model, H200).")
+        for name, dtype in zip(args.dtypes.split(","), chosen):
+            print()
+            print(_zoo_table(f"batch {args.batch}, 3x{args.size}x{args.size}, channels_last, {name} activations",
+                             zoo_traffic(roles, args.batch, args.size, dtype)))
+        return
     print("Compulsory traffic of one ResNet-20 training step (forward + loss, backward, SGD momentum step):")
     print("each Triton launch and each aten op reads each distinct byte once and writes each once; MB = 1e6 B.")
     print("fastres: fastres.resnet20() + fastres.optim.SGD, launches stubbed, planned as on a GPU with")
