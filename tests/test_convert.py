@@ -160,3 +160,26 @@ def test_converted_model_under_torch_compile():
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert isinstance(converted, torch.fx.GraphModule)
+
+
+def test_ddp_wrapped_after_convert(tmp_path):
+    """DistributedDataParallel around a converted model (one gloo rank in this process): outputs and
+    gradients within twice the plain model's fp32 error of float64, plus 1e-5 of their scale."""
+    import torch.distributed as dist
+
+    model = _model("torchvision_style")
+    plain, oracle = copy.deepcopy(model), copy.deepcopy(model).double()
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(fastres.convert(model))
+        outs = [m(xi) for m, xi in ((wrapped, x), (plain, x), (oracle, x.double()))]
+        for out in outs:
+            out.square().sum().backward()
+    finally:
+        dist.destroy_process_group()
+    pairs = [("output", *outs)] + [(name, q.grad, p.grad, r.grad) for (name, p), q, r in
+                                   zip(plain.named_parameters(), wrapped.module.parameters(), oracle.parameters())]
+    for name, fused, eager, exact in pairs:
+        bound = 2 * (eager.double() - exact).abs().max() + 1e-5 * exact.abs().max()
+        assert (fused.double() - exact).abs().max() <= bound, name
