@@ -584,11 +584,24 @@ def learn_launch_roles(autocast: Sequence[Optional[torch.dtype]] = (None,), batc
     2 and both prologues. Takes tens of seconds. ``zoo``: also the small models of
     :mod:`fastres.testing.zoo`, converted (1x1 and strided projections, tensor residuals,
     1x1 convs in chains), on 4 and 16 pixels a side, and some at 72-80 channels (a few minutes more)."""
+    roles = LaunchRoles()
+    # A stubbed step leaves buffers uninitialised; denormals among them make the aten ops of a converted
+    # model's unfused parts (oneDNN's 1x1 weight gradient) take minutes on a CPU.
+    flush = torch.set_flush_denormal(True)
+    try:
+        _learn(roles, autocast, batch, size, memory_format, zoo)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+    return roles
+
+
+def _learn(roles: LaunchRoles, autocast: Sequence[Optional[torch.dtype]], batch: int, size: int,
+           memory_format: torch.memory_format, zoo: bool) -> None:
     from ..models import ResNet
     from ..nn import ResidualBlock, downsample
     from ..optim import SGD
 
-    roles = LaunchRoles()
     for dtype in autocast:
         torch.manual_seed(0)
         stage = torch.nn.Sequential(ResidualBlock(16, 32, 2, downsample(16, 32, 2)), ResidualBlock(32, 32),
@@ -605,7 +618,7 @@ def learn_launch_roles(autocast: Sequence[Optional[torch.dtype]] = (None,), batc
                     "resnet9_wide": lambda: models.ResNet9(widths=(8, 72, 72, 80))}
             for name, make in {**models.SMALL, **wide}.items():
                 # ResNet-9 pools three times; 16: stride-2 1x1 weight gradients split (M = 2 x 8 x 8 rows)
-                for side in ((16,) if name.startswith("resnet9") else (4, 16)):
+                for side in ((16,) if name.startswith("resnet9") or name in wide else (4, 16)):
                     cases.append((convert(make()), torch.randn(batch, 3, side, side)))
         for model, x in cases:
             model = model.to(memory_format=memory_format)
@@ -618,7 +631,6 @@ def learn_launch_roles(autocast: Sequence[Optional[torch.dtype]] = (None,), batc
             with record_launches() as records, np.errstate(invalid="ignore", over="ignore"):
                 train_step(model, optimizer, x, y, dtype)
             roles.learn(records)
-    return roles
 
 
 # --------------------------------------------------------------------------- the report
@@ -764,6 +776,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         os.execv(sys.executable, [sys.executable, "-m", "fastres.testing.traffic", *sys.argv[1:]])
     dtypes = {"fp32": None, "bf16": torch.bfloat16}
     chosen = [dtypes[d] for d in args.dtypes.split(",")]
+    torch.set_flush_denormal(True)  # stubbed launches leave garbage that the aten ops around them read
     roles = learn_launch_roles(autocast=chosen, zoo=args.zoo)
     if args.zoo:
         print("Compulsory traffic of one training step of each zoo model (fastres.testing.zoo, plain PyTorch) through")
