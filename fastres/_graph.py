@@ -6,7 +6,8 @@ is written: ReLU as an ``nn.ReLU`` module (one module used twice, ``inplace=True
 
 * **conv -> BN -> ReLU** (each result used only by the next): ``fastres.functional.conv_bn_relu``;
 * **the basic residual block**: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)``, the shortcut being
-  ``x`` itself, ``bnd(convd(x))`` (any kernel size and stride the kernels take), or any other tensor (the
+  ``x`` itself, ``bnd(convd(x))`` (any kernel size and stride the kernels take) or ``bnd(convd(b))`` of
+  another tensor (a bottleneck's block input, whose 1x1 chain gives ``x``), or any other tensor (the
   option-A strided slice, a conv without BN, ...), which the fused join takes as a plain tensor:
   ``fastres.functional.residual_block``.
 
@@ -72,11 +73,17 @@ class Block:
     second: Unit  # conv2 -> bn2 (no ReLU)
     add: fx.Node
     relu: fx.Node  # after the add
-    projection: Optional[Unit]  # convd -> bnd when the shortcut is that of the block's input
+    projection: Optional[Unit]  # convd -> bnd: the shortcut, a projection of x or of another tensor
 
     @property
     def input(self) -> fx.Node:
         return self.first.input
+
+    @property
+    def down_input(self) -> Optional[fx.Node]:
+        """What the projection reads when that is not the block's input (a bottleneck's block input)."""
+        p = self.projection
+        return p.input if p is not None and p.input is not self.first.input else None
 
     @property
     def shortcut(self) -> Any:
@@ -172,9 +179,12 @@ def _blocks(units: dict[fx.Node, Unit], modules: dict) -> list[Block]:
             if add.args[0] is not second.bn:  # `shortcut += out` would write into the shortcut
                 continue
         projection = by_output.get(shortcut)
-        if projection is not None and (projection.relu is not None or projection.input is not first.input
-                                       or _only_user(projection.bn) is not add):
+        # A projection of the block's input (x, or a bottleneck's input before its first 1x1 chain)
+        if projection is not None and (projection.relu is not None or _only_user(projection.bn) is not add
+                                       or projection.conv is first.conv or projection.conv is second.conv):
             projection = None
+        if any(add is b.add for b in blocks):  # a join is one block's (weird graphs could offer two)
+            continue
         blocks.append(Block(first, second, add, relu, projection))
     return blocks
 
@@ -225,22 +235,24 @@ def conv_bn_relu_chain(x: torch.Tensor, conv: nn.Module, bn: nn.Module, relu: Op
 
 def residual_join(x: torch.Tensor, conv1: nn.Module, bn1: nn.Module, relu1: Optional[nn.Module], conv2: nn.Module,
                   bn2: nn.Module, relu2: Optional[nn.Module], shortcut: torch.Tensor, down_conv: Optional[nn.Module],
-                  down_bn: Optional[nn.Module], identity: bool, site: ResidualJoin) -> torch.Tensor:
+                  down_bn: Optional[nn.Module], identity: bool, site: ResidualJoin,
+                  down_input: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``relu2(bn2(conv2(relu1(bn1(conv1(x))))) + shortcut)`` of a converted graph; ``shortcut`` is ``x``
-    (``identity``), ``down_bn(down_conv(x))`` (then computed here, fused with the block) or any tensor."""
+    (``identity``), ``down_bn(down_conv(x))`` or ``down_bn(down_conv(down_input))`` (then computed here,
+    fused with the block) or any tensor."""
     from .functional import _hooked, _residual_join
 
     act1, act2 = _relu_or_default(relu1), _relu_or_default(relu2)
     down = (down_conv, down_bn) if down_conv is not None else None
 
     def plain() -> torch.Tensor:
-        s = shortcut if down is None else down_bn(down_conv(x))
+        s = shortcut if down is None else down_bn(down_conv(x if down_input is None else down_input))
         return act2(bn2(conv2(act1(bn1(conv1(x))))) + s)
 
     if act1 is not act2 and (type(act2) is not nn.ReLU or _hooked(act2)):  # _residual_join checks act1
         return plain()
     return _residual_join(x, conv1, bn1, act1, conv2, bn2, down, None if identity or down else shortcut, site,
-                          site.names, plain)
+                          site.names, plain, down_input)
 
 
 fx.wrap("conv_bn_relu_chain")
@@ -323,7 +335,8 @@ def convert_graph(model: nn.Module) -> tuple[nn.Module, list[Row]]:
         problem = _join_problem(modules[first.conv.target], modules[first.bn.target],
                                 modules[first.relu.target] if first.relu.op == "call_module" else nn.ReLU(),
                                 modules[second.conv.target], modules[second.bn.target], down,
-                                None if identity or projection else torch.empty(0), names)
+                                None if identity or projection else torch.empty(0), names,
+                                block.down_input is not None)
         if problem is not None:
             for node in (first.conv, first.bn, second.conv, second.bn):
                 reasons.setdefault(node.target, f"the residual block around it: {problem}")
@@ -335,7 +348,7 @@ def convert_graph(model: nn.Module) -> tuple[nn.Module, list[Row]]:
                     None if projection else block.shortcut,
                     module_arg(projection.conv) if projection else None,
                     module_arg(projection.bn) if projection else None, identity,
-                    site_attr(ResidualJoin(name, names)))
+                    site_attr(ResidualJoin(name, names)), block.down_input)
             fused = graph.call_function(residual_join, args)
         block.relu.replace_all_uses_with(fused)
         dead = [block.relu, block.add, second.bn, second.conv, first.relu, first.bn, first.conv]

@@ -297,9 +297,10 @@ BLOCK_NAMES = ("conv1", "bn1", "relu", "conv2", "bn2", "downsample.0", "downsamp
 
 
 def _join_problem(conv1: object, bn1: object, relu: object, conv2: object, bn2: object, down: Optional[tuple],
-                  residual: Optional[torch.Tensor], names: tuple) -> Optional[str]:
+                  residual: Optional[torch.Tensor], names: tuple, down_reads_other: bool = False) -> Optional[str]:
     """Why ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)`` keeps off the kernels whatever the input
-    (None: it does not); ``down``: the shortcut's (conv, BN), ``residual``: a tensor shortcut."""
+    (None: it does not); ``down``: the shortcut's (conv, BN), ``residual``: a tensor shortcut;
+    ``down_reads_other``: the projection reads another tensor than x (its channels are checked per call)."""
     problem = (_conv_problem(conv1, names[0]) or _conv_problem(conv2, names[3], stride=1)
                or _module_problem(relu, names[2], nn.ReLU, "nn.ReLU"))
     if problem is not None:
@@ -318,7 +319,7 @@ def _join_problem(conv1: object, bn1: object, relu: object, conv2: object, bn2: 
         if problem is not None:
             return problem
         wd = down[0]._parameters["weight"]
-        if wd.shape[0] != out_channels or wd.shape[1] != w1.shape[1]:
+        if wd.shape[0] != out_channels or (wd.shape[1] != w1.shape[1] and not down_reads_other):
             return (f"{names[5]}'s weight has shape {tuple(wd.shape)}, {names[0]}'s {tuple(w1.shape)}, {names[3]}'s "
                     f"{tuple(w2.shape)}")
         problem = _bn_problem(down[1], names[6], out_channels)
@@ -475,9 +476,10 @@ def residual_block(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
 
 def _residual_join(x: torch.Tensor, conv1: object, bn1m: object, relu: object, conv2: object, bn2m: object,
                    down: Optional[tuple], residual: Optional[torch.Tensor], owner: nn.Module, names: tuple,
-                   plain: Callable[[], torch.Tensor]) -> torch.Tensor:
+                   plain: Callable[[], torch.Tensor], down_input: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)`` fused, the shortcut ``bnd(convd(x))`` with
-    ``down = (convd, bnd)``, else the tensor ``residual``, else ``x``: a residual block however its code is
+    ``down = (convd, bnd)`` (``bnd(convd(down_input))`` when given: a bottleneck's projection of the block
+    input), else the tensor ``residual``, else ``x``: a residual block however its code is
     written (``owner`` is warned once when it falls back, its children named by ``names``; ``plain()`` is
     its plain forward). conv1 may have any kernel size, stride and padding the conv kernel takes, conv2
     any with stride 1, the downsample conv1's stride."""
@@ -507,11 +509,15 @@ def _residual_join(x: torch.Tensor, conv1: object, bn1m: object, relu: object, c
         if down is not None:
             conv_d, bnd_m = down
             wd = _conv_weight(conv_d, device, dtype, autocast)
-            takes = wd is not None and conv_d.stride == conv1.stride and wd.shape[:2] == (out_channels, in_channels)
+            xd = x if down_input is None else down_input
+            takes = (wd is not None and conv_d.stride == conv1.stride and isinstance(xd, torch.Tensor)
+                     and xd.dim() == 4 and xd.device == device and xd.dtype == x.dtype
+                     and wd.shape[:2] == (out_channels, xd.shape[1]))
             if takes:
                 down_padding = conv_d.padding[0]
-                shape_d = (L.out_size(h, wd.shape[2], stride, down_padding),
-                           L.out_size(w, wd.shape[3], stride, down_padding))
+                shape_d = (xd.shape[0], L.out_size(xd.shape[2], wd.shape[2], stride, down_padding),
+                           L.out_size(xd.shape[3], wd.shape[3], stride, down_padding))
+                shape_d = shape_d[1:] if shape_d[0] == n else None
                 takes = shape_d == (out_h2, out_w2) and _bn_takes(bnd_m, out_channels, dtype, device)
                 norms = (bn1m, bn2m, bnd_m)
         elif residual is not None:
@@ -526,7 +532,8 @@ def _residual_join(x: torch.Tensor, conv1: object, bn1m: object, relu: object, c
     if takes:
         takes, bn_group = _bn_group(norms)
     if not takes:
-        _step_aside(owner, _join_problem(conv1, bn1m, relu, conv2, bn2m, down, residual, names), x,
+        _step_aside(owner, _join_problem(conv1, bn1m, relu, conv2, bn2m, down, residual, names,
+                                         down_input is not None), x,
                     (conv1, bn1m, conv2, bn2m, relu, *(down or ())))
         return plain()
     bn1, bn2 = _bn_config(bn1m), _bn_config(bn2m)
@@ -536,13 +543,17 @@ def _residual_join(x: torch.Tensor, conv1: object, bn1m: object, relu: object, c
         return plain()  # BatchNorms in different modes
     if not batch_stats and _needs_grad(x, conv1, bn1m, conv2, bn2m, *(down or ())):
         return plain()
+    if not batch_stats and down_input is not None and down_input.requires_grad and torch.is_grad_enabled():
+        return plain()
     if not batch_stats and residual is not None and residual.requires_grad and torch.is_grad_enabled():
         return plain()
     x = x.to(dtype)
+    if down_input is not None:
+        down_input = down_input.to(dtype)
     if not batch_stats:
         h1 = _eval_conv(x, w1, stride, padding1, bn1, relu=True)
         if down is not None:
-            shortcut = _eval_conv(x, wd, stride, down_padding, bnd)
+            shortcut = _eval_conv(x if down_input is None else down_input, wd, stride, down_padding, bnd)
         else:
             shortcut = x if residual is None else residual
             # The residual is read with the output's strides: a view with other strides (a slice, a
@@ -560,7 +571,8 @@ def _residual_join(x: torch.Tensor, conv1: object, bn1m: object, relu: object, c
     down_args = (wd, *_bn_op_args(bnd.args)) if down is not None else (None,) * 7 + (0.0,)
     out = torch.ops.fastres.residual_block(x, w1, *_bn_op_args(bn1.args), w2, *_bn_op_args(bn2.args), *down_args,
                                            stride, bn_group, padding1, padding2, down_padding,
-                                           residual if down is None else None)
+                                           residual if down is None else None,
+                                           down_input if down is not None else None)
     return out[0]
 
 

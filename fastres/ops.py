@@ -58,15 +58,15 @@ _lib.define("residual_block(Tensor x, Tensor conv1_weight, " + _BN_ARGS.format(p
             ", Tensor? down_weight, Tensor? bnd_weight, Tensor? bnd_bias, Tensor(a3!)? bnd_running_mean, "
             "Tensor(b3!)? bnd_running_var, Tensor(c3!)? bnd_num_batches_tracked, float? bnd_momentum, float bnd_eps, "
             "int stride, str? bn_group=None, int padding1=1, int padding2=1, int down_padding=1, "
-            "Tensor? residual=None) -> (Tensor out, Tensor y1, Tensor stats1, Tensor y2, Tensor stats2, Tensor yd, "
+            "Tensor? residual=None, Tensor? down_input=None) -> (Tensor out, Tensor y1, Tensor stats1, Tensor y2, Tensor stats2, Tensor yd, "
             "Tensor statsd)")
 _lib.define("residual_block_backward(Tensor dout, Tensor x, Tensor conv1_weight, Tensor bn1_weight, "
             "Tensor bn1_bias, float bn1_eps, Tensor y1, Tensor stats1, Tensor conv2_weight, Tensor bn2_weight, "
             "Tensor y2, Tensor stats2, Tensor? down_weight, Tensor? bnd_weight, Tensor? yd, Tensor? statsd, "
             "int stride, bool input_grad, str? bn_group=None, int padding1=1, int padding2=1, int down_padding=1, "
-            "Tensor? residual=None) -> (Tensor dx, Tensor dconv1_weight, Tensor dbn1_weight, Tensor dbn1_bias, "
+            "Tensor? residual=None, Tensor? down_input=None) -> (Tensor dx, Tensor dconv1_weight, Tensor dbn1_weight, Tensor dbn1_bias, "
             "Tensor dconv2_weight, Tensor dbn2_weight, Tensor dbn2_bias, Tensor ddown_weight, Tensor dbnd_weight, "
-            "Tensor dbnd_bias, Tensor dresidual)")
+            "Tensor dbnd_bias, Tensor dresidual, Tensor ddown_input)")
 _lib.define("conv_bn_eval(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor bn_running_mean, "
             "Tensor bn_running_var, float bn_eps, int stride, int padding, Tensor? residual, bool relu) -> Tensor")
 
@@ -210,9 +210,10 @@ def residual_block(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_
                    bn1_momentum, bn1_eps, conv2_weight, bn2_weight, bn2_bias, bn2_running_mean, bn2_running_var,
                    bn2_num_batches_tracked, bn2_momentum, bn2_eps, down_weight, bnd_weight, bnd_bias,
                    bnd_running_mean, bnd_running_var, bnd_num_batches_tracked, bnd_momentum, bnd_eps, stride,
-                   bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None):
+                   bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None, down_input=None):
     """Training-mode ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)``: the shortcut ``bnd(down(x))`` with
-    a downsample, else the tensor ``residual`` when given, else ``x``. conv1 has ``stride`` and ``padding1``,
+    a downsample (``bnd(down(down_input))`` when ``down_input`` is given: a bottleneck's projection of the
+    block's input), else the tensor ``residual`` when given, else ``x``. conv1 has ``stride`` and ``padding1``,
     conv2 stride 1 and ``padding2``, the downsample ``stride`` and ``down_padding`` (any kernel sizes the
     conv kernel takes). Returns (out, y1, stats1, y2, stats2, yd, statsd), the last two empty without a
     downsample."""
@@ -226,7 +227,7 @@ def residual_block(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_
     if down_weight is not None:
         bnd = L.BatchNormArgs(bnd_weight, bnd_bias, bnd_running_mean, bnd_running_var, bnd_num_batches_tracked,
                               bnd_momentum, bnd_eps)
-    if (bnd is not None and _pairs(conv1_weight, down_weight, padding1, down_padding)
+    if (bnd is not None and down_input is None and _pairs(conv1_weight, down_weight, padding1, down_padding)
             and L.pair_bn_flags_match(S.local_args(bn1, group), S.local_args(bnd, group))):
         # conv1 and the projection read x once, in one launch.
         y1, s1, yd, sd = L.conv_pair(x, conv1_weight, down_weight, stride, padding1, dtype=dtype,
@@ -236,8 +237,8 @@ def residual_block(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_
         y1, s1 = L.conv(x, conv1_weight, stride, padding1, dtype=dtype, epilogue=L.EPI_STATS,
                         bn=S.local_args(bn1, group))
         if bnd is not None:
-            yd, sd = L.conv(x, down_weight, stride, down_padding, dtype=dtype, epilogue=L.EPI_STATS,
-                            bn=S.local_args(bnd, group))
+            yd, sd = L.conv(x if down_input is None else down_input, down_weight, stride, down_padding, dtype=dtype,
+                            epilogue=L.EPI_STATS, bn=S.local_args(bnd, group))
             sd = S.maybe_sync_stats(yd, sd, bnd, group)
     s1 = S.maybe_sync_stats(y1, s1, bn1, group)
     y2, s2 = L.conv(y1, conv2_weight, 1, padding2, dtype=dtype, prologue=L.PRO_BN_RELU, pro=s1, epilogue=L.EPI_STATS,
@@ -260,14 +261,16 @@ def _residual_block_fake(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean
                          bn1_num_batches_tracked, bn1_momentum, bn1_eps, conv2_weight, bn2_weight, bn2_bias,
                          bn2_running_mean, bn2_running_var, bn2_num_batches_tracked, bn2_momentum, bn2_eps, down_weight,
                          bnd_weight, bnd_bias, bnd_running_mean, bnd_running_var, bnd_num_batches_tracked, bnd_momentum,
-                         bnd_eps, stride, bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None):
+                         bnd_eps, stride, bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None,
+                         down_input=None):
     y1 = _empty_conv_output(x, conv1_weight, stride, padding1, dtype=x.dtype)
     y2 = _empty_conv_output(y1, conv2_weight, 1, padding2, dtype=x.dtype)
     s1, s2 = _stats_like(y1), _stats_like(y2)
     if down_weight is None:
         yd, sd = _absent(x), _absent(s1)
     else:
-        yd = _empty_conv_output(x, down_weight, stride, down_padding, dtype=x.dtype)
+        yd = _empty_conv_output(x if down_input is None else down_input, down_weight, stride, down_padding,
+                                dtype=x.dtype)
         sd = _stats_like(yd)
     return torch.empty_like(y2), y1, s1, y2, s2, yd, sd
 
@@ -275,9 +278,9 @@ def _residual_block_fake(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean
 @_impl("residual_block_backward")
 def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps, y1, stats1, conv2_weight,
                             bn2_weight, y2, stats2, down_weight, bnd_weight, yd, statsd, stride, input_grad,
-                            bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None):
+                            bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None, down_input=None):
     """The gradients of :func:`residual_block`; ``dresidual`` (the tail's masked gradient g) is empty
-    unless the shortcut was the tensor ``residual``."""
+    unless the shortcut was the tensor ``residual``, ``ddown_input`` unless ``down_input`` was given."""
     dtype = x.dtype
     group = S.group_named(bn_group)
     has_down = down_weight is not None
@@ -301,19 +304,26 @@ def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps
         dw2 = L.conv_wgrad(g, y1, conv2_weight, 1, padding2, dy2=y2, dy_pro=coefs2.packed, x_pro=stats1)
     coefs1 = S.maybe_sync_coefs(coefs1, stats1, bn1_weight, y1, group)
     dwd, dgd, dbd = _absent(x), _absent(stats1), _absent(stats1)
+    separate = has_down and down_input is not None  # the projection reads another tensor than x
+    ddown = _absent(x)
     if has_down:
-        dwd = L.conv_wgrad(g, x, down_weight, stride, down_padding, dy2=yd, dy_pro=coefs_d.packed)
+        dwd = L.conv_wgrad(g, down_input if separate else x, down_weight, stride, down_padding, dy2=yd,
+                           dy_pro=coefs_d.packed)
         dgd, dbd = coefs_d.dweight, coefs_d.dbias
+    if separate:
+        ddown, _ = L.conv(g, down_weight, stride, down_padding, dtype=dtype, transposed=True,
+                          out_hw=tuple(down_input.shape[2:]), prologue=L.PRO_BN_GRAD, a2=yd, pro=coefs_d.packed)
     identity = not has_down and residual is None
     dresidual = g if residual is not None else _absent(x)
-    grads = (coefs1.dweight, coefs1.dbias, dw2, coefs2.dweight, coefs2.dbias, dwd, dgd, dbd, dresidual)
+    grads = (coefs1.dweight, coefs1.dbias, dw2, coefs2.dweight, coefs2.dbias, dwd, dgd, dbd, dresidual, ddown)
     dx = _absent(x)
-    if input_grad and not has_down and L.grads_fusable(conv1_weight, stride, padding1) and L.same_layout(g, g1_masked):
+    if (input_grad and (not has_down or separate) and L.grads_fusable(conv1_weight, stride, padding1)
+            and L.same_layout(g, g1_masked)):
         # Both of conv1's gradients in one launch, an identity residual's gradient added to dx.
         dx, _, dw1 = L.conv_grads(g1_masked, conv1_weight, x, dy2=y1, dy_pro=coefs1.packed,
                                   residual=g if identity else None)
         return (dx, dw1, *grads)
-    if (input_grad and has_down and _pairs(conv1_weight, down_weight, padding1, down_padding)
+    if (input_grad and has_down and not separate and _pairs(conv1_weight, down_weight, padding1, down_padding)
             and L.same_layout(g, g1_masked) and L.same_layout(yd, g1_masked)):
         # Both data gradients in one launch: conv1's and the projection's.
         dx, _ = L.conv(g1_masked, conv1_weight, stride, padding1, dtype=dtype, transposed=True,
@@ -321,7 +331,7 @@ def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps
                        b=g, b2=yd, pro_b=coefs_d.packed, weight_b=down_weight)
     elif input_grad:
         residual_grad = g if identity else None
-        if has_down:
+        if has_down and not separate:
             residual_grad, _ = L.conv(g, down_weight, stride, down_padding, dtype=dtype, transposed=True,
                                       out_hw=tuple(x.shape[2:]), prologue=L.PRO_BN_GRAD, a2=yd, pro=coefs_d.packed)
         dx, _ = L.conv(g1_masked, conv1_weight, stride, padding1, dtype=dtype, transposed=True,
@@ -334,7 +344,8 @@ def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps
 @torch.library.register_fake("fastres::residual_block_backward")
 def _residual_block_backward_fake(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps, y1, stats1, conv2_weight,
                                   bn2_weight, y2, stats2, down_weight, bnd_weight, yd, statsd, stride, input_grad,
-                                  bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None):
+                                  bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None,
+                                  down_input=None):
     dx = _absent(x)
     if input_grad:  # g has y2's layout; g1_masked is conv2's transposed output of it; dx conv1's of that
         g1_masked = _empty_conv_output(y2, conv2_weight, 1, padding2, dtype=x.dtype, transposed=True,
@@ -345,9 +356,13 @@ def _residual_block_backward_fake(dout, x, conv1_weight, bn1_weight, bn1_bias, b
     if down_weight is not None:
         dwd, dgd, dbd = torch.empty_like(down_weight), torch.empty_like(bnd_weight), torch.empty_like(bnd_weight)
     dresidual = torch.empty_like(y2) if residual is not None else _absent(x)
+    ddown = _absent(x)
+    if down_input is not None and down_weight is not None:  # g (y2.s layout) through the projection transposed
+        ddown = _empty_conv_output(y2, down_weight, stride, down_padding, dtype=x.dtype, transposed=True,
+                                   out_hw=tuple(down_input.shape[2:]))
     return (dx, torch.empty_like(conv1_weight), torch.empty_like(bn1_weight), torch.empty_like(bn1_weight),
             torch.empty_like(conv2_weight), torch.empty_like(bn2_weight), torch.empty_like(bn2_weight), dwd, dgd, dbd,
-            dresidual)
+            dresidual, ddown)
 
 
 class _ResidualBlockAutograd(torch.autograd.Function):
@@ -364,8 +379,9 @@ class _ResidualBlockAutograd(torch.autograd.Function):
         # padding1, padding2, down_padding, residual (the schema's defaults when not given)
         ctx.paddings = tuple(args[27:30]) + (1, 1, 1)[len(args[27:30]):]
         residual = args[30] if len(args) > 30 else None
+        down_input = args[31] if len(args) > 31 else None
         _, y1, s1, y2, s2, yd, sd = outputs
-        ctx.save_for_backward(x, w1, g1, b1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd, b2, bd, residual)
+        ctx.save_for_backward(x, w1, g1, b1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd, b2, bd, residual, down_input)
         ctx.eps1, ctx.stride = eps1, stride
         ctx.eps2, ctx.epsd = args[16], args[24]
         ctx.mark_non_differentiable(*outputs[1:])
@@ -374,7 +390,7 @@ class _ResidualBlockAutograd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *_saved_grads):
-        x, w1, g1, b1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd, b2, bd, residual = ctx.saved_tensors
+        x, w1, g1, b1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd, b2, bd, residual, down_input = ctx.saved_tensors
         has_down = wd is not None
         padding1, padding2, down_padding = ctx.paddings
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable in turn
@@ -382,7 +398,8 @@ class _ResidualBlockAutograd(torch.autograd.Function):
                 stride = ctx.stride
                 h = _plain_conv_bn(x, w1, g1, b1, ctx.eps1, stride, padding1).relu()
                 if has_down:
-                    shortcut = _plain_conv_bn(x, rest[0], rest[1], rest[2], ctx.epsd, stride, down_padding)
+                    shortcut = _plain_conv_bn(x if down_input is None else rest[3], rest[0], rest[1], rest[2],
+                                              ctx.epsd, stride, down_padding)
                 else:
                     shortcut = rest[0] if residual is not None else x
                 return (_plain_conv_bn(h, w2, g2, b2, ctx.eps2, 1, padding2) + shortcut).relu()
@@ -391,19 +408,22 @@ class _ResidualBlockAutograd(torch.autograd.Function):
             index = (0, 1, 2, 3, 9, 10, 11) + ((17, 18, 19) if has_down else (30,) if residual is not None else ())
             inputs = (x, w1, g1, b1, w2, g2, b2) + ((wd, gd, bd) if has_down else
                                                     (residual,) if residual is not None else ())
+            if has_down and down_input is not None:
+                index, inputs = index + (31,), inputs + (down_input,)
             return _differentiable_grads(ctx, dout, inputs, block, index)
         input_grad = ctx.needs_input_grad[0]
         backward = residual_block_backward if _is_plain_eager(dout) else torch.ops.fastres.residual_block_backward
-        dx, dw1, dg1, db1, dw2, dg2, db2, dwd, dgd, dbd, dres = backward(
+        dx, dw1, dg1, db1, dw2, dg2, db2, dwd, dgd, dbd, dres, ddown = backward(
             dout, x, w1, g1, b1, ctx.eps1, y1, s1, w2, g2, y2, s2, wd, gd,
             yd if has_down else None, sd if has_down else None, ctx.stride, input_grad, ctx.bn_group,
-            padding1, padding2, down_padding, residual)
+            padding1, padding2, down_padding, residual, down_input)
         if not has_down:
             dwd = dgd = dbd = None
         none4 = (None,) * 4  # running statistics, num_batches_tracked, momentum, eps
         return ((dx if input_grad else None), dw1, dg1, db1, *none4, None, dw2, dg2, db2, *none4, None,
                 dwd, dgd, dbd, *none4, None, None, None, None, None, None,
-                dres if residual is not None else None)[:len(ctx.needs_input_grad)]
+                dres if residual is not None else None,
+                ddown if down_input is not None else None)[:len(ctx.needs_input_grad)]
 
 
 _lib.impl("residual_block", _ResidualBlockAutograd.apply, "Autograd")

@@ -30,8 +30,7 @@ UNFUSED = {
     "resnet9": 0,
     # pre-activation: the BatchNorms of residual sums and the network's first and last convs (no BN after)
     "preact_resnet18": 7,
-    # bottlenecks: the 1x1 shortcut conv -> BN of the block input (conv -> BN without ReLU on its own)
-    "bottleneck": 4,
+    "bottleneck": 0,
 }
 
 

@@ -82,6 +82,27 @@ def test_opcheck_residual_block(dtype, memory_format, down):
     _opcheck(torch.ops.fastres.residual_block.default, (x, w1, *_bn_args(bn1), w2, *_bn_args(bn2), *down_args, stride))
 
 
+@pytest.mark.parametrize("shortcut", ["residual", "down_input"])
+def test_opcheck_residual_block_other_shortcuts(shortcut):
+    """Issue 20's shortcuts: a tensor (its gradient returned) and a 1x1 stride-2 projection of another tensor
+    than x (a bottleneck's block input; its gradient returned), conv1 1x1 with padding 0."""
+    gen = torch.Generator().manual_seed(4)
+    dtype = torch.float32
+    w1 = (0.3 * torch.randn(4, 4, 1, 1, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
+    w2 = (0.3 * torch.randn(6, 4, 3, 3, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
+    bn1, bn2 = _bn(4, gen), _bn(6, gen)
+    x = _input((2, 4, 5, 5), dtype, CL, gen)
+    if shortcut == "residual":
+        down_args, stride = (None,) * 7 + (0.0,), 1
+        extra = (torch.randn(2, 6, 5, 5, generator=gen).to(DEVICE).to(memory_format=CL).requires_grad_(True), None)
+    else:
+        wd = (0.3 * torch.randn(6, 3, 1, 1, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
+        down_args, stride = (wd, *_bn_args(_bn(6, gen))), 2
+        extra = (None, _input((2, 3, 5, 5), dtype, CL, gen))
+    _opcheck(torch.ops.fastres.residual_block.default,
+             (x, w1, *_bn_args(bn1), w2, *_bn_args(bn2), *down_args, stride, None, 0, 1, 0, *extra))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
 def test_opcheck_eval(dtype, memory_format):
