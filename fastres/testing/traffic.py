@@ -589,7 +589,10 @@ def learn_launch_roles(autocast: Sequence[Optional[torch.dtype]] = (None,), batc
     # model's unfused parts (oneDNN's 1x1 weight gradient) take minutes on a CPU.
     flush = torch.set_flush_denormal(True)
     try:
-        _learn(roles, autocast, batch, size, memory_format, zoo)
+        # oneDNN's 1x1 weight gradient (a pre-activation net's unfused shortcut) stalled for many minutes on
+        # a stubbed step's garbage here; PyTorch's own CPU convolution does not
+        with torch.backends.mkldnn.flags(enabled=False):
+            _learn(roles, autocast, batch, size, memory_format, zoo)
     finally:
         if flush:
             torch.set_flush_denormal(False)
@@ -606,30 +609,34 @@ def _learn(roles: LaunchRoles, autocast: Sequence[Optional[torch.dtype]], batch:
         torch.manual_seed(0)
         stage = torch.nn.Sequential(ResidualBlock(16, 32, 2, downsample(16, 32, 2)), ResidualBlock(32, 32),
                                     torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
-        cases = [(ResNet(layers=(1, 1, 1)), torch.randn(batch, 3, size, size)),
-                 (stage, torch.randn(batch, 16, 2 * size, 2 * size)), (stage, torch.randn(batch, 16, size, size))]
+        cases = [(ResNet(layers=(1, 1, 1)), torch.randn(batch, 3, size, size), None),
+                 (stage, torch.randn(batch, 16, 2 * size, 2 * size), None),
+                 (stage, torch.randn(batch, 16, size, size), None)]
         if zoo:
             from ..models import convert
             from . import zoo as models
 
-            # Over 64 channels the stride-1 gradients leave the one-pass grads kernel (FULL's widths)
+            # Over 64 channels the stride-1 gradients leave the one-pass grads kernel (FULL's widths); planned
+            # as on a GPU, so that their weight gradients split as at full size (9 x 4 tiles on 8 SMs do not)
             wide = {"kuangliu_wide": lambda: models.KuangliuResNet18(widths=(8, 72), blocks=(1, 2)),
                     "preact_wide": lambda: models.PreActResNet18(widths=(8, 72), blocks=(1, 2)),
                     "resnet9_wide": lambda: models.ResNet9(widths=(8, 72, 72, 80))}
             for name, make in {**models.SMALL, **wide}.items():
                 # ResNet-9 pools three times; 16: stride-2 1x1 weight gradients split (M = 2 x 8 x 8 rows)
                 for side in ((16,) if name.startswith("resnet9") or name in wide else (4, 16)):
-                    cases.append((convert(make()), torch.randn(batch, 3, side, side)))
-        for model, x in cases:
+                    cases.append((convert(make()), torch.randn(batch, 3, side, side),
+                                  GPU_SMS if name in wide else None))
+        for model, x, sms in cases:
             model = model.to(memory_format=memory_format)
             x = x.to(memory_format=memory_format)
             optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9)
             y = torch.randint(0, 10, (batch,))
-            with stub_launches():  # the optimizer's first step differs (no momentum read): learn a later one
-                train_step(model, optimizer, x, y, dtype)
-            # The stubbed step left uninitialised buffers; their values do not move a byte.
-            with record_launches() as records, np.errstate(invalid="ignore", over="ignore"):
-                train_step(model, optimizer, x, y, dtype)
+            with planned_for_sms(sms) if sms else contextlib.nullcontext():
+                with stub_launches():  # the optimizer's first step differs (no momentum read): learn a later one
+                    train_step(model, optimizer, x, y, dtype)
+                # The stubbed step left uninitialised buffers; their values do not move a byte.
+                with record_launches() as records, np.errstate(invalid="ignore", over="ignore"):
+                    train_step(model, optimizer, x, y, dtype)
             roles.learn(records)
 
 
