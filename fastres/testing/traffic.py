@@ -624,8 +624,8 @@ def _learn(roles: LaunchRoles, autocast: Sequence[Optional[torch.dtype]], batch:
             for name, make in {**models.SMALL, **wide}.items():
                 # ResNet-9 pools three times; 16: stride-2 1x1 weight gradients split (M = 2 x 8 x 8 rows)
                 for side in ((16,) if name.startswith("resnet9") or name in wide else (4, 16)):
-                    cases.append((convert(make()), torch.randn(batch, 3, side, side),
-                                  GPU_SMS if name in wide else None))
+                    for sms in ((None, GPU_SMS) if name in wide else (None,)):  # splits and none (>256 tiles)
+                        cases.append((convert(make()), torch.randn(batch, 3, side, side), sms))
         for model, x, sms in cases:
             model = model.to(memory_format=memory_format)
             x = x.to(memory_format=memory_format)
