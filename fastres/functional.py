@@ -284,12 +284,17 @@ def _block_problem(block: nn.Module) -> Optional[str]:
     children = block._modules
     down = children.get("downsample")
     if down is not None:
-        parts = tuple(down._modules.values()) if type(down) is nn.Sequential else ()
-        if len(parts) != 2 or _hooked(down):
+        down = _downsample_parts(down)
+        if down is None:
             return "downsample is not a plain nn.Sequential(nn.Conv2d, nn.BatchNorm2d)"
-        down = parts
     return _join_problem(children.get("conv1"), children.get("bn1"), children.get("relu"), children.get("conv2"),
                          children.get("bn2"), down, None, BLOCK_NAMES)
+
+
+def _downsample_parts(down: nn.Module) -> Optional[tuple]:
+    """A block's ``downsample`` as (conv, BN), or None when it is not a plain two-module nn.Sequential."""
+    parts = tuple(down._modules.values()) if type(down) is nn.Sequential else ()
+    return parts if len(parts) == 2 and not _hooked(down) else None
 
 
 # How the slow pass names a block's children: the notes' block's attribute names (the graph pass gives paths).
@@ -465,11 +470,10 @@ def residual_block(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
     children = block._modules  # not nn.Module.__getattr__: this runs on every call
     down = children.get("downsample")
     if down is not None:
-        parts = tuple(down._modules.values()) if type(down) is nn.Sequential else ()
-        if len(parts) != 2 or _hooked(down):
+        down = _downsample_parts(down)
+        if down is None:
             _step_aside(block, _block_problem(block), x, ())
             return _reference_block(block, x)
-        down = parts
     return _residual_join(x, children.get("conv1"), children.get("bn1"), children.get("relu"), children.get("conv2"),
                           children.get("bn2"), down, None, block, BLOCK_NAMES, lambda: _reference_block(block, x))
 
@@ -517,8 +521,7 @@ def _residual_join(x: torch.Tensor, conv1: object, bn1m: object, relu: object, c
                 down_padding = conv_d.padding[0]
                 shape_d = (xd.shape[0], L.out_size(xd.shape[2], wd.shape[2], stride, down_padding),
                            L.out_size(xd.shape[3], wd.shape[3], stride, down_padding))
-                shape_d = shape_d[1:] if shape_d[0] == n else None
-                takes = shape_d == (out_h2, out_w2) and _bn_takes(bnd_m, out_channels, dtype, device)
+                takes = shape_d == (n, out_h2, out_w2) and _bn_takes(bnd_m, out_channels, dtype, device)
                 norms = (bn1m, bn2m, bnd_m)
         elif residual is not None:
             # The kernels read the residual as the output's elements: no broadcasting, the compute dtype.
@@ -541,12 +544,9 @@ def _residual_join(x: torch.Tensor, conv1: object, bn1m: object, relu: object, c
     batch_stats = bn1.batch_stats
     if bn2.batch_stats != batch_stats or (bnd is not None and bnd.batch_stats != batch_stats):
         return plain()  # BatchNorms in different modes
-    if not batch_stats and _needs_grad(x, conv1, bn1m, conv2, bn2m, *(down or ())):
-        return plain()
-    if not batch_stats and down_input is not None and down_input.requires_grad and torch.is_grad_enabled():
-        return plain()
-    if not batch_stats and residual is not None and residual.requires_grad and torch.is_grad_enabled():
-        return plain()
+    if not batch_stats and (_needs_grad(x, conv1, bn1m, conv2, bn2m, *(down or ())) or torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (down_input, residual))):
+        return plain()  # eval-mode kernels have no backward
     x = x.to(dtype)
     if down_input is not None:
         down_input = down_input.to(dtype)
