@@ -4,7 +4,8 @@ The model is traced symbolically (``torch.fx``), so what is matched is what the 
 is written: ReLU as an ``nn.ReLU`` module (one module used twice, ``inplace=True``), ``F.relu``,
 ``torch.relu`` or ``.relu()``; a residual as ``out += s``, ``out = out + s`` or ``torch.add``. Two patterns:
 
-* **conv -> BN -> ReLU** (each result used only by the next): ``fastres.functional.conv_bn_relu``;
+* **conv -> BN -> ReLU** (each result used only by the next), with the 2x2 stride-2 max-pool that may
+  follow it: ``fastres.functional.conv_bn_relu`` (the pool fused into its BN-ReLU pass in training mode);
 * **the basic residual block**: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)``, the shortcut being
   ``x`` itself, ``bnd(convd(x))`` (any kernel size and stride the kernels take) or ``bnd(convd(b))`` of
   another tensor (a bottleneck's block input, whose 1x1 chain gives ``x``), or any other tensor (the
@@ -50,11 +51,12 @@ class Row:
 
 @dataclasses.dataclass
 class Unit:
-    """A matched conv -> BN (-> ReLU) chain: its nodes (the ReLU's None when it has none)."""
+    """A matched conv -> BN (-> ReLU (-> 2x2 max-pool)) chain: its nodes (None where it has none)."""
 
     conv: fx.Node
     bn: fx.Node
     relu: Optional[fx.Node]
+    pool: Optional[fx.Node] = None
 
     @property
     def input(self) -> fx.Node:
@@ -135,6 +137,35 @@ def _is_add(node: fx.Node) -> bool:
     return False
 
 
+def _is_max_pool_2x2(node: Optional[fx.Node], modules: dict) -> bool:
+    """A 2x2 stride-2 max-pool (no padding, dilation, ceil mode or indices): ``nn.MaxPool2d(2)`` or
+    ``F.max_pool2d(x, 2)`` however its arguments are spelled."""
+    if node is None:
+        return False
+    if node.op == "call_module":
+        m = _module(node, modules, nn.MaxPool2d)
+        if m is None or len(node.args) != 1 or node.kwargs:
+            return False
+        options = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
+                       ceil_mode=m.ceil_mode, return_indices=m.return_indices)
+    elif node.op == "call_function" and node.target in (F.max_pool2d, torch.max_pool2d):
+        names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+        if len(node.args) > len(names) or not set(node.kwargs) <= set(names[1:]):
+            return False
+        options = dict(stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False)
+        options.update(zip(names[1:], node.args[1:]))
+        options.update(node.kwargs)
+        if "kernel_size" not in options:
+            return False
+    else:
+        return False
+    kernel = options["kernel_size"]
+    stride = options["stride"]
+    return (kernel in (2, (2, 2), [2, 2]) and stride in (None, (), [], 2, (2, 2), [2, 2])
+            and options["padding"] in (0, (0, 0), [0, 0]) and options["dilation"] in (1, (1, 1), [1, 1])
+            and options["ceil_mode"] is False and options["return_indices"] is False)
+
+
 def _only_user(node: fx.Node) -> Optional[fx.Node]:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -151,7 +182,11 @@ def _units(graph: fx.Graph, modules: dict) -> dict[fx.Node, Unit]:
         if bn is None or _module(bn, modules, nn.BatchNorm2d, nn.SyncBatchNorm) is None or bn.args[0] is not node:
             continue
         relu = _only_user(bn)
-        units[node] = Unit(node, bn, relu if relu is not None and _is_relu(relu, modules) else None)
+        if relu is None or not _is_relu(relu, modules):
+            units[node] = Unit(node, bn, None)
+            continue
+        pool = _only_user(relu)
+        units[node] = Unit(node, bn, relu, pool if _is_max_pool_2x2(pool, modules) else None)
     return units
 
 
@@ -225,12 +260,20 @@ def _relu_or_default(relu: Optional[nn.Module]) -> nn.Module:
 
 
 def conv_bn_relu_chain(x: torch.Tensor, conv: nn.Module, bn: nn.Module, relu: Optional[nn.Module],
-                       site: ConvBNReLUChain) -> torch.Tensor:
-    """``relu(bn(conv(x)))`` of a converted graph (``relu`` None: the user wrote a functional ReLU)."""
+                       site: ConvBNReLUChain, pool: Any = None) -> torch.Tensor:
+    """``relu(bn(conv(x)))`` of a converted graph (``relu`` None: the user wrote a functional ReLU), then a
+    2x2 stride-2 max-pool when ``pool`` is given: the user's ``nn.MaxPool2d``, or True for ``F.max_pool2d``."""
     from .functional import _conv_bn_relu
 
     act = _relu_or_default(relu)
-    return _conv_bn_relu(x, conv, bn, act, site, lambda: act(bn(conv(x))))
+    if pool is None:
+        return _conv_bn_relu(x, conv, bn, act, site, lambda: act(bn(conv(x))))
+    pool_fn = pool if isinstance(pool, nn.Module) else _max_pool_2x2
+    return _conv_bn_relu(x, conv, bn, act, site, lambda: pool_fn(act(bn(conv(x)))), pool_fn)
+
+
+def _max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(x, 2)
 
 
 def residual_join(x: torch.Tensor, conv1: nn.Module, bn1: nn.Module, relu1: Optional[nn.Module], conv2: nn.Module,
@@ -368,14 +411,18 @@ def convert_graph(model: nn.Module) -> tuple[nn.Module, list[Row]]:
             reasons.setdefault(unit.conv.target, problem)
             reasons.setdefault(unit.bn.target, problem)
             continue
-        with graph.inserting_before(unit.relu):
+        last = unit.relu if unit.pool is None else unit.pool
+        with graph.inserting_before(last):
+            pool = None if unit.pool is None else module_arg(unit.pool) or True
             args = (unit.input, module_arg(unit.conv), module_arg(unit.bn), module_arg(unit.relu),
-                    site_attr(ConvBNReLUChain(unit.conv.target)))
+                    site_attr(ConvBNReLUChain(unit.conv.target)), pool)
             fused = graph.call_function(conv_bn_relu_chain, args)
-        unit.relu.replace_all_uses_with(fused)
-        for node in (unit.relu, unit.bn, unit.conv):
-            graph.erase_node(node)
-        taken[unit.conv.target] = taken[unit.bn.target] = "conv-BN-ReLU chain"
+        last.replace_all_uses_with(fused)
+        for node in (unit.pool, unit.relu, unit.bn, unit.conv):
+            if node is not None:
+                graph.erase_node(node)
+        taken[unit.conv.target] = taken[unit.bn.target] = ("conv-BN-ReLU-max-pool chain" if unit.pool is not None
+                                                           else "conv-BN-ReLU chain")
     graph.lint()
     gm.recompile()
     # The original modules, parameters and buffers, in their order: the same state_dict keys.

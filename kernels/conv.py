@@ -951,15 +951,45 @@ def _stats_row(stats_ptr, row, offs_c, c_mask, C):
 
 
 @triton.jit
+def _pooled_size(H, W, POOL: tl.constexpr):
+    """The tail's row grid: y's H x W, or with ``POOL`` the max-pool's output (H and W even: no remainder)."""
+    if POOL == 2:
+        return H // 2, W // 2
+    return H, W
+
+
+@triton.jit
+def _window_tap(y_ptr, n, h, w, DH: tl.constexpr, DW: tl.constexpr, offs_c, mask, scale, shift,
+                sy_n, sy_c, sy_h, sy_w):
+    """Pooled pixel (h, w)'s window element (2h + DH, 2w + DW): its offsets in y, y, the pre-activation and
+    relu(pre) rounded to y's dtype (what torch's max-pool compares: its ties are ties of stored values)."""
+    offs = _offsets(n, 2 * h + DH, 2 * w + DW, offs_c, sy_n, sy_c, sy_h, sy_w)
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pre = y * scale + shift
+    return offs, y, pre, to_storage(_relu(pre), y_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _window_max(best, index, value, K: tl.constexpr):
+    """torch's max-pool scan step: element ``K`` of the window (row-major) takes the max when it is greater
+    or NaN (so the first of equal maxima is kept, the last NaN taken)."""
+    takes = (value > best) | (value != value)
+    return tl.where(takes, value, best), tl.where(takes, K, index)
+
+
+@triton.jit
 def _bn_relu_apply_kernel(
     y_ptr, res_ptr, out_ptr, stats_ptr, res_stats_ptr,
     N, H, W, C,
     sy_n, sy_c, sy_h, sy_w,
     sr_n, sr_c, sr_h, sr_w,
-    RESIDUAL: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    SUB_M: tl.constexpr,
+    so_n, so_c, so_h, so_w,
+    RESIDUAL: tl.constexpr, POOL: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr, SUB_M: tl.constexpr,
 ):
-    """out = relu(y * scale + shift [+ residual]) over [N, H, W, C]; out has y's strides.
+    """out = relu(y * scale + shift [+ residual]) over [N, H, W, C], with out's strides; ``POOL`` 2 (no
+    residual): out = its 2x2 stride-2 max-pool, a program's rows being pooled pixels, so the full-size
+    activation is never written.
 
     A program's ``BLOCK_M`` rows go ``SUB_M`` at a time, so a thread holds few values (few registers).
     """
@@ -972,12 +1002,33 @@ def _bn_relu_apply_kernel(
     if RESIDUAL == 2:
         res_scale = _stats_row(res_stats_ptr, 0, offs_c, c_mask, C)
         res_shift = _stats_row(res_stats_ptr, 1, offs_c, c_mask, C)
+    OH, OW = _pooled_size(H, W, POOL)
     for m0 in range(0, BLOCK_M, SUB_M):
-        n, h, w, mask = _rows(tl.program_id(0), m0, N, H, W, c_mask, BLOCK_M, SUB_M, IDX64)
-        y_offs, y, res, pre = _tail_pre_activation(y_ptr, res_ptr, n, h, w, offs_c, mask, scale, shift, res_scale,
-                                                   res_shift, sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w,
-                                                   RESIDUAL)
-        tl.store(out_ptr + y_offs, to_storage(_relu(pre), out_ptr.dtype.element_ty), mask=mask)
+        n, h, w, mask = _rows(tl.program_id(0), m0, N, OH, OW, c_mask, BLOCK_M, SUB_M, IDX64)
+        if POOL == 2:
+            _, _, _, best = _window_tap(y_ptr, n, h, w, 0, 0, offs_c, mask, scale, shift, sy_n, sy_c, sy_h, sy_w)
+            _, _, _, v = _window_tap(y_ptr, n, h, w, 0, 1, offs_c, mask, scale, shift, sy_n, sy_c, sy_h, sy_w)
+            best, _ = _window_max(best, 0, v, 1)
+            _, _, _, v = _window_tap(y_ptr, n, h, w, 1, 0, offs_c, mask, scale, shift, sy_n, sy_c, sy_h, sy_w)
+            best, _ = _window_max(best, 0, v, 2)
+            _, _, _, v = _window_tap(y_ptr, n, h, w, 1, 1, offs_c, mask, scale, shift, sy_n, sy_c, sy_h, sy_w)
+            best, _ = _window_max(best, 0, v, 3)
+            tl.store(out_ptr + _offsets(n, h, w, offs_c, so_n, so_c, so_h, so_w),
+                     best.to(out_ptr.dtype.element_ty), mask=mask)  # exact: the values are y's dtype already
+        else:
+            _, _, _, pre = _tail_pre_activation(y_ptr, res_ptr, n, h, w, offs_c, mask, scale, shift, res_scale,
+                                                res_shift, sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w, RESIDUAL)
+            tl.store(out_ptr + _offsets(n, h, w, offs_c, so_n, so_c, so_h, so_w),
+                     to_storage(_relu(pre), out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pooled_grad(g_ptr, offs, y, pre, index, K: tl.constexpr, dout, mask, mean):
+    """Window element ``K``'s gradient: the pooled gradient where it was the window's max and its ReLU
+    passes, else 0; stored, and returned with its term of BatchNorm's sum of g * (y - mean)."""
+    g = tl.where(mask & (index == K) & _relu_passes(pre), dout, 0.0)
+    tl.store(g_ptr + offs, to_storage(g, g_ptr.dtype.element_ty), mask=mask)
+    return g, g * (y - mean)
 
 
 @triton.jit
@@ -990,8 +1041,8 @@ def _bn_relu_backward_kernel(
     sd_n, sd_c, sd_h, sd_w,
     sy_n, sy_c, sy_h, sy_w,
     sr_n, sr_c, sr_h, sr_w,
-    RESIDUAL: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    SUB_M: tl.constexpr, BLOCK_T: tl.constexpr,
+    RESIDUAL: tl.constexpr, POOL: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr, SUB_M: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Backward of ``_bn_relu_apply_kernel`` and of its BatchNorm(s).
 
@@ -1000,7 +1051,9 @@ def _bn_relu_backward_kernel(
     g * x_hat of the residual's BatchNorm for ``RES_BN``) go to ``part``
     [2 or 3, n_tiles, C], and the last row tile of each channel column turns them (two levels:
     :func:`_bn_backward_finalize`) into the BatchNorms' packed backward coefficients and parameter gradients.
-    The tile's rows go ``SUB_M`` at a time, the sums accumulating per channel.
+    The tile's rows go ``SUB_M`` at a time, the sums accumulating per channel. ``POOL`` 2: ``dout`` is the
+    max-pool's output gradient, rows are pooled pixels, and each window's max (recomputed as the forward
+    chose it) takes its pixel's gradient, the other three a zero.
     """
     offs_c = _index(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), IDX64)
     c_mask = offs_c < C
@@ -1010,26 +1063,49 @@ def _bn_relu_backward_kernel(
     acc_g = tl.zeros((SUB_M, BLOCK_C), dtype=tl.float32)
     acc_gx = tl.zeros((SUB_M, BLOCK_C), dtype=tl.float32)
     acc_gr = tl.zeros((SUB_M, BLOCK_C), dtype=tl.float32)
+    OH, OW = _pooled_size(H, W, POOL)
     for m0 in range(0, BLOCK_M, SUB_M):
-        n, h, w, mask = _rows(tl.program_id(0), m0, N, H, W, c_mask, BLOCK_M, SUB_M, IDX64)
+        n, h, w, mask = _rows(tl.program_id(0), m0, N, OH, OW, c_mask, BLOCK_M, SUB_M, IDX64)
         scale = _stats_row(stats_ptr, 0, offs_c, c_mask, C)
         shift = _stats_row(stats_ptr, 1, offs_c, c_mask, C)
-        res_scale = scale
-        res_shift = shift
-        if RESIDUAL == 2:
-            res_scale = _stats_row(res_stats_ptr, 0, offs_c, c_mask, C)
-            res_shift = _stats_row(res_stats_ptr, 1, offs_c, c_mask, C)
-        y_offs, y, res, pre = _tail_pre_activation(y_ptr, res_ptr, n, h, w, offs_c, mask, scale, shift, res_scale,
-                                                   res_shift, sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w,
-                                                   RESIDUAL)
         dout = tl.load(dout_ptr + _offsets(n, h, w, offs_c, sd_n, sd_c, sd_h, sd_w), mask=mask,
                        other=0.0).to(tl.float32)
-        g = tl.where(mask & _relu_passes(pre), dout, 0.0)
-        tl.store(g_ptr + y_offs, to_storage(g, g_ptr.dtype.element_ty), mask=mask)
-        acc_g += g
-        acc_gx += g * (y - _stats_row(stats_ptr, 2, offs_c, c_mask, C))
-        if RESIDUAL == 2:
-            acc_gr += g * (res - _stats_row(res_stats_ptr, 2, offs_c, c_mask, C))
+        if POOL == 2:
+            o0, y0, p0, best = _window_tap(y_ptr, n, h, w, 0, 0, offs_c, mask, scale, shift, sy_n, sy_c, sy_h, sy_w)
+            o1, y1, p1, v = _window_tap(y_ptr, n, h, w, 0, 1, offs_c, mask, scale, shift, sy_n, sy_c, sy_h, sy_w)
+            best, index = _window_max(best, tl.zeros((SUB_M, BLOCK_C), tl.int32), v, 1)
+            o2, y2, p2, v = _window_tap(y_ptr, n, h, w, 1, 0, offs_c, mask, scale, shift, sy_n, sy_c, sy_h, sy_w)
+            best, index = _window_max(best, index, v, 2)
+            o3, y3, p3, v = _window_tap(y_ptr, n, h, w, 1, 1, offs_c, mask, scale, shift, sy_n, sy_c, sy_h, sy_w)
+            best, index = _window_max(best, index, v, 3)
+            mean = _stats_row(stats_ptr, 2, offs_c, c_mask, C)
+            g, gx = _pooled_grad(g_ptr, o0, y0, p0, index, 0, dout, mask, mean)
+            acc_g += g
+            acc_gx += gx
+            g, gx = _pooled_grad(g_ptr, o1, y1, p1, index, 1, dout, mask, mean)
+            acc_g += g
+            acc_gx += gx
+            g, gx = _pooled_grad(g_ptr, o2, y2, p2, index, 2, dout, mask, mean)
+            acc_g += g
+            acc_gx += gx
+            g, gx = _pooled_grad(g_ptr, o3, y3, p3, index, 3, dout, mask, mean)
+            acc_g += g
+            acc_gx += gx
+        else:
+            res_scale = scale
+            res_shift = shift
+            if RESIDUAL == 2:
+                res_scale = _stats_row(res_stats_ptr, 0, offs_c, c_mask, C)
+                res_shift = _stats_row(res_stats_ptr, 1, offs_c, c_mask, C)
+            y_offs, y, res, pre = _tail_pre_activation(y_ptr, res_ptr, n, h, w, offs_c, mask, scale, shift,
+                                                       res_scale, res_shift, sy_n, sy_c, sy_h, sy_w, sr_n, sr_c,
+                                                       sr_h, sr_w, RESIDUAL)
+            g = tl.where(mask & _relu_passes(pre), dout, 0.0)
+            tl.store(g_ptr + y_offs, to_storage(g, g_ptr.dtype.element_ty), mask=mask)
+            acc_g += g
+            acc_gx += g * (y - _stats_row(stats_ptr, 2, offs_c, c_mask, C))
+            if RESIDUAL == 2:
+                acc_gr += g * (res - _stats_row(res_stats_ptr, 2, offs_c, c_mask, C))
     n_tiles = tl.num_programs(0)
     plane = n_tiles.to(tl.int64) * C
     part = part_ptr + tl.program_id(0).to(tl.int64) * C + offs_c
@@ -1046,7 +1122,8 @@ def _bn_relu_backward_kernel(
 
 # Called from the kernels above; compiled as part of them.
 DEVICE_FUNCTIONS = ("_accumulate_taps", "_relu_grad_epilogue", "_wgrad_tap", "_to_tf32", "_dot_operand", "_pixel_coords",
-                    "_index", "_prologue", "_rows", "_offsets", "_stats_row", "_tail_pre_activation", "_arrived_last",
+                    "_index", "_prologue", "_rows", "_offsets", "_stats_row", "_tail_pre_activation", "_pooled_size",
+                    "_window_tap", "_window_max", "_pooled_grad", "_arrived_last",
                     "_relu", "_relu_passes", "_group", "_group_moments", "_combine_moments", "_group_sums",
                     "_combine_sums", "_store_row",
                     "_bn_forward_stats", "_bn_forward_finalize", "_bn_backward_coefs", "_bn_backward_finalize",

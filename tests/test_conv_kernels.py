@@ -245,3 +245,51 @@ def test_fused_gradients_never_plan_a_second_wave(channels):
     programs, n_cols = plan.grid
     assert n_cols == -(-channels // L.GRADS_BLOCK_N)
     assert programs * n_cols <= 132 and programs >= 1
+
+
+def _pool_case(n, c, h, w, channels_last, dtype, gen):
+    """y with ties (a window of equal values, a window of zeros after the ReLU) and NaNs (one window with
+    one NaN, one with two), and its packed BatchNorm statistics and weight."""
+    y = torch.randn(n, c, h, w, generator=gen)
+    y[0, 0, 0, :2] = y[0, 0, 1, :2] = 0.75  # four equal maxima: the first takes the gradient
+    y[0, -1, -2:, -2:] = -3.0  # negative after BN (weight > 0): the ReLU's zeros tie
+    y[-1, 0, -2, -1] = float("nan")
+    y[-1, -1, 0, 0] = y[-1, -1, 1, 1] = float("nan")  # two NaNs: the last takes it, as torch's scan
+    y = y.to(DEVICE, dtype)
+    if channels_last:
+        y = y.to(memory_format=torch.channels_last)
+    finite = y.float().nan_to_num(0.0)
+    mean, var = finite.mean((0, 2, 3)), finite.var((0, 2, 3), unbiased=False)
+    invstd = (var + 1e-5).rsqrt()
+    weight = torch.rand(c, generator=gen).to(DEVICE) + 0.5
+    bias = 0.1 * torch.randn(c, generator=gen).to(DEVICE)
+    scale = weight * invstd
+    stats = torch.stack([scale, bias - mean * scale, mean, invstd]).contiguous()
+    return y, stats, weight
+
+
+@pytest.mark.parametrize("n, c, h, w, channels_last, dtype", [
+    (2, 3, 4, 6, True, torch.float32), (1, 1, 2, 2, False, torch.float32), (3, 70, 6, 2, True, torch.bfloat16),
+    (2, 5, 4, 4, False, torch.bfloat16)])
+def test_bn_relu_max_pool_matches_pytorch(n, c, h, w, channels_last, dtype):
+    """The fused BN -> ReLU -> 2x2 max-pool and its backward against torch's ops on the kernels' own BN
+    statistics: the pooled values exactly (both take the max of the same stored values), the gradient
+    routed to the same window element (torch's first maximum, last NaN) and BatchNorm's sums."""
+    gen = torch.Generator().manual_seed(n * 100 + c)
+    y, stats, weight = _pool_case(n, c, h, w, channels_last, dtype, gen)
+    out = L.bn_relu_apply(y, stats, pool=2)
+    pre = y.float().detach().requires_grad_(True)
+    act = torch.relu(pre * stats[0, :, None, None] + stats[1, :, None, None]).to(dtype)
+    ref = torch.nn.functional.max_pool2d(act, 2)
+    assert out.shape == ref.shape and out.stride() == ref.stride() and out.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+    dout = torch.randn(ref.shape, generator=gen).to(DEVICE, dtype)
+    ref.backward(dout)
+    g, coefs, _ = L.bn_relu_backward(dout, y, stats, weight, pool=2)
+    g_ref = pre.grad / stats[0, :, None, None]  # the gradient at BN's output: d(pre) / scale
+    assert g.stride() == y.stride()
+    torch.testing.assert_close(g.float(), g_ref, rtol=1e-6, atol=1e-6)
+    assert ((g.float() != 0) == (g_ref != 0)).all()  # the same element of each window
+    torch.testing.assert_close(coefs.dbias, g_ref.sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    xhat = (y.float() - stats[2, :, None, None]) * stats[3, :, None, None]  # NaN where y is: as torch's
+    torch.testing.assert_close(coefs.dweight, (g_ref * xhat).sum((0, 2, 3)), rtol=1e-4, atol=1e-4, equal_nan=True)

@@ -42,17 +42,19 @@ def _model(name: str) -> nn.Module:
 
 
 class _AtenConvBN(TorchDispatchMode):
-    """Counts aten convolutions and batch norms (forward and backward)."""
+    """Counts aten convolutions and batch norms (forward and backward), and 2-D max-pools apart."""
 
     NAMES = ("convolution", "batch_norm")
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.max_pools = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(n in func.__name__ for n in self.NAMES):
             self.count += 1
+        self.max_pools += func.__name__.startswith("max_pool2d")  # not adaptive_max_pool2d
         return func(*args, **(kwargs or {}))
 
 
@@ -81,6 +83,7 @@ def test_converted_zoo_model_matches_pytorch_and_runs_fastres_kernels(name):
     # Each unfused conv or BN is an aten op forward and one backward (the first conv: no input grad).
     assert aten.count <= 2 * len(unfused), aten.count
     assert (aten.count == 0) == (not unfused)
+    assert aten.max_pools == 0  # ResNet-9's 2x2 max-pools run in the chains' BN-ReLU passes, both ways
 
 
 def test_report_names_every_conv_and_batchnorm(capsys):
@@ -182,3 +185,45 @@ def test_ddp_wrapped_after_convert(tmp_path):
     for name, fused, eager, exact in pairs:
         bound = 2 * (eager.double() - exact).abs().max() + 1e-5 * exact.abs().max()
         assert (fused.double() - exact).abs().max() <= bound, name
+
+
+class _PoolSpellings(nn.Module):
+    """conv-BN-ReLU chains followed by max-pools spelled four ways: ``nn.MaxPool2d(2)``,
+    ``F.max_pool2d(x, kernel_size=2, stride=2)``, ``torch.max_pool2d(x, 2)`` and a 3x3 pool the kernels do not
+    fuse (its chain is fused, the pool stays aten)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = zoo.conv_bn(3, 4)
+        self.pool = nn.MaxPool2d(2)
+        self.b = zoo.conv_bn(4, 5)
+        self.c = zoo.conv_bn(5, 6)
+        self.d = zoo.conv_bn(6, 3)
+        self.wide = nn.MaxPool2d(3, stride=1, padding=1)
+
+    def forward(self, x):
+        x = self.pool(self.a(x))
+        x = torch.nn.functional.max_pool2d(self.b(x), kernel_size=2, stride=2)
+        x = torch.max_pool2d(self.c(x), 2)
+        return self.wide(self.d(x))
+
+
+@pytest.mark.parametrize("size", [16, 12])
+def test_max_pool_after_a_chain_fuses_however_spelled(size):
+    """Three-way parity over two steps and eval. 16: every pool's input is even-sized and fuses (no aten
+    max-pool in a training step but the 3x3 one, forward and backward); 12 gives a 3x3 ReLU output to the
+    third pool, which floor mode crops: that one runs aten's pool after the fused chain."""
+    torch.manual_seed(0)
+    model = _PoolSpellings()
+    _randomize_bn(model, torch.Generator().manual_seed(1))
+    model = model.to(DEVICE)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    _compare_training(None, model, x, torch.float32, steps=2, memory_format=torch.channels_last)
+    converted = fastres.convert(copy.deepcopy(model))
+    ops = {row.path: row.op for row in converted.fastres_report}
+    assert ops["a.0"] == ops["b.1"] == ops["c.0"] == "conv-BN-ReLU-max-pool chain"
+    assert ops["d.0"] == "conv-BN-ReLU chain"
+    with _AtenConvBN() as aten:
+        converted(x.to(memory_format=torch.channels_last)).sum().backward()
+    assert aten.count == 0
+    assert aten.max_pools == (2 if size == 16 else 4)

@@ -63,6 +63,25 @@ def test_opcheck_conv_bn_relu(dtype, memory_format):
     _opcheck(torch.ops.fastres.conv_bn_relu.default, (x, conv_weight, *_bn_args(bn), 2, 1))
 
 
+@pytest.mark.parametrize("dtype, memory_format", [(torch.float32, torch.contiguous_format), (torch.bfloat16, CL)])
+def test_opcheck_conv_bn_relu_max_pool(dtype, memory_format):
+    gen = torch.Generator().manual_seed(4)
+    conv_weight = (0.3 * torch.randn(5, 3, 3, 3, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
+    bn = _bn(5, gen)
+    x = _input((2, 3, 6, 4), dtype, memory_format, gen)
+    _opcheck(torch.ops.fastres.conv_bn_relu.default, (x, conv_weight, *_bn_args(bn), 1, 1, None, 2))
+
+
+def test_conv_bn_relu_rejects_a_pool_it_cannot_take():
+    gen = torch.Generator().manual_seed(4)
+    conv_weight = torch.randn(5, 3, 3, 3, generator=gen).to(DEVICE)
+    bn = _bn(5, gen)
+    for pool, shape in ((3, (2, 3, 6, 6)), (2, (2, 3, 5, 6))):
+        x = _input(shape, torch.float32, torch.contiguous_format, gen)
+        with pytest.raises(ValueError, match=r"pool must be 0 or 2 .* got pool=%d over \d+x\d+" % pool):
+            torch.ops.fastres.conv_bn_relu(x, conv_weight, *_bn_args(bn), 1, 1, None, pool)
+
+
 @pytest.mark.parametrize("dtype, memory_format, down", [
     (torch.float32, torch.contiguous_format, False), (torch.float32, CL, True),
     (torch.bfloat16, torch.contiguous_format, True), (torch.bfloat16, CL, False)])

@@ -615,16 +615,20 @@ class _TailPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def _plan_tail(shape, itemsize, residual_mode, backward, *layouts) -> _TailPlan:
+def _plan_tail(shape, itemsize, residual_mode, backward, pool, *layouts) -> _TailPlan:
     """``itemsize``: bytes per activation element; ``backward``: plan ``_bn_relu_backward_kernel`` (else the
-    apply kernel); ``layouts``: the (shape, strides) of every tensor the kernel addresses."""
+    apply kernel); ``pool``: 2 for a 2x2 max-pool after the ReLU, else 0; ``layouts``: the (shape, strides)
+    of every tensor the kernel addresses."""
     N, C, H, W = shape
     block_c = _block(C, 1, 64)
     block_m = max(16, min(256, TAIL_ELEMENTS // block_c))
-    n_tiles = _cdiv(N * H * W, block_m)
-    meta = dict(RESIDUAL=residual_mode, IDX64=_needs_int64(*layouts), BLOCK_M=block_m, BLOCK_C=block_c,
-                SUB_M=max(1, min(block_m, NUM_WARPS * 32 * TAIL_STEP_BYTES // itemsize // block_c)),
-                num_warps=NUM_WARPS)
+    sub_m = max(1, min(block_m, NUM_WARPS * 32 * TAIL_STEP_BYTES // itemsize // block_c))
+    rows = N * H * W
+    if pool:  # a row is a pooled pixel, four of y's: a quarter of the rows per tile and per step
+        block_m, sub_m, rows = max(16, block_m // 4), max(1, sub_m // 4), N * (H // 2) * (W // 2)
+    n_tiles = _cdiv(rows, block_m)
+    meta = dict(RESIDUAL=residual_mode, POOL=pool, IDX64=_needs_int64(*layouts), BLOCK_M=block_m, BLOCK_C=block_c,
+                SUB_M=min(sub_m, block_m), num_warps=NUM_WARPS)
     n_cols = _cdiv(C, block_c)
     part_numel = counter_numel = 0
     if backward:
@@ -642,23 +646,29 @@ def _residual_mode(residual, residual_stats) -> int:
 
 
 def bn_relu_apply(y: torch.Tensor, stats: torch.Tensor, residual: torch.Tensor | None = None,
-                  residual_stats: torch.Tensor | None = None) -> torch.Tensor:
-    """relu(y * scale + shift + residual), the residual through its own BN (packed stats) if given."""
+                  residual_stats: torch.Tensor | None = None, pool: int = 0) -> torch.Tensor:
+    """relu(y * scale + shift + residual), the residual through its own BN (packed stats) if given; ``pool``
+    2 (no residual; y's height and width even): its 2x2 stride-2 max-pool instead, in y's memory format."""
     res = y if residual is None else residual
-    plan = _plan_tail(tuple(y.shape), y.element_size(), _residual_mode(residual, residual_stats), False,
+    if pool:
+        n, c, h, w = y.shape
+        out = torch.empty((n, c, h // 2, w // 2), dtype=y.dtype, device=y.device, memory_format=memory_format_of(y))
+    else:
+        out = torch.empty_like(y)
+    plan = _plan_tail(tuple(y.shape), y.element_size(), _residual_mode(residual, residual_stats), False, pool,
                       (tuple(y.shape), y.stride()),
                       (tuple(res.shape), res.stride()))
-    out = torch.empty_like(y)
     launch(kernels._bn_relu_apply_kernel, plan.grid,
            y, res, out, stats, _unused(y.device) if residual_stats is None else residual_stats,
-           *plan.ints, *y.stride(), *res.stride(), **plan.meta)
+           *plan.ints, *y.stride(), *res.stride(), *out.stride(), **plan.meta)
     return out
 
 
 def bn_relu_backward(dout: torch.Tensor, y: torch.Tensor, stats: torch.Tensor, bn_weight: torch.Tensor,
                      residual: torch.Tensor | None = None, residual_stats: torch.Tensor | None = None,
-                     residual_bn_weight: torch.Tensor | None = None):
-    """g = dout * relu'(pre-activation), and the backward of the tail's BatchNorm(s).
+                     residual_bn_weight: torch.Tensor | None = None, pool: int = 0):
+    """g = dout * relu'(pre-activation), and the backward of the tail's BatchNorm(s); ``pool`` 2: ``dout``
+    is the gradient of :func:`bn_relu_apply`'s pooled output, routed to each window's max.
 
     Returns ``(g, coefs, residual_coefs)``, ``residual_coefs`` None unless the
     residual has its own BatchNorm.
@@ -666,7 +676,7 @@ def bn_relu_backward(dout: torch.Tensor, y: torch.Tensor, stats: torch.Tensor, b
     device = y.device
     mode = _residual_mode(residual, residual_stats)
     res = y if residual is None else residual
-    plan = _plan_tail(tuple(y.shape), y.element_size(), mode, True, (tuple(y.shape), y.stride()),
+    plan = _plan_tail(tuple(y.shape), y.element_size(), mode, True, pool, (tuple(y.shape), y.stride()),
                       (tuple(res.shape), res.stride()),
                       (tuple(dout.shape), dout.stride()))
     C = y.shape[1]
