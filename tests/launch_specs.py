@@ -406,7 +406,7 @@ def runs(quick: bool = False) -> list[tuple[str, Callable[[], None]]]:
         # ResNets written in plain PyTorch, through fastres.convert (issue 20): 1x1 and strided projections,
         # tensor residuals, 1x1 convs in a chain, conv-BN-ReLU chains before a max-pool.
         for name, dname in (("kuangliu_resnet18", "fp32"), ("kuangliu_resnet18", "bf16"),
-                            ("torchvision_style", "bf16"), ("option_a_resnet20", "bf16"), ("resnet9", "bf16"),
+                            ("torchvision_style", "bf16"), ("option_a_resnet20", "bf16"), ("resnet9", "fp32"), ("resnet9", "bf16"),
                             ("bottleneck", "bf16")):
             out.append((f"zoo {name} {dname} train sgd",
                         lambda n=name, a=dtypes[dname]: train_step(_zoo(n), "sgd", a, BATCH)))

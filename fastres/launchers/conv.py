@@ -43,7 +43,8 @@ TAIL_ELEMENTS = 4096  # per program of the elementwise tail kernels: BLOCK_M x B
 TAIL_STEP_BYTES = 16  # per thread and tensor in a loop step of a tail program: one 128-bit access, few registers
 # The tail backward's register cap (sm_90, AOT check): within it no variant has a stack frame, while uncapped
 # ptxas gives two 16-bit ones an 8-16 B frame. Not for a BatchNorm'd residual, whose three per-channel sums
-# of 8 channels per thread would spill under it: uncapped, 80 registers and no frame.
+# of 8 channels per thread would spill under it: uncapped, 80 registers and no frame. Nor for a max-pooled
+# one (four window elements a thread): under it a 16-256 B frame; uncapped 72 (fp32) and 125 (bf16), no frame.
 TAIL_BACKWARD_MAXNREG = 64
 NUM_WARPS = 4
 INT32_LIMIT = 2**31  # offsets below this take the kernels' 32-bit path (IDX64=False)
@@ -624,8 +625,9 @@ def _plan_tail(shape, itemsize, residual_mode, backward, pool, *layouts) -> _Tai
     block_m = max(16, min(256, TAIL_ELEMENTS // block_c))
     sub_m = max(1, min(block_m, NUM_WARPS * 32 * TAIL_STEP_BYTES // itemsize // block_c))
     rows = N * H * W
-    if pool:  # a row is a pooled pixel, four of y's: a quarter of the rows per tile and per step
-        block_m, sub_m, rows = max(16, block_m // 4), max(1, sub_m // 4), N * (H // 2) * (W // 2)
+    if pool:  # a row is a pooled pixel, four of y's: a quarter of the rows per tile (each step still loads
+        # one 128-bit access per thread and window element)
+        block_m, rows = max(16, block_m // 4), N * (H // 2) * (W // 2)
     n_tiles = _cdiv(rows, block_m)
     meta = dict(RESIDUAL=residual_mode, POOL=pool, IDX64=_needs_int64(*layouts), BLOCK_M=block_m, BLOCK_C=block_c,
                 SUB_M=min(sub_m, block_m), num_warps=NUM_WARPS)
@@ -635,7 +637,7 @@ def _plan_tail(shape, itemsize, residual_mode, backward, pool, *layouts) -> _Tai
         # A BatchNorm'd residual finalizes three arrays: half the partials per load keeps it at 74-78 registers
         # with no stack frame on sm_90 (with the usual count, 80 and an 8 B frame in two 16-bit variants).
         meta.update(BLOCK_T=_finalize_block_t(n_tiles, block_c * (2 if residual_mode == RES_BN else 1)),
-                    maxnreg=None if residual_mode == RES_BN else TAIL_BACKWARD_MAXNREG)
+                    maxnreg=None if residual_mode == RES_BN or pool else TAIL_BACKWARD_MAXNREG)
         rows, counter_numel = _finalize_layout(n_tiles, meta["BLOCK_T"], n_cols)
         part_numel = (3 if residual_mode == RES_BN else 2) * rows * C
     return _TailPlan((n_tiles, n_cols), (N, H, W, C), meta, part_numel, counter_numel)
