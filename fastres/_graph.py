@@ -69,13 +69,23 @@ class Unit:
 
 @dataclasses.dataclass
 class Block:
-    """A matched basic residual block: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)``."""
+    """A matched basic residual block: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)``, or with the
+    residual added after the second ReLU (``after_relu``: ``relu(bn2(...)) + shortcut``, ResNet-9's)."""
 
     first: Unit  # conv1 -> bn1 -> relu
-    second: Unit  # conv2 -> bn2 (no ReLU)
+    second: Unit  # conv2 -> bn2 (-> relu when after_relu)
     add: fx.Node
-    relu: fx.Node  # after the add
+    relu: Optional[fx.Node]  # after the add; None when the residual is added after the second ReLU
     projection: Optional[Unit]  # convd -> bnd: the shortcut, a projection of x or of another tensor
+
+    @property
+    def after_relu(self) -> bool:
+        return self.relu is None
+
+    @property
+    def last(self) -> fx.Node:
+        """The node whose value is the block's output."""
+        return self.add if self.relu is None else self.relu
 
     @property
     def input(self) -> fx.Node:
@@ -91,7 +101,7 @@ class Block:
     def shortcut(self) -> Any:
         """The add's other operand (read from the graph: rewriting an earlier block replaces nodes)."""
         a, b = self.add.args[:2]
-        return b if a is self.second.bn else a
+        return b if a is self.second.output else a
 
 
 class Tracer(fx.Tracer):
@@ -191,29 +201,30 @@ def _units(graph: fx.Graph, modules: dict) -> dict[fx.Node, Unit]:
 
 
 def _blocks(units: dict[fx.Node, Unit], modules: dict) -> list[Block]:
-    """Basic blocks: a ReLU'd unit feeding only a unit without ReLU, whose BN's only user is an add whose
-    only user is a ReLU."""
+    """Basic blocks: a ReLU'd unit feeding only a second unit whose output's only user is an add: a unit
+    without ReLU whose add's only user is a ReLU, or a ReLU'd one (the residual added after the ReLU)."""
     by_output = {u.output: u for u in units.values()}
     blocks = []
     for second in units.values():
-        if second.relu is not None:
-            continue
         first = by_output.get(second.input)
         if first is None or first.relu is None or _only_user(first.relu) is not second.conv:
             continue
-        add = _only_user(second.bn)
-        if add is None or not _is_add(add) or second.bn not in add.args[:2]:
+        tail = second.output
+        add = _only_user(tail)
+        if add is None or not _is_add(add) or tail not in add.args[:2]:
             continue
-        relu = _only_user(add)
-        if relu is None or not _is_relu(relu, modules):
-            continue
-        shortcut = add.args[1] if add.args[0] is second.bn else add.args[0]
-        if not isinstance(shortcut, fx.Node):
+        relu = None
+        if second.relu is None:
+            relu = _only_user(add)
+            if relu is None or not _is_relu(relu, modules):
+                continue
+        shortcut = add.args[1] if add.args[0] is tail else add.args[0]
+        if not isinstance(shortcut, fx.Node) or shortcut is tail:
             continue
         if add.op == "call_method" and add.target == "add_" or add.target is operator.iadd:
-            if add.args[0] is not second.bn:  # `shortcut += out` would write into the shortcut
+            if add.args[0] is not tail:  # `shortcut += out` would write into the shortcut
                 continue
-        projection = by_output.get(shortcut)
+        projection = by_output.get(shortcut) if relu is not None else None
         # A projection of the block's input (x, or a bottleneck's input before its first 1x1 chain)
         if projection is not None and (projection.relu is not None or _only_user(projection.bn) is not add
                                        or projection.conv is first.conv or projection.conv is second.conv):
@@ -279,10 +290,10 @@ def _max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
 def residual_join(x: torch.Tensor, conv1: nn.Module, bn1: nn.Module, relu1: Optional[nn.Module], conv2: nn.Module,
                   bn2: nn.Module, relu2: Optional[nn.Module], shortcut: torch.Tensor, down_conv: Optional[nn.Module],
                   down_bn: Optional[nn.Module], identity: bool, site: ResidualJoin,
-                  down_input: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``relu2(bn2(conv2(relu1(bn1(conv1(x))))) + shortcut)`` of a converted graph; ``shortcut`` is ``x``
-    (``identity``), ``down_bn(down_conv(x))`` or ``down_bn(down_conv(down_input))`` (then computed here,
-    fused with the block) or any tensor."""
+                  down_input: Optional[torch.Tensor] = None, after_relu: bool = False) -> torch.Tensor:
+    """``relu2(bn2(conv2(relu1(bn1(conv1(x))))) + shortcut)`` of a converted graph (``after_relu``:
+    ``relu2(bn2(...)) + shortcut``); ``shortcut`` is ``x`` (``identity``), ``down_bn(down_conv(x))`` or
+    ``down_bn(down_conv(down_input))`` (then computed here, fused with the block) or any tensor."""
     from .functional import _hooked, _residual_join
 
     act1, act2 = _relu_or_default(relu1), _relu_or_default(relu2)
@@ -290,12 +301,14 @@ def residual_join(x: torch.Tensor, conv1: nn.Module, bn1: nn.Module, relu1: Opti
 
     def plain() -> torch.Tensor:
         s = shortcut if down is None else down_bn(down_conv(x if down_input is None else down_input))
+        if after_relu:
+            return act2(bn2(conv2(act1(bn1(conv1(x)))))) + s
         return act2(bn2(conv2(act1(bn1(conv1(x))))) + s)
 
     if act1 is not act2 and (type(act2) is not nn.ReLU or _hooked(act2)):  # _residual_join checks act1
         return plain()
     return _residual_join(x, conv1, bn1, act1, conv2, bn2, down, None if identity or down else shortcut, site,
-                          site.names, plain, down_input)
+                          site.names, plain, down_input, after_relu)
 
 
 fx.wrap("conv_bn_relu_chain")
@@ -385,16 +398,18 @@ def convert_graph(model: nn.Module) -> tuple[nn.Module, list[Row]]:
                 reasons.setdefault(node.target, f"the residual block around it: {problem}")
             continue
         name = _common_prefix([n for n in names if n and n != "relu"])
-        with graph.inserting_before(block.relu):
+        with graph.inserting_before(block.last):
             args = (block.input, module_arg(first.conv), module_arg(first.bn), module_arg(first.relu),
-                    module_arg(second.conv), module_arg(second.bn), module_arg(block.relu),
+                    module_arg(second.conv), module_arg(second.bn),
+                    module_arg(second.relu if block.after_relu else block.relu),
                     None if projection else block.shortcut,
                     module_arg(projection.conv) if projection else None,
                     module_arg(projection.bn) if projection else None, identity,
-                    site_attr(ResidualJoin(name, names)), block.down_input)
+                    site_attr(ResidualJoin(name, names)), block.down_input, block.after_relu)
             fused = graph.call_function(residual_join, args)
-        block.relu.replace_all_uses_with(fused)
-        dead = [block.relu, block.add, second.bn, second.conv, first.relu, first.bn, first.conv]
+        block.last.replace_all_uses_with(fused)
+        dead = [block.relu, block.add, second.relu, second.bn, second.conv, first.relu, first.bn, first.conv]
+        dead = [node for node in dead if node is not None]
         if projection is not None:
             dead += [projection.bn, projection.conv]
         for node in dead:

@@ -486,8 +486,10 @@ def residual_block(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
 
 def _residual_join(x: torch.Tensor, conv1: object, bn1m: object, relu: object, conv2: object, bn2m: object,
                    down: Optional[tuple], residual: Optional[torch.Tensor], owner: nn.Module, names: tuple,
-                   plain: Callable[[], torch.Tensor], down_input: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)`` fused, the shortcut ``bnd(convd(x))`` with
+                   plain: Callable[[], torch.Tensor], down_input: Optional[torch.Tensor] = None,
+                   after_relu: bool = False) -> torch.Tensor:
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)`` (``after_relu``: ``relu(bn2(...)) + shortcut``,
+    ``relu`` applied twice: ResNet-9's residual) fused, the shortcut ``bnd(convd(x))`` with
     ``down = (convd, bnd)`` (``bnd(convd(down_input))`` when given: a bottleneck's projection of the block
     input), else the tensor ``residual``, else ``x``: a residual block however its code is
     written (``owner`` is warned once when it falls back, its children named by ``names``; ``plain()`` is
@@ -502,7 +504,7 @@ def _residual_join(x: torch.Tensor, conv1: object, bn1m: object, relu: object, c
     w2 = _conv_weight(conv2, device, dtype, autocast)
     wd = None
     takes = (w1 is not None and w2 is not None and type(relu) is nn.ReLU and not _hooked(relu)
-             and conv2.stride == _ONE)
+             and conv2.stride == _ONE and not (after_relu and down is not None))
     if takes:
         n, channels, h, w = x.shape
         width, in_channels, kh, kw = w1.shape
@@ -567,6 +569,8 @@ def _residual_join(x: torch.Tensor, conv1: object, bn1m: object, relu: object, c
             shape, strides = L.conv_output_layout(tuple(h1.shape), h1.stride(), tuple(w2.shape), 1, padding2)
             if any(a != b for a, b, size in zip(shortcut.stride(), strides, shape) if size > 1):
                 shortcut = shortcut.contiguous(memory_format=L.memory_format_of(h1))
+        if after_relu:
+            return _eval_conv(h1, w2, 1, padding2, bn2, relu=True) + shortcut
         return _eval_conv(h1, w2, 1, padding2, bn2, residual=shortcut, relu=True)
     if residual is not None and down is None:
         # Read as the output's elements: copied once into the output's memory format when it has another
@@ -578,7 +582,7 @@ def _residual_join(x: torch.Tensor, conv1: object, bn1m: object, relu: object, c
     out = torch.ops.fastres.residual_block(x, w1, *_bn_op_args(bn1.args), w2, *_bn_op_args(bn2.args), *down_args,
                                            stride, bn_group, padding1, padding2, down_padding,
                                            residual if down is None else None,
-                                           down_input if down is not None else None)
+                                           down_input if down is not None else None, after_relu)
     return out[0]
 
 

@@ -58,13 +58,13 @@ _lib.define("residual_block(Tensor x, Tensor conv1_weight, " + _BN_ARGS.format(p
             ", Tensor? down_weight, Tensor? bnd_weight, Tensor? bnd_bias, Tensor(a3!)? bnd_running_mean, "
             "Tensor(b3!)? bnd_running_var, Tensor(c3!)? bnd_num_batches_tracked, float? bnd_momentum, float bnd_eps, "
             "int stride, str? bn_group=None, int padding1=1, int padding2=1, int down_padding=1, "
-            "Tensor? residual=None, Tensor? down_input=None) -> (Tensor out, Tensor y1, Tensor stats1, Tensor y2, Tensor stats2, Tensor yd, "
+            "Tensor? residual=None, Tensor? down_input=None, bool after_relu=False) -> (Tensor out, Tensor y1, Tensor stats1, Tensor y2, Tensor stats2, Tensor yd, "
             "Tensor statsd)")
 _lib.define("residual_block_backward(Tensor dout, Tensor x, Tensor conv1_weight, Tensor bn1_weight, "
             "Tensor bn1_bias, float bn1_eps, Tensor y1, Tensor stats1, Tensor conv2_weight, Tensor bn2_weight, "
             "Tensor y2, Tensor stats2, Tensor? down_weight, Tensor? bnd_weight, Tensor? yd, Tensor? statsd, "
             "int stride, bool input_grad, str? bn_group=None, int padding1=1, int padding2=1, int down_padding=1, "
-            "Tensor? residual=None, Tensor? down_input=None) -> (Tensor dx, Tensor dconv1_weight, Tensor dbn1_weight, Tensor dbn1_bias, "
+            "Tensor? residual=None, Tensor? down_input=None, bool after_relu=False) -> (Tensor dx, Tensor dconv1_weight, Tensor dbn1_weight, Tensor dbn1_bias, "
             "Tensor dconv2_weight, Tensor dbn2_weight, Tensor dbn2_bias, Tensor ddown_weight, Tensor dbnd_weight, "
             "Tensor dbnd_bias, Tensor dresidual, Tensor ddown_input)")
 _lib.define("conv_bn_eval(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor bn_running_mean, "
@@ -244,13 +244,16 @@ def residual_block(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_
                    bn1_momentum, bn1_eps, conv2_weight, bn2_weight, bn2_bias, bn2_running_mean, bn2_running_var,
                    bn2_num_batches_tracked, bn2_momentum, bn2_eps, down_weight, bnd_weight, bnd_bias,
                    bnd_running_mean, bnd_running_var, bnd_num_batches_tracked, bnd_momentum, bnd_eps, stride,
-                   bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None, down_input=None):
-    """Training-mode ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)``: the shortcut ``bnd(down(x))`` with
+                   bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None, down_input=None,
+                   after_relu=False):
+    """Training-mode ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)`` (``after_relu``:
+    ``relu(bn2(...)) + shortcut``, the residual added after the ReLU, as ResNet-9): the shortcut ``bnd(down(x))`` with
     a downsample (``bnd(down(down_input))`` when ``down_input`` is given: a bottleneck's projection of the
     block's input), else the tensor ``residual`` when given, else ``x``. conv1 has ``stride`` and ``padding1``,
     conv2 stride 1 and ``padding2``, the downsample ``stride`` and ``down_padding`` (any kernel sizes the
     conv kernel takes). Returns (out, y1, stats1, y2, stats2, yd, statsd), the last two empty without a
     downsample."""
+    _check_after_relu(after_relu, down_weight)
     dtype = x.dtype
     bn1 = L.BatchNormArgs(bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var, bn1_num_batches_tracked,
                           bn1_momentum, bn1_eps)
@@ -279,8 +282,15 @@ def residual_block(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_
                     bn=S.local_args(bn2, group))
     s2 = S.maybe_sync_stats(y2, s2, bn2, group)
     if down_weight is None:
-        return L.bn_relu_apply(y2, s2, x if residual is None else residual), y1, s1, y2, s2, _absent(x), _absent(s1)
+        out = L.bn_relu_apply(y2, s2, x if residual is None else residual, after_relu=after_relu)
+        return out, y1, s1, y2, s2, _absent(x), _absent(s1)
     return L.bn_relu_apply(y2, s2, yd, sd), y1, s1, y2, s2, yd, sd
+
+
+def _check_after_relu(after_relu: bool, down_weight) -> None:
+    if after_relu and down_weight is not None:
+        raise ValueError("fastres.residual_block: after_relu=True takes a tensor or identity shortcut, not a "
+                         "projection (down_weight was given)")
 
 
 def _pairs(conv1_weight: torch.Tensor, down_weight: torch.Tensor, padding1: int, down_padding: int) -> bool:
@@ -296,7 +306,8 @@ def _residual_block_fake(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean
                          bn2_running_mean, bn2_running_var, bn2_num_batches_tracked, bn2_momentum, bn2_eps, down_weight,
                          bnd_weight, bnd_bias, bnd_running_mean, bnd_running_var, bnd_num_batches_tracked, bnd_momentum,
                          bnd_eps, stride, bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None,
-                         down_input=None):
+                         down_input=None, after_relu=False):
+    _check_after_relu(after_relu, down_weight)
     y1 = _empty_conv_output(x, conv1_weight, stride, padding1, dtype=x.dtype)
     y2 = _empty_conv_output(y1, conv2_weight, 1, padding2, dtype=x.dtype)
     s1, s2 = _stats_like(y1), _stats_like(y2)
@@ -312,9 +323,11 @@ def _residual_block_fake(x, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean
 @_impl("residual_block_backward")
 def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps, y1, stats1, conv2_weight,
                             bn2_weight, y2, stats2, down_weight, bnd_weight, yd, statsd, stride, input_grad,
-                            bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None, down_input=None):
-    """The gradients of :func:`residual_block`; ``dresidual`` (the tail's masked gradient g) is empty
-    unless the shortcut was the tensor ``residual``, ``ddown_input`` unless ``down_input`` was given."""
+                            bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None, down_input=None,
+                            after_relu=False):
+    """The gradients of :func:`residual_block`; ``dresidual`` (the tail's masked gradient g; ``dout`` itself
+    with ``after_relu``) is empty unless the shortcut was the tensor ``residual``, ``ddown_input`` unless
+    ``down_input`` was given."""
     dtype = x.dtype
     group = S.group_named(bn_group)
     has_down = down_weight is not None
@@ -322,8 +335,11 @@ def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps
     if has_down:
         g, coefs2, coefs_d = L.bn_relu_backward(dout, y2, stats2, bn2_weight, yd, statsd, bnd_weight)
         coefs_d = S.maybe_sync_coefs(coefs_d, statsd, bnd_weight, yd, group)
+    elif after_relu:  # the ReLU saw the BN's output alone; the shortcut's gradient is dout, unmasked
+        g, coefs2, _ = L.bn_relu_backward(dout, y2, stats2, bn2_weight)
     else:
         g, coefs2, _ = L.bn_relu_backward(dout, y2, stats2, bn2_weight, x if residual is None else residual)
+    shortcut_grad = dout if after_relu else g
     coefs2 = S.maybe_sync_coefs(coefs2, stats2, bn2_weight, y2, group)
     # dL/d(y1) through conv2: BN2 backward on load, ReLU1 mask and BN1's backward in the epilogue.
     bn1 = L.BatchNormArgs(bn1_weight, bn1_bias, None, None, None, None, bn1_eps)
@@ -348,14 +364,16 @@ def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps
         ddown, _ = L.conv(g, down_weight, stride, down_padding, dtype=dtype, transposed=True,
                           out_hw=tuple(down_input.shape[2:]), prologue=L.PRO_BN_GRAD, a2=yd, pro=coefs_d.packed)
     identity = not has_down and residual is None
-    dresidual = g if residual is not None else _absent(x)
+    dresidual = _absent(x)
+    if residual is not None:  # an op's output may not alias its input: dout is copied
+        dresidual = shortcut_grad.clone() if after_relu else g
     grads = (coefs1.dweight, coefs1.dbias, dw2, coefs2.dweight, coefs2.dbias, dwd, dgd, dbd, dresidual, ddown)
     dx = _absent(x)
     if (input_grad and (not has_down or separate) and L.grads_fusable(conv1_weight, stride, padding1)
             and L.same_layout(g, g1_masked)):
         # Both of conv1's gradients in one launch, an identity residual's gradient added to dx.
         dx, _, dw1 = L.conv_grads(g1_masked, conv1_weight, x, dy2=y1, dy_pro=coefs1.packed,
-                                  residual=g if identity else None)
+                                  residual=shortcut_grad if identity else None)
         return (dx, dw1, *grads)
     if (input_grad and has_down and not separate and _pairs(conv1_weight, down_weight, padding1, down_padding)
             and L.same_layout(g, g1_masked) and L.same_layout(yd, g1_masked)):
@@ -364,7 +382,7 @@ def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps
                        out_hw=tuple(x.shape[2:]), prologue=L.PRO_BN_GRAD, a2=y1, pro=coefs1.packed,
                        b=g, b2=yd, pro_b=coefs_d.packed, weight_b=down_weight)
     elif input_grad:
-        residual_grad = g if identity else None
+        residual_grad = shortcut_grad if identity else None
         if has_down and not separate:
             residual_grad, _ = L.conv(g, down_weight, stride, down_padding, dtype=dtype, transposed=True,
                                       out_hw=tuple(x.shape[2:]), prologue=L.PRO_BN_GRAD, a2=yd, pro=coefs_d.packed)
@@ -379,7 +397,7 @@ def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps
 def _residual_block_backward_fake(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps, y1, stats1, conv2_weight,
                                   bn2_weight, y2, stats2, down_weight, bnd_weight, yd, statsd, stride, input_grad,
                                   bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None,
-                                  down_input=None):
+                                  down_input=None, after_relu=False):
     dx = _absent(x)
     if input_grad:  # g has y2's layout; g1_masked is conv2's transposed output of it; dx conv1's of that
         g1_masked = _empty_conv_output(y2, conv2_weight, 1, padding2, dtype=x.dtype, transposed=True,
@@ -414,6 +432,7 @@ class _ResidualBlockAutograd(torch.autograd.Function):
         ctx.paddings = tuple(args[27:30]) + (1, 1, 1)[len(args[27:30]):]
         residual = args[30] if len(args) > 30 else None
         down_input = args[31] if len(args) > 31 else None
+        ctx.after_relu = args[32] if len(args) > 32 else False
         _, y1, s1, y2, s2, yd, sd = outputs
         ctx.save_for_backward(x, w1, g1, b1, y1, s1, w2, g2, y2, s2, wd, gd, yd, sd, b2, bd, residual, down_input)
         ctx.eps1, ctx.stride = eps1, stride
@@ -436,6 +455,8 @@ class _ResidualBlockAutograd(torch.autograd.Function):
                                               ctx.epsd, stride, down_padding)
                 else:
                     shortcut = rest[0] if residual is not None else x
+                if ctx.after_relu:
+                    return _plain_conv_bn(h, w2, g2, b2, ctx.eps2, 1, padding2).relu() + shortcut
                 return (_plain_conv_bn(h, w2, g2, b2, ctx.eps2, 1, padding2) + shortcut).relu()
 
             # Positions of the op's differentiable arguments (x, conv1_weight, bn1_weight, ...) in its schema.
@@ -450,14 +471,14 @@ class _ResidualBlockAutograd(torch.autograd.Function):
         dx, dw1, dg1, db1, dw2, dg2, db2, dwd, dgd, dbd, dres, ddown = backward(
             dout, x, w1, g1, b1, ctx.eps1, y1, s1, w2, g2, y2, s2, wd, gd,
             yd if has_down else None, sd if has_down else None, ctx.stride, input_grad, ctx.bn_group,
-            padding1, padding2, down_padding, residual, down_input)
+            padding1, padding2, down_padding, residual, down_input, ctx.after_relu)
         if not has_down:
             dwd = dgd = dbd = None
         none4 = (None,) * 4  # running statistics, num_batches_tracked, momentum, eps
         return ((dx if input_grad else None), dw1, dg1, db1, *none4, None, dw2, dg2, db2, *none4, None,
                 dwd, dgd, dbd, *none4, None, None, None, None, None, None,
                 dres if residual is not None else None,
-                ddown if down_input is not None else None)[:len(ctx.needs_input_grad)]
+                ddown if down_input is not None else None, None)[:len(ctx.needs_input_grad)]
 
 
 _lib.impl("residual_block", _ResidualBlockAutograd.apply, "Autograd")

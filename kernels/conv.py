@@ -52,6 +52,7 @@ PAIR_OPERANDS = 2  # out = conv(A', W) + conv(B', W2): two operands with their p
 RES_NONE = 0
 RES_TENSOR = 1  # + r
 RES_BN = 2  # + r * res_scale[c] + res_shift[c] (the downsample branch's BatchNorm)
+RES_AFTER_RELU = 3  # relu(...) + r: the residual added after the ReLU (ResNet-9's x + relu(bn(conv(...))))
 
 
 @triton.jit
@@ -927,7 +928,8 @@ def _offsets(n, h, w, offs_c, s_n, s_c, s_h, s_w):
 @triton.jit
 def _tail_pre_activation(y_ptr, res_ptr, n, h, w, offs_c, mask, scale, shift, res_scale, res_shift,
                          sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w, RESIDUAL: tl.constexpr):
-    """The block tail's pre-activation ``y * scale + shift [+ residual]`` (fp32), with y's offsets, y and the residual.
+    """The block tail's pre-activation ``y * scale + shift [+ residual]`` (fp32), with y's offsets, y and the residual
+    (loaded, not added, for ``RES_AFTER_RELU``).
 
     ``scale``/``shift`` (``res_scale``/``res_shift`` for ``RES_BN``): [1, BLOCK_C] rows of packed BatchNorm statistics.
     """
@@ -939,7 +941,7 @@ def _tail_pre_activation(y_ptr, res_ptr, n, h, w, offs_c, mask, scale, shift, re
         res = tl.load(res_ptr + _offsets(n, h, w, offs_c, sr_n, sr_c, sr_h, sr_w), mask=mask, other=0.0).to(tl.float32)
         if RESIDUAL == 2:
             pre += res * res_scale + res_shift
-        else:
+        elif RESIDUAL == 1:
             pre += res
     return y_offs, y, res, pre
 
@@ -987,7 +989,8 @@ def _bn_relu_apply_kernel(
     RESIDUAL: tl.constexpr, POOL: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr, SUB_M: tl.constexpr,
 ):
-    """out = relu(y * scale + shift [+ residual]) over [N, H, W, C], with out's strides; ``POOL`` 2 (no
+    """out = relu(y * scale + shift [+ residual]) (``RES_AFTER_RELU``: relu(y * scale + shift) + residual) over
+    [N, H, W, C], with out's strides; ``POOL`` 2 (no
     residual): out = its 2x2 stride-2 max-pool, a program's rows being pooled pixels, so the full-size
     activation is never written.
 
@@ -1016,10 +1019,13 @@ def _bn_relu_apply_kernel(
             tl.store(out_ptr + _offsets(n, h, w, offs_c, so_n, so_c, so_h, so_w),
                      best.to(out_ptr.dtype.element_ty), mask=mask)  # exact: the values are y's dtype already
         else:
-            _, _, _, pre = _tail_pre_activation(y_ptr, res_ptr, n, h, w, offs_c, mask, scale, shift, res_scale,
-                                                res_shift, sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w, RESIDUAL)
+            _, _, res, pre = _tail_pre_activation(y_ptr, res_ptr, n, h, w, offs_c, mask, scale, shift, res_scale,
+                                                  res_shift, sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w, RESIDUAL)
+            out = _relu(pre)
+            if RESIDUAL == 3:  # rounded as torch rounds the ReLU's output before the add
+                out = to_storage(out, out_ptr.dtype.element_ty).to(tl.float32) + res
             tl.store(out_ptr + _offsets(n, h, w, offs_c, so_n, so_c, so_h, so_w),
-                     to_storage(_relu(pre), out_ptr.dtype.element_ty), mask=mask)
+                     to_storage(out, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -168,7 +168,7 @@ def spec_of_launch(kernel: Any, args: tuple, meta: dict) -> tuple[str, str, dict
 
 _PRO = {0: "", 1: "bnrelu>", 2: "bngrad>"}
 _EPI = {0: "", 1: ">stats", 2: ">relugrad"}
-_RES = {0: "", 1: "+res", 2: "+res(bn)"}
+_RES = {0: "", 1: "+res", 2: "+res(bn)", 3: "+res after relu"}
 
 
 def _act(spec: dict[str, Any], arg: str) -> str:
@@ -199,7 +199,8 @@ def describe(name: str, spec: dict[str, Any]) -> str:
                 f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_KW']}")
     if name in ("_bn_relu_apply_kernel", "_bn_relu_backward_kernel"):
         kind = "apply" if name == "_bn_relu_apply_kernel" else "backward"
-        return f"tail {kind}{_RES[c['RESIDUAL']]} {_act(spec, 'y_ptr')} {c['BLOCK_M']}x{c['BLOCK_C']}"
+        pool = "+maxpool" if c.get("POOL") else ""
+        return f"tail {kind}{_RES[c['RESIDUAL']]}{pool} {_act(spec, 'y_ptr')} {c['BLOCK_M']}x{c['BLOCK_C']}"
     dtype = next((_act(spec, a) for a in ("param_ref_ptr",) if a in spec["signature"]), "")
     flags = [k.lower() for k, v in c.items() if v is True and k != "ALIGNED"]
     return " ".join([dtype, *flags]).strip() or "-"

@@ -227,3 +227,38 @@ def test_max_pool_after_a_chain_fuses_however_spelled(size):
         converted(x.to(memory_format=torch.channels_last)).sum().backward()
     assert aten.count == 0
     assert aten.max_pools == (2 if size == 16 else 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_resnet9_stage_fused_both_ways(dtype):
+    """A ResNet-9 stage (conv-BN-ReLU, 2x2 max-pool, ``x + res2(res1(x))``) in fp32 and bf16 with odd widths,
+    batch 1, NCHW: the pool and the post-ReLU join fused (the join is one residual-block op, no aten add),
+    three-way parity over two steps and eval."""
+    torch.manual_seed(3)
+    model = nn.Sequential(zoo.conv_bn(3, 5), nn.MaxPool2d(2), zoo.Residual(5))
+    _randomize_bn(model, torch.Generator().manual_seed(4))
+    model = model.to(DEVICE)
+    x = torch.randn(1, 3, 6, 10, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    _compare_training(None, model, x, dtype, steps=2)
+    converted = fastres.convert(copy.deepcopy(model)).to(dtype)
+    assert {row.op for row in converted.fastres_report} == {"conv-BN-ReLU-max-pool chain", "residual join '2'"}
+    with count_launches() as launches:
+        converted(x.to(dtype)).sum().backward()
+    assert launches["_bn_relu_apply_kernel"] == 2 and launches["_bn_relu_backward_kernel"] == 2
+
+
+def test_gradient_penalty_through_a_post_relu_join():
+    """create_graph=True through ResNet-9's residual (added after the ReLU): torch's second-order gradients."""
+    torch.manual_seed(6)
+    plain = zoo.Residual(4)
+    _randomize_bn(plain, torch.Generator().manual_seed(7))
+    plain = plain.to(DEVICE)
+    fused = fastres.convert(copy.deepcopy(plain))
+    grads = []
+    for model in (plain, fused):
+        x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(8)).to(DEVICE).requires_grad_(True)
+        (grad_x,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+        grad_x.square().sum().backward()
+        grads.append([x.grad] + [p.grad for p in model.parameters()])
+    for i, (f, p) in enumerate(zip(*grads)):
+        torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-4, msg=f"grad {i}")

@@ -82,6 +82,17 @@ def test_conv_bn_relu_rejects_a_pool_it_cannot_take():
             torch.ops.fastres.conv_bn_relu(x, conv_weight, *_bn_args(bn), 1, 1, None, pool)
 
 
+def test_residual_block_rejects_after_relu_with_a_projection():
+    gen = torch.Generator().manual_seed(5)
+    w1 = torch.randn(4, 4, 3, 3, generator=gen).to(DEVICE)
+    wd = torch.randn(4, 4, 1, 1, generator=gen).to(DEVICE)
+    bn1, bn2, bnd = _bn(4, gen), _bn(4, gen), _bn(4, gen)
+    x = _input((2, 4, 5, 5), torch.float32, CL, gen)
+    with pytest.raises(ValueError, match="after_relu=True takes a tensor or identity shortcut, not a projection"):
+        torch.ops.fastres.residual_block(x, w1, *_bn_args(bn1), w1, *_bn_args(bn2), wd, *_bn_args(bnd), 1, None,
+                                         1, 1, 0, None, None, True)
+
+
 @pytest.mark.parametrize("dtype, memory_format, down", [
     (torch.float32, torch.contiguous_format, False), (torch.float32, CL, True),
     (torch.bfloat16, torch.contiguous_format, True), (torch.bfloat16, CL, False)])
@@ -101,19 +112,25 @@ def test_opcheck_residual_block(dtype, memory_format, down):
     _opcheck(torch.ops.fastres.residual_block.default, (x, w1, *_bn_args(bn1), w2, *_bn_args(bn2), *down_args, stride))
 
 
-@pytest.mark.parametrize("shortcut", ["residual", "down_input"])
+@pytest.mark.parametrize("shortcut", ["residual", "down_input", "identity after relu", "residual after relu"])
 def test_opcheck_residual_block_other_shortcuts(shortcut):
     """Issue 20's shortcuts: a tensor (its gradient returned) and a 1x1 stride-2 projection of another tensor
-    than x (a bottleneck's block input; its gradient returned), conv1 1x1 with padding 0."""
+    than x (a bottleneck's block input; its gradient returned), conv1 1x1 with padding 0; x or a tensor added
+    after the second ReLU (ResNet-9's residual)."""
     gen = torch.Generator().manual_seed(4)
     dtype = torch.float32
     w1 = (0.3 * torch.randn(4, 4, 1, 1, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
     w2 = (0.3 * torch.randn(6, 4, 3, 3, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
     bn1, bn2 = _bn(4, gen), _bn(6, gen)
     x = _input((2, 4, 5, 5), dtype, CL, gen)
-    if shortcut == "residual":
+    if shortcut == "identity after relu":
+        w2 = (0.3 * torch.randn(4, 4, 3, 3, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
+        bn2 = _bn(4, gen)
+        down_args, stride, extra = (None,) * 7 + (0.0,), 1, (None, None, True)
+    elif shortcut.startswith("residual"):
         down_args, stride = (None,) * 7 + (0.0,), 1
-        extra = (torch.randn(2, 6, 5, 5, generator=gen).to(DEVICE).to(memory_format=CL).requires_grad_(True), None)
+        extra = (torch.randn(2, 6, 5, 5, generator=gen).to(DEVICE).to(memory_format=CL).requires_grad_(True), None,
+                 shortcut.endswith("after relu"))
     else:
         wd = (0.3 * torch.randn(6, 3, 1, 1, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
         down_args, stride = (wd, *_bn_args(_bn(6, gen))), 2

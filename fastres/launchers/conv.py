@@ -29,7 +29,8 @@ from .workspace import _workspace
 
 PRO_NONE, PRO_BN_RELU, PRO_BN_GRAD = kernels.PRO_NONE, kernels.PRO_BN_RELU, kernels.PRO_BN_GRAD
 EPI_NONE, EPI_STATS, EPI_RELU_GRAD = kernels.EPI_NONE, kernels.EPI_STATS, kernels.EPI_RELU_GRAD
-RES_NONE, RES_TENSOR, RES_BN = kernels.RES_NONE, kernels.RES_TENSOR, kernels.RES_BN
+RES_NONE, RES_TENSOR, RES_BN, RES_AFTER_RELU = (kernels.RES_NONE, kernels.RES_TENSOR, kernels.RES_BN,
+                                                kernels.RES_AFTER_RELU)
 PAIR_NONE, PAIR_OUTPUTS, PAIR_OPERANDS = kernels.PAIR_NONE, kernels.PAIR_OUTPUTS, kernels.PAIR_OPERANDS
 
 CONV_BLOCK_M = 64
@@ -648,16 +649,18 @@ def _residual_mode(residual, residual_stats) -> int:
 
 
 def bn_relu_apply(y: torch.Tensor, stats: torch.Tensor, residual: torch.Tensor | None = None,
-                  residual_stats: torch.Tensor | None = None, pool: int = 0) -> torch.Tensor:
-    """relu(y * scale + shift + residual), the residual through its own BN (packed stats) if given; ``pool``
-    2 (no residual; y's height and width even): its 2x2 stride-2 max-pool instead, in y's memory format."""
+                  residual_stats: torch.Tensor | None = None, pool: int = 0, after_relu: bool = False) -> torch.Tensor:
+    """relu(y * scale + shift + residual), the residual through its own BN (packed stats) if given;
+    ``after_relu``: relu(y * scale + shift) + residual (a tensor); ``pool`` 2 (no residual; y's height and
+    width even): its 2x2 stride-2 max-pool instead, in y's memory format."""
     res = y if residual is None else residual
+    mode = RES_AFTER_RELU if after_relu else _residual_mode(residual, residual_stats)
     if pool:
         n, c, h, w = y.shape
         out = torch.empty((n, c, h // 2, w // 2), dtype=y.dtype, device=y.device, memory_format=memory_format_of(y))
     else:
         out = torch.empty_like(y)
-    plan = _plan_tail(tuple(y.shape), y.element_size(), _residual_mode(residual, residual_stats), False, pool,
+    plan = _plan_tail(tuple(y.shape), y.element_size(), mode, False, pool,
                       (tuple(y.shape), y.stride()),
                       (tuple(res.shape), res.stride()))
     launch(kernels._bn_relu_apply_kernel, plan.grid,
