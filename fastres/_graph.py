@@ -104,6 +104,27 @@ class Block:
         return b if a is self.second.output else a
 
 
+@dataclasses.dataclass
+class ChainConv:
+    """A conv -> BN -> ReLU chain whose only user is a conv without BN, and the add that may take that conv's
+    output: ``conv2(relu(bn(conv(x)))) [+ shortcut]`` (a pre-activation block's conv1 to its residual sum)."""
+
+    unit: Unit
+    conv2: fx.Node
+    add: Optional[fx.Node]
+
+    @property
+    def last(self) -> fx.Node:
+        return self.conv2 if self.add is None else self.add
+
+    @property
+    def shortcut(self) -> Optional[fx.Node]:
+        if self.add is None:
+            return None
+        a, b = self.add.args[:2]
+        return b if a is self.conv2 else a
+
+
 class Tracer(fx.Tracer):
     """Traces into user modules; fastres's fused modules stay leaves (they are fused already)."""
 
@@ -235,6 +256,29 @@ def _blocks(units: dict[fx.Node, Unit], modules: dict) -> list[Block]:
     return blocks
 
 
+def _chain_convs(units: dict[fx.Node, Unit], modules: dict, consumed: set) -> list[ChainConv]:
+    """Chains (with ReLU, no pool, not in a block) whose ReLU's only user is a conv that no BatchNorm
+    follows, with the add of another tensor to that conv's output when that add is its only user."""
+    found = []
+    for unit in units.values():
+        if unit.relu is None or unit.pool is not None or unit.conv in consumed:
+            continue
+        conv2 = _only_user(unit.relu)
+        if (_module(conv2, modules, nn.Conv2d) is None or conv2 in units or len(conv2.args) != 1 or conv2.kwargs
+                or conv2.args[0] is not unit.relu):
+            continue
+        add = _only_user(conv2)
+        if add is not None and _is_add(add) and conv2 in add.args[:2]:
+            other = add.args[1] if add.args[0] is conv2 else add.args[0]
+            in_place = add.op == "call_method" and add.target == "add_" or add.target is operator.iadd
+            if not isinstance(other, fx.Node) or other is conv2 or (in_place and add.args[0] is not conv2):
+                add = None
+        else:
+            add = None
+        found.append(ChainConv(unit, conv2, add))
+    return found
+
+
 # ------------------------------------------------------------------ the fused calls a converted graph makes
 
 
@@ -254,6 +298,10 @@ class FusedSite(nn.Module):
 
 class ConvBNReLUChain(FusedSite):
     """A conv -> BatchNorm -> ReLU chain of a converted model."""
+
+
+class ConvBNReLUConv(FusedSite):
+    """A conv -> BatchNorm -> ReLU -> conv (+ residual) of a converted model (pre-activation blocks)."""
 
 
 class ResidualJoin(FusedSite):
@@ -287,6 +335,20 @@ def _max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, 2)
 
 
+def conv_bn_relu_conv_chain(x: torch.Tensor, conv: nn.Module, bn: nn.Module, relu: Optional[nn.Module],
+                            conv2: nn.Module, shortcut: Optional[torch.Tensor], site: ConvBNReLUConv) -> torch.Tensor:
+    """``conv2(relu(bn(conv(x)))) [+ shortcut]`` of a converted graph."""
+    from .functional import _conv_bn_relu_conv
+
+    act = _relu_or_default(relu)
+
+    def plain() -> torch.Tensor:
+        out = conv2(act(bn(conv(x))))
+        return out if shortcut is None else out + shortcut
+
+    return _conv_bn_relu_conv(x, conv, bn, act, conv2, shortcut, site, plain)
+
+
 def residual_join(x: torch.Tensor, conv1: nn.Module, bn1: nn.Module, relu1: Optional[nn.Module], conv2: nn.Module,
                   bn2: nn.Module, relu2: Optional[nn.Module], shortcut: torch.Tensor, down_conv: Optional[nn.Module],
                   down_bn: Optional[nn.Module], identity: bool, site: ResidualJoin,
@@ -312,6 +374,7 @@ def residual_join(x: torch.Tensor, conv1: nn.Module, bn1: nn.Module, relu1: Opti
 
 
 fx.wrap("conv_bn_relu_chain")
+fx.wrap("conv_bn_relu_conv_chain")
 fx.wrap("residual_join")
 
 
@@ -351,7 +414,7 @@ def convert_graph(model: nn.Module) -> tuple[nn.Module, list[Row]]:
     """``model`` traced, its conv -> BN -> ReLU chains and residual blocks fused (module docstring): the
     converted ``fx.GraphModule`` (sharing ``model``'s modules) and the report's rows. A model that
     ``torch.fx`` cannot trace comes back as it is, the report saying why."""
-    from .functional import _join_problem
+    from .functional import _conv_problem, _join_problem
 
     from .models import _fused_rows
 
@@ -418,6 +481,24 @@ def convert_graph(model: nn.Module) -> tuple[nn.Module, list[Row]]:
                                                                       if projection else ()):
             taken[node.target] = f"residual join {name!r}"
         consumed.update(dead)
+    for chain in _chain_convs(units, modules, consumed):
+        unit, conv2 = chain.unit, chain.conv2
+        problem = _static_problem_unit(unit, modules) or _conv_problem(modules[conv2.target], conv2.target, stride=1)
+        if problem is not None:
+            continue  # fused as a chain below if it can be; the conv keeps its reason
+        with graph.inserting_before(chain.last):
+            args = (unit.input, module_arg(unit.conv), module_arg(unit.bn), module_arg(unit.relu), module_arg(conv2),
+                    chain.shortcut, site_attr(ConvBNReLUConv(conv2.target)))
+            fused = graph.call_function(conv_bn_relu_conv_chain, args)
+        chain.last.replace_all_uses_with(fused)
+        dead = [chain.add, conv2, unit.relu, unit.bn, unit.conv]
+        for node in dead:
+            if node is not None:
+                graph.erase_node(node)
+        op = "conv-BN-ReLU-conv" + (" + residual" if chain.add is not None else "")
+        for node in (unit.conv, unit.bn, conv2):
+            taken[node.target] = op
+        consumed.update(node for node in dead if node is not None)
     for unit in units.values():
         if unit.conv in consumed or unit.relu is None:
             continue

@@ -466,6 +466,57 @@ def _conv_bn_relu(x: torch.Tensor, conv: nn.Module, bn: nn.Module, relu: Optiona
     return out if pool is None or fused_pool else pool(out)
 
 
+def _conv_bn_relu_conv(x: torch.Tensor, conv: nn.Module, bn: nn.Module, relu: nn.Module, conv2: nn.Module,
+                       residual: Optional[torch.Tensor], owner: nn.Module,
+                       plain: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``conv2(relu(bn(conv(x)))) [+ residual]`` fused (a pre-activation block's conv1 -> BN -> ReLU -> conv2
+    and its residual sum: ``fastres.ops.conv_bn_relu_conv``), conv2 without a BatchNorm after it, stride 1;
+    ``owner`` is warned once when it falls back, ``plain()`` is its plain forward. Eval mode fuses the
+    chain and runs conv2 (and the add) in PyTorch."""
+    dtype = _kernel_dtype(x)
+    if dtype is None:
+        return plain()
+    device = x.device
+    autocast = torch.is_autocast_enabled(device.type)
+    weight = _conv_weight(conv, device, dtype, autocast)
+    weight2 = _conv_weight(conv2, device, dtype, autocast)
+    bn_group = None
+    takes = (weight is not None and weight2 is not None and type(relu) is nn.ReLU and not _hooked(relu)
+             and not _global_hooks() and conv2.stride == _ONE)
+    if takes:
+        n, channels, h, w = x.shape
+        out_channels, in_channels, kh, kw = weight.shape
+        stride, padding, padding2 = conv.stride[0], conv.padding[0], conv2.padding[0]
+        out_h, out_w = L.out_size(h, kh, stride, padding), L.out_size(w, kw, stride, padding)
+        out_h2, out_w2 = L.out_size(out_h, weight2.shape[2], 1, padding2), L.out_size(out_w, weight2.shape[3], 1,
+                                                                                     padding2)
+        takes = (channels == in_channels and weight2.shape[1] == out_channels and min(out_h, out_w, out_h2, out_w2) > 0
+                 and _bn_takes(bn, out_channels, dtype, device)
+                 and not ((bn.training or bn._buffers.get("running_mean") is None) and n * out_h * out_w == 1))
+        if takes and residual is not None:
+            # The epilogue reads the residual as the output's elements: no broadcasting, the compute dtype.
+            takes = (isinstance(residual, torch.Tensor) and residual.device == device and residual.dtype == dtype
+                     and residual.shape == (n, weight2.shape[0], out_h2, out_w2))
+        if takes:
+            takes, bn_group = _bn_group((bn,))
+    if not takes:
+        _step_aside(owner, _stem_problem(conv, bn, relu) or _conv_problem(conv2, "conv2", stride=1), x,
+                    (conv, bn, conv2))
+        return plain()
+    bn_cfg = _bn_config(bn)
+    if not bn_cfg.batch_stats and (_needs_grad(x, conv, bn, conv2) or torch.is_grad_enabled() and residual is not None
+                                   and residual.requires_grad):
+        return plain()
+    x = x.to(dtype)
+    if not bn_cfg.batch_stats:
+        out = torch.nn.functional.conv2d(_eval_conv(x, weight, stride, padding, bn_cfg, relu=True), weight2,
+                                         padding=padding2)
+        return out if residual is None else out + residual
+    out, _, _ = torch.ops.fastres.conv_bn_relu_conv(x, weight, *_bn_op_args(bn_cfg.args), weight2, stride, padding,
+                                                    padding2, bn_group, residual)
+    return out
+
+
 # ------------------------------------------------------------------ residual block
 
 def residual_block(x: torch.Tensor, block: nn.Module) -> torch.Tensor:

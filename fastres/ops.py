@@ -41,7 +41,8 @@ from . import _sync_bn as S
 from .launchers import conv as L
 from .launchers.core import device_guarded
 
-__all__ = ["conv_bn_relu", "conv_bn_relu_backward", "residual_block", "residual_block_backward", "conv_bn_eval"]
+__all__ = ["conv_bn_relu", "conv_bn_relu_backward", "conv_bn_relu_conv", "conv_bn_relu_conv_backward",
+           "residual_block", "residual_block_backward", "conv_bn_eval"]
 
 _lib = torch.library.Library("fastres", "DEF")
 
@@ -53,6 +54,13 @@ _lib.define("conv_bn_relu(Tensor x, Tensor weight, " + _BN_ARGS.format(p="bn_", 
 _lib.define("conv_bn_relu_backward(Tensor dout, Tensor x, Tensor weight, Tensor bn_weight, Tensor y, Tensor stats, "
             "int stride, int padding, bool input_grad, str? bn_group=None, int pool=0) "
             "-> (Tensor dx, Tensor dweight, Tensor dbn_weight, Tensor dbn_bias)")
+_lib.define("conv_bn_relu_conv(Tensor x, Tensor weight, " + _BN_ARGS.format(p="bn_", i="") +
+            ", Tensor conv2_weight, int stride, int padding, int padding2, str? bn_group=None, Tensor? residual=None) "
+            "-> (Tensor out, Tensor y, Tensor stats)")
+_lib.define("conv_bn_relu_conv_backward(Tensor dout, Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, "
+            "float bn_eps, Tensor y, Tensor stats, Tensor conv2_weight, int stride, int padding, int padding2, "
+            "bool input_grad, str? bn_group=None) "
+            "-> (Tensor dx, Tensor dweight, Tensor dbn_weight, Tensor dbn_bias, Tensor dconv2_weight)")
 _lib.define("residual_block(Tensor x, Tensor conv1_weight, " + _BN_ARGS.format(p="bn1_", i="1") +
             ", Tensor conv2_weight, " + _BN_ARGS.format(p="bn2_", i="2") +
             ", Tensor? down_weight, Tensor? bnd_weight, Tensor? bnd_bias, Tensor(a3!)? bnd_running_mean, "
@@ -237,6 +245,125 @@ def _pooled(out: torch.Tensor, pool: int) -> torch.Tensor:
 _lib.impl("conv_bn_relu", _ConvBNReLUAutograd.apply, "Autograd")
 
 
+# ------------------------------------------------------------------ conv + BN + ReLU + conv (+ residual)
+
+@_impl("conv_bn_relu_conv")
+def conv_bn_relu_conv(x, weight, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked,
+                      bn_momentum, bn_eps, conv2_weight, stride, padding, padding2, bn_group=None, residual=None):
+    """Training-mode ``conv2d(relu(batch_norm(conv2d(x, weight))), conv2_weight) [+ residual]``, the second
+    conv with stride 1 and no BatchNorm after it (a pre-activation block's conv1 -> BN -> ReLU -> conv2, the
+    residual sum added in conv2's epilogue): (out, y, stats). The ReLU's output is never written: conv2
+    applies BN + ReLU to y as it loads it."""
+    group = S.group_named(bn_group)
+    bn = L.BatchNormArgs(bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked,
+                         bn_momentum, bn_eps)
+    y, stats = L.conv(x, weight, stride, padding, dtype=x.dtype, epilogue=L.EPI_STATS, bn=S.local_args(bn, group))
+    stats = S.maybe_sync_stats(y, stats, bn, group)
+    if residual is not None:
+        residual = _in_conv_output_layout(residual, y, conv2_weight, padding2)
+    out, _ = L.conv(y, conv2_weight, 1, padding2, dtype=x.dtype, prologue=L.PRO_BN_RELU, pro=stats,
+                    residual=residual)
+    return out, y, stats
+
+
+def _in_conv_output_layout(t: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
+    """``t`` with the strides of ``conv2d(a, weight)``'s output (the epilogue reads it with them): a copy
+    only when it has others."""
+    shape, strides = L.conv_output_layout(tuple(a.shape), a.stride(), tuple(weight.shape), 1, padding)
+    if any(x != y for x, y, n in zip(t.stride(), strides, shape) if n > 1):
+        return torch.empty_strided(shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+    return t
+
+
+@torch.library.register_fake("fastres::conv_bn_relu_conv")
+def _conv_bn_relu_conv_fake(x, weight, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked,
+                            bn_momentum, bn_eps, conv2_weight, stride, padding, padding2, bn_group=None,
+                            residual=None):
+    y = _empty_conv_output(x, weight, stride, padding, dtype=x.dtype)
+    return _empty_conv_output(y, conv2_weight, 1, padding2, dtype=x.dtype), y, _stats_like(y)
+
+
+@_impl("conv_bn_relu_conv_backward")
+def conv_bn_relu_conv_backward(dout, x, weight, bn_weight, bn_bias, bn_eps, y, stats, conv2_weight, stride, padding,
+                               padding2, input_grad, bn_group=None):
+    """The gradients of :func:`conv_bn_relu_conv` but the residual's (which is ``dout`` itself)."""
+    group = S.group_named(bn_group)
+    dout = _in_conv_output_layout(dout, y, conv2_weight, padding2)
+    bn = L.BatchNormArgs(bn_weight, bn_bias, None, None, None, None, bn_eps)
+    # dL/dy through conv2: the ReLU mask and the BN's backward sums in the data gradient's epilogue.
+    g_masked, coefs = L.conv(dout, conv2_weight, 1, padding2, dtype=x.dtype, transposed=True,
+                             out_hw=tuple(y.shape[2:]), epilogue=L.EPI_RELU_GRAD, ey=y, bn=bn, stats=stats)
+    dw2 = L.conv_wgrad(dout, y, conv2_weight, 1, padding2, x_pro=stats)
+    coefs = S.maybe_sync_coefs(coefs, stats, bn_weight, y, group)
+    if input_grad and L.grads_fusable(weight, stride, padding) and L.same_layout(g_masked, y):
+        dx, _, dweight = L.conv_grads(g_masked, weight, x, dy2=y, dy_pro=coefs.packed)
+        return dx, dweight, coefs.dweight, coefs.dbias, dw2
+    dx = _absent(x)
+    if input_grad:
+        dx, _ = L.conv(g_masked, weight, stride, padding, dtype=x.dtype, transposed=True, out_hw=tuple(x.shape[2:]),
+                       prologue=L.PRO_BN_GRAD, a2=y, pro=coefs.packed)
+    dweight = L.conv_wgrad(g_masked, x, weight, stride, padding, dy2=y, dy_pro=coefs.packed)
+    return dx, dweight, coefs.dweight, coefs.dbias, dw2
+
+
+@torch.library.register_fake("fastres::conv_bn_relu_conv_backward")
+def _conv_bn_relu_conv_backward_fake(dout, x, weight, bn_weight, bn_bias, bn_eps, y, stats, conv2_weight, stride,
+                                     padding, padding2, input_grad, bn_group=None):
+    dx = _absent(x)
+    if input_grad:  # conv's transposed output of g_masked, which has y's layout
+        dx = _empty_conv_output(y, weight, stride, padding, dtype=x.dtype, transposed=True,
+                                out_hw=tuple(x.shape[2:]))
+    return (dx, torch.empty_like(weight), torch.empty_like(bn_weight), torch.empty_like(bn_weight),
+            torch.empty_like(conv2_weight))
+
+
+class _ConvBNReLUConvAutograd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                conv2_weight, stride, padding, padding2, bn_group=None, residual=None):
+        args = (x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                conv2_weight, stride, padding, padding2, bn_group, residual)
+        if _is_plain_eager(x):
+            out, y, stats = conv_bn_relu_conv(*args)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                out, y, stats = torch.ops.fastres.conv_bn_relu_conv(*args)
+        ctx.save_for_backward(x, weight, bn_weight, bn_bias, y, stats, conv2_weight, residual)
+        ctx.conv = (stride, padding, padding2)
+        ctx.eps = eps
+        ctx.bn_group = bn_group
+        ctx.mark_non_differentiable(y, stats)
+        ctx.set_materialize_grads(False)
+        return out, y, stats
+
+    @staticmethod
+    def backward(ctx, dout, _dy, _dstats):
+        x, weight, bn_weight, bn_bias, y, stats, conv2_weight, residual = ctx.saved_tensors
+        stride, padding, padding2 = ctx.conv
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable in turn
+            def forward(x, weight, bn_weight, bn_bias, conv2_weight, *rest):
+                h = _plain_conv_bn(x, weight, bn_weight, bn_bias, ctx.eps, stride, padding).relu()
+                out = torch.nn.functional.conv2d(h, conv2_weight.to(h.dtype), padding=padding2)
+                return out + rest[0] if rest else out
+
+            index = (0, 1, 2, 3, 9) + ((14,) if residual is not None else ())
+            inputs = (x, weight, bn_weight, bn_bias, conv2_weight) + ((residual,) if residual is not None else ())
+            return _differentiable_grads(ctx, dout, inputs, forward, index)
+        input_grad = ctx.needs_input_grad[0]
+        backward = (conv_bn_relu_conv_backward if _is_plain_eager(dout)
+                    else torch.ops.fastres.conv_bn_relu_conv_backward)
+        dx, dweight, dbn_weight, dbn_bias, dw2 = backward(dout, x, weight, bn_weight, bn_bias, ctx.eps, y, stats,
+                                                          conv2_weight, stride, padding, padding2, input_grad,
+                                                          ctx.bn_group)
+        # The residual's gradient is dout itself: no copy (an op's outputs may not alias its inputs, but an
+        # autograd Function's gradients may).
+        return ((dx if input_grad else None), dweight, dbn_weight, dbn_bias, *(None,) * 5, dw2, None, None, None, None,
+                dout if residual is not None else None)[:len(ctx.needs_input_grad)]
+
+
+_lib.impl("conv_bn_relu_conv", _ConvBNReLUConvAutograd.apply, "Autograd")
+
+
 # ------------------------------------------------------------------ residual block
 
 @_impl("residual_block")
@@ -325,8 +452,9 @@ def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps
                             bn2_weight, y2, stats2, down_weight, bnd_weight, yd, statsd, stride, input_grad,
                             bn_group=None, padding1=1, padding2=1, down_padding=1, residual=None, down_input=None,
                             after_relu=False):
-    """The gradients of :func:`residual_block`; ``dresidual`` (the tail's masked gradient g; ``dout`` itself
-    with ``after_relu``) is empty unless the shortcut was the tensor ``residual``, ``ddown_input`` unless
+    """The gradients of :func:`residual_block`; ``dresidual`` (the tail's masked gradient g) is empty unless
+    the shortcut was the tensor ``residual`` added before the ReLU (after it, its gradient is ``dout`` itself,
+    which the autograd Function returns: an op's outputs may not alias its inputs), ``ddown_input`` unless
     ``down_input`` was given."""
     dtype = x.dtype
     group = S.group_named(bn_group)
@@ -364,9 +492,7 @@ def residual_block_backward(dout, x, conv1_weight, bn1_weight, bn1_bias, bn1_eps
         ddown, _ = L.conv(g, down_weight, stride, down_padding, dtype=dtype, transposed=True,
                           out_hw=tuple(down_input.shape[2:]), prologue=L.PRO_BN_GRAD, a2=yd, pro=coefs_d.packed)
     identity = not has_down and residual is None
-    dresidual = _absent(x)
-    if residual is not None:  # an op's output may not alias its input: dout is copied
-        dresidual = shortcut_grad.clone() if after_relu else g
+    dresidual = g if residual is not None and not after_relu else _absent(x)
     grads = (coefs1.dweight, coefs1.dbias, dw2, coefs2.dweight, coefs2.dbias, dwd, dgd, dbd, dresidual, ddown)
     dx = _absent(x)
     if (input_grad and (not has_down or separate) and L.grads_fusable(conv1_weight, stride, padding1)
@@ -407,7 +533,7 @@ def _residual_block_backward_fake(dout, x, conv1_weight, bn1_weight, bn1_bias, b
     dwd, dgd, dbd = _absent(x), _absent(stats1), _absent(stats1)
     if down_weight is not None:
         dwd, dgd, dbd = torch.empty_like(down_weight), torch.empty_like(bnd_weight), torch.empty_like(bnd_weight)
-    dresidual = torch.empty_like(y2) if residual is not None else _absent(x)
+    dresidual = torch.empty_like(y2) if residual is not None and not after_relu else _absent(x)
     ddown = _absent(x)
     if down_input is not None and down_weight is not None:  # g (y2.s layout) through the projection transposed
         ddown = _empty_conv_output(y2, down_weight, stride, down_padding, dtype=x.dtype, transposed=True,
@@ -477,7 +603,7 @@ class _ResidualBlockAutograd(torch.autograd.Function):
         none4 = (None,) * 4  # running statistics, num_batches_tracked, momentum, eps
         return ((dx if input_grad else None), dw1, dg1, db1, *none4, None, dw2, dg2, db2, *none4, None,
                 dwd, dgd, dbd, *none4, None, None, None, None, None, None,
-                dres if residual is not None else None,
+                (dout if ctx.after_relu else dres) if residual is not None else None,
                 ddown if down_input is not None else None, None)[:len(ctx.needs_input_grad)]
 
 

@@ -28,10 +28,23 @@ UNFUSED = {
     "option_a_resnet20": 0,
     "torchvision_style": 0,
     "resnet9": 0,
-    # pre-activation: the BatchNorms of residual sums and the network's first and last convs (no BN after)
-    "preact_resnet18": 7,
+    # pre-activation: the BatchNorms of residual sums (2 blocks' and the head's), the stem conv and the 1x1
+    # shortcut conv (convs with no BN after them and no chain before them)
+    "preact_resnet18": 5,
     "bottleneck": 0,
 }
+
+
+@pytest.fixture(autouse=True)
+def _no_onednn_on_cpu():
+    """oneDNN's weight gradient of a 1x1 stride-2 conv on channels_last CPU tensors is wrong in about a third
+    of runs under torch 2.13 (the same inputs, different results; PyTorch's own CPU convolution is right):
+    the pre-activation net's unfused shortcut runs it on the fused side. Off on CPU, for both sides."""
+    if DEVICE.type != "cpu":
+        yield
+        return
+    with torch.backends.mkldnn.flags(enabled=False):
+        yield
 
 
 def _model(name: str) -> nn.Module:
@@ -90,11 +103,11 @@ def test_report_names_every_conv_and_batchnorm(capsys):
     model = _model("preact_resnet18")
     converted = fastres.convert(model, report=True)
     text = capsys.readouterr().out
-    assert text.startswith("fastres.convert: 4 of 11 convs and BatchNorms fused")
+    assert text.startswith("fastres.convert: 6 of 11 convs and BatchNorms fused")
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
             assert name in text
-    assert "pre-activation BatchNorm" in text and "conv-BN-ReLU chain" in text
+    assert "pre-activation BatchNorm" in text and "conv-BN-ReLU-conv + residual" in text
     assert fastres.convert(converted) is converted  # a second convert changes nothing
 
 
@@ -262,3 +275,42 @@ def test_gradient_penalty_through_a_post_relu_join():
         grads.append([x.grad] + [p.grad for p in model.parameters()])
     for i, (f, p) in enumerate(zip(*grads)):
         torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-4, msg=f"grad {i}")
+
+
+class _ChainThenConv(nn.Module):
+    """conv -> BN -> ReLU -> 1x1 conv (no add after it), then a pre-activation block with a projection, whose
+    first BN therefore follows a conv (a chain: conv -> BN -> ReLU, the ReLU's output read by two convs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5), nn.ReLU(),
+                                  nn.Conv2d(5, 6, 1, bias=False))
+        self.block = zoo.PreActBlock(6, 7, stride=2)
+
+    def forward(self, x):
+        return self.block(self.head(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("part", ["head", "both"])
+def test_chain_then_conv_fused_both_ways(dtype, part):
+    """conv1 -> BN -> ReLU -> conv2 (a chain into a 1x1 conv; the pre-activation block's inner half with its
+    residual sum in conv2's epilogue) as one op: three-way parity over two steps and eval, batch 1, odd
+    sizes, NCHW; no aten conv or batch norm but the projection's."""
+    torch.manual_seed(9)
+    model = _ChainThenConv() if part == "both" else _ChainThenConv().head
+    _randomize_bn(model, torch.Generator().manual_seed(10))
+    model = model.to(DEVICE)
+    x = torch.randn(1, 3, 7, 9, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    _compare_training(None, model, x, dtype, steps=2)
+    converted = fastres.convert(copy.deepcopy(model)).to(dtype)
+    ops = {row.path: row.op for row in converted.fastres_report}
+    if part == "head":
+        assert set(ops.values()) == {"conv-BN-ReLU-conv"}
+    else:
+        assert ops["head.0"] == ops["head.1"] == ops["head.3"] == ops["block.bn1"] == "conv-BN-ReLU chain"
+        assert ops["block.conv1"] == ops["block.bn2"] == ops["block.conv2"] == "conv-BN-ReLU-conv + residual"
+        assert ops["block.shortcut.0"] is None
+    with _AtenConvBN() as aten:
+        converted(x.to(dtype)).sum().backward()
+    assert aten.count == (0 if part == "head" else 2)  # the projection's conv, forward and backward

@@ -72,6 +72,19 @@ def test_opcheck_conv_bn_relu_max_pool(dtype, memory_format):
     _opcheck(torch.ops.fastres.conv_bn_relu.default, (x, conv_weight, *_bn_args(bn), 1, 1, None, 2))
 
 
+@pytest.mark.parametrize("dtype, memory_format, residual", [
+    (torch.float32, torch.contiguous_format, True), (torch.bfloat16, CL, False), (torch.float32, CL, True)])
+def test_opcheck_conv_bn_relu_conv(dtype, memory_format, residual):
+    """A pre-activation block's conv1 -> BN -> ReLU -> conv2 (+ residual): conv1 3x3 stride 2, conv2 1x1."""
+    gen = torch.Generator().manual_seed(6)
+    w1 = (0.3 * torch.randn(5, 3, 3, 3, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
+    w2 = (0.3 * torch.randn(4, 5, 1, 1, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
+    bn = _bn(5, gen)
+    x = _input((2, 3, 7, 6), dtype, memory_format, gen)
+    res = _input((2, 4, 4, 3), dtype, torch.contiguous_format, gen) if residual else None
+    _opcheck(torch.ops.fastres.conv_bn_relu_conv.default, (x, w1, *_bn_args(bn), w2, 2, 1, 0, None, res))
+
+
 def test_conv_bn_relu_rejects_a_pool_it_cannot_take():
     gen = torch.Generator().manual_seed(4)
     conv_weight = torch.randn(5, 3, 3, 3, generator=gen).to(DEVICE)
