@@ -2,15 +2,19 @@
 
 The model is traced symbolically (``torch.fx``), so what is matched is what the code computes, however it
 is written: ReLU as an ``nn.ReLU`` module (one module used twice, ``inplace=True``), ``F.relu``,
-``torch.relu`` or ``.relu()``; a residual as ``out += s``, ``out = out + s`` or ``torch.add``. Two patterns:
+``torch.relu`` or ``.relu()``; a residual as ``out += s``, ``out = out + s`` or ``torch.add``. Three
+patterns, matched in this order (a node is taken by the first that takes it):
 
-* **conv -> BN -> ReLU** (each result used only by the next), with the 2x2 stride-2 max-pool that may
-  follow it: ``fastres.functional.conv_bn_relu`` (the pool fused into its BN-ReLU pass in training mode);
 * **the basic residual block**: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)``, the shortcut being
   ``x`` itself, ``bnd(convd(x))`` (any kernel size and stride the kernels take) or ``bnd(convd(b))`` of
   another tensor (a bottleneck's block input, whose 1x1 chain gives ``x``), or any other tensor (the
-  option-A strided slice, a conv without BN, ...), which the fused join takes as a plain tensor:
-  ``fastres.functional.residual_block``.
+  option-A strided slice, a conv without BN, ...), which the fused join takes as a plain tensor; or
+  ``relu(bn2(conv2(...))) + shortcut``, the residual added after the ReLU (ResNet-9):
+  ``fastres.ops.residual_block``;
+* **conv -> BN -> ReLU -> conv** (a conv with no BN after it) ``[+ shortcut]``: a pre-activation block
+  from its conv1 to its residual sum, ``fastres.ops.conv_bn_relu_conv``;
+* **conv -> BN -> ReLU** (each result used only by the next), with the 2x2 stride-2 max-pool that may
+  follow it: ``fastres.functional.conv_bn_relu`` (the pool fused into its BN-ReLU pass in training mode).
 
 Matched nodes are replaced by one call each; the modules stay where they were (the graph reads them by
 their paths on every call, so a module replaced later, e.g. by ``nn.SyncBatchNorm.convert_sync_batchnorm``,

@@ -405,9 +405,11 @@ def runs(quick: bool = False) -> list[tuple[str, Callable[[], None]]]:
              lambda: eval_forward(_model("resnet20", _no_running_stats), None, BATCH)),
         ]
         # ResNets written in plain PyTorch, through fastres.convert (issue 20): 1x1 and strided projections,
-        # tensor residuals, 1x1 convs in a chain, conv-BN-ReLU chains before a max-pool.
+        # tensor residuals, 1x1 convs in a chain, conv-BN-ReLU chains with their max-pools, residuals after the
+        # ReLU, pre-activation blocks' conv -> BN -> ReLU -> conv + residual.
         for name, dname in (("kuangliu_resnet18", "fp32"), ("kuangliu_resnet18", "bf16"),
-                            ("torchvision_style", "bf16"), ("option_a_resnet20", "bf16"), ("resnet9", "fp32"), ("resnet9", "bf16"),
+                            ("torchvision_style", "bf16"), ("option_a_resnet20", "bf16"), ("resnet9", "fp32"),
+                            ("resnet9", "bf16"), ("preact_resnet18", "fp32"), ("preact_resnet18", "bf16"),
                             ("bottleneck", "bf16")):
             out.append((f"zoo {name} {dname} train sgd",
                         lambda n=name, a=dtypes[dname]: train_step(_zoo(n), "sgd", a, BATCH)))
