@@ -487,9 +487,12 @@ def convert_graph(model: nn.Module) -> tuple[nn.Module, list[Row]]:
         consumed.update(dead)
     for chain in _chain_convs(units, modules, consumed):
         unit, conv2 = chain.unit, chain.conv2
-        problem = _static_problem_unit(unit, modules) or _conv_problem(modules[conv2.target], conv2.target, stride=1)
-        if problem is not None:
-            continue  # fused as a chain below if it can be; the conv keeps its reason
+        if _static_problem_unit(unit, modules) is not None:
+            continue  # the chain's own reason is given below
+        problem = _conv_problem(modules[conv2.target], conv2.target, stride=1)
+        if problem is not None:  # the chain alone is fused below
+            reasons.setdefault(conv2.target, f"it follows a conv-BN-ReLU chain, but {problem}")
+            continue
         with graph.inserting_before(chain.last):
             args = (unit.input, module_arg(unit.conv), module_arg(unit.bn), module_arg(unit.relu), module_arg(conv2),
                     chain.shortcut, site_attr(ConvBNReLUConv(conv2.target)))

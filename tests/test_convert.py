@@ -314,3 +314,11 @@ def test_chain_then_conv_fused_both_ways(dtype, part):
     with _AtenConvBN() as aten:
         converted(x.to(dtype)).sum().backward()
     assert aten.count == (0 if part == "head" else 2)  # the projection's conv, forward and backward
+
+
+def test_a_grouped_conv_after_a_chain_leaves_the_chain_fused_and_says_why():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False))
+    rows = {row.path: row for row in fastres.convert(model).fastres_report}
+    assert rows["0"].op == rows["1"].op == "conv-BN-ReLU chain"
+    assert rows["3"].op is None and rows["3"].why == "it follows a conv-BN-ReLU chain, but 3 has groups=2"
