@@ -1074,9 +1074,9 @@ def _bn_relu_backward_kernel(
         n, h, w, mask = _rows(tl.program_id(0), m0, N, OH, OW, c_mask, BLOCK_M, SUB_M, IDX64)
         scale = _stats_row(stats_ptr, 0, offs_c, c_mask, C)
         shift = _stats_row(stats_ptr, 1, offs_c, c_mask, C)
-        dout = tl.load(dout_ptr + _offsets(n, h, w, offs_c, sd_n, sd_c, sd_h, sd_w), mask=mask,
-                       other=0.0).to(tl.float32)
         if POOL == 2:
+            dout = tl.load(dout_ptr + _offsets(n, h, w, offs_c, sd_n, sd_c, sd_h, sd_w), mask=mask,
+                           other=0.0).to(tl.float32)
             o0, y0, p0, best = _window_tap(y_ptr, n, h, w, 0, 0, offs_c, mask, scale, shift, sy_n, sy_c, sy_h, sy_w)
             o1, y1, p1, v = _window_tap(y_ptr, n, h, w, 0, 1, offs_c, mask, scale, shift, sy_n, sy_c, sy_h, sy_w)
             best, index = _window_max(best, tl.zeros((SUB_M, BLOCK_C), tl.int32), v, 1)
@@ -1106,6 +1106,8 @@ def _bn_relu_backward_kernel(
             y_offs, y, res, pre = _tail_pre_activation(y_ptr, res_ptr, n, h, w, offs_c, mask, scale, shift,
                                                        res_scale, res_shift, sy_n, sy_c, sy_h, sy_w, sr_n, sr_c,
                                                        sr_h, sr_w, RESIDUAL)
+            dout = tl.load(dout_ptr + _offsets(n, h, w, offs_c, sd_n, sd_c, sd_h, sd_w), mask=mask,
+                           other=0.0).to(tl.float32)
             g = tl.where(mask & _relu_passes(pre), dout, 0.0)
             tl.store(g_ptr + y_offs, to_storage(g, g_ptr.dtype.element_ty), mask=mask)
             acc_g += g
