@@ -129,6 +129,21 @@ class ChainConv:
         return b if a is self.conv2 else a
 
 
+@dataclasses.dataclass
+class PreactBlock:
+    """A pre-activation block: ``a = relu0(bn0(x))`` read by a :class:`ChainConv`'s first conv (and by a
+    projection conv without BN whose output is the chain-conv's shortcut; else the shortcut is ``x``)."""
+
+    bn0: fx.Node
+    relu0: fx.Node
+    chain: ChainConv
+    down: Optional[fx.Node]
+
+    @property
+    def input(self) -> fx.Node:
+        return self.bn0.args[0]
+
+
 class Tracer(fx.Tracer):
     """Traces into user modules; fastres's fused modules stay leaves (they are fused already)."""
 
@@ -283,6 +298,37 @@ def _chain_convs(units: dict[fx.Node, Unit], modules: dict, consumed: set) -> li
     return found
 
 
+def _preact_blocks(chains: list[ChainConv], units: dict[fx.Node, Unit], modules: dict) -> list[PreactBlock]:
+    """Chain-convs with a shortcut whose input is ``relu0(bn0(x))`` (a BatchNorm no conv chain takes), read
+    only by the chain's conv and a projection conv giving the shortcut, or by the conv alone with ``x`` the
+    shortcut."""
+    unit_bns = {u.bn for u in units.values()}
+    found = []
+    for chain in chains:
+        relu0 = chain.unit.input
+        if chain.add is None or not isinstance(relu0, fx.Node) or not _is_relu(relu0, modules):
+            continue
+        bn0 = relu0.args[0]
+        if (_module(bn0, modules, nn.BatchNorm2d, nn.SyncBatchNorm) is None or bn0 in unit_bns
+                or len(bn0.args) != 1 or bn0.kwargs or _only_user(bn0) is not relu0
+                or not isinstance(bn0.args[0], fx.Node)):
+            continue
+        others = [user for user in relu0.users if user is not chain.unit.conv]
+        down = None
+        if not others:
+            if chain.shortcut is not bn0.args[0]:
+                continue
+        elif len(others) == 1:
+            down = others[0]
+            if (chain.shortcut is not down or _module(down, modules, nn.Conv2d) is None or len(down.args) != 1
+                    or down.kwargs or _only_user(down) is not chain.add):
+                continue
+        else:
+            continue
+        found.append(PreactBlock(bn0, relu0, chain, down))
+    return found
+
+
 # ------------------------------------------------------------------ the fused calls a converted graph makes
 
 
@@ -306,6 +352,11 @@ class ConvBNReLUChain(FusedSite):
 
 class ConvBNReLUConv(FusedSite):
     """A conv -> BatchNorm -> ReLU -> conv (+ residual) of a converted model (pre-activation blocks)."""
+
+
+class PreactJoin(FusedSite):
+    """A pre-activation block of a converted model: ``a = relu(bn0(x))``, ``conv2(relu(bn1(conv1(a)))) +
+    shortcut``."""
 
 
 class ResidualJoin(FusedSite):
@@ -353,6 +404,22 @@ def conv_bn_relu_conv_chain(x: torch.Tensor, conv: nn.Module, bn: nn.Module, rel
     return _conv_bn_relu_conv(x, conv, bn, act, conv2, shortcut, site, plain)
 
 
+def preact_join(x: torch.Tensor, bn0: nn.Module, relu0: Optional[nn.Module], conv1: nn.Module, bn1: nn.Module,
+                relu1: Optional[nn.Module], conv2: nn.Module, down: Optional[nn.Module], site: PreactJoin
+                ) -> torch.Tensor:
+    """A pre-activation block of a converted graph: ``a = relu0(bn0(x))``, ``conv2(relu1(bn1(conv1(a)))) +
+    (down(a) if down else x)``."""
+    from .functional import _preact_block
+
+    act0, act1 = _relu_or_default(relu0), _relu_or_default(relu1)
+
+    def plain() -> torch.Tensor:
+        a = act0(bn0(x))
+        return conv2(act1(bn1(conv1(a)))) + (x if down is None else down(a))
+
+    return _preact_block(x, bn0, act0, conv1, bn1, act1, conv2, down, site, plain)
+
+
 def residual_join(x: torch.Tensor, conv1: nn.Module, bn1: nn.Module, relu1: Optional[nn.Module], conv2: nn.Module,
                   bn2: nn.Module, relu2: Optional[nn.Module], shortcut: torch.Tensor, down_conv: Optional[nn.Module],
                   down_bn: Optional[nn.Module], identity: bool, site: ResidualJoin,
@@ -379,6 +446,7 @@ def residual_join(x: torch.Tensor, conv1: nn.Module, bn1: nn.Module, relu1: Opti
 
 fx.wrap("conv_bn_relu_chain")
 fx.wrap("conv_bn_relu_conv_chain")
+fx.wrap("preact_join")
 fx.wrap("residual_join")
 
 
@@ -485,8 +553,37 @@ def convert_graph(model: nn.Module) -> tuple[nn.Module, list[Row]]:
                                                                       if projection else ()):
             taken[node.target] = f"residual join {name!r}"
         consumed.update(dead)
-    for chain in _chain_convs(units, modules, consumed):
+    chains = _chain_convs(units, modules, consumed)
+    for block in _preact_blocks(chains, units, modules):
+        chain, unit = block.chain, block.chain.unit
+        problem = (_static_problem_unit(unit, modules)
+                   or _conv_problem(modules[chain.conv2.target], chain.conv2.target, stride=1)
+                   or (_conv_problem(modules[block.down.target], block.down.target,
+                                     stride=modules[unit.conv.target].stride[0]) if block.down is not None else None))
+        if problem is not None:
+            continue  # the chain-conv below, or the chain, says what it can
+        if block.relu0.op == "call_module":
+            problem = _module_problem(modules[block.relu0.target], block.relu0.target, nn.ReLU, "nn.ReLU")
+            if problem is not None:
+                continue
+        name = _common_prefix([block.bn0.target, unit.conv.target, chain.conv2.target])
+        with graph.inserting_before(chain.last):
+            args = (block.input, module_arg(block.bn0), module_arg(block.relu0), module_arg(unit.conv),
+                    module_arg(unit.bn), module_arg(unit.relu), module_arg(chain.conv2), module_arg(block.down),
+                    site_attr(PreactJoin(name)))
+            fused = graph.call_function(preact_join, args)
+        chain.last.replace_all_uses_with(fused)
+        dead = [chain.add, chain.conv2, unit.relu, unit.bn, unit.conv, block.down, block.relu0, block.bn0]
+        for node in dead:
+            if node is not None:
+                graph.erase_node(node)
+        for node in (block.bn0, unit.conv, unit.bn, chain.conv2) + ((block.down,) if block.down is not None else ()):
+            taken[node.target] = f"pre-activation block {name!r}"
+        consumed.update(node for node in dead if node is not None)
+    for chain in chains:
         unit, conv2 = chain.unit, chain.conv2
+        if unit.conv in consumed:
+            continue
         if _static_problem_unit(unit, modules) is not None:
             continue  # the chain's own reason is given below
         problem = _conv_problem(modules[conv2.target], conv2.target, stride=1)

@@ -517,6 +517,59 @@ def _conv_bn_relu_conv(x: torch.Tensor, conv: nn.Module, bn: nn.Module, relu: nn
     return out
 
 
+def _preact_block(x: torch.Tensor, bn0: nn.Module, relu0: nn.Module, conv1: nn.Module, bn1: nn.Module,
+                  relu1: nn.Module, conv2: nn.Module, down: Optional[nn.Module], owner: nn.Module,
+                  plain: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A pre-activation block fused: ``a = relu0(bn0(x))``, ``conv2(relu1(bn1(conv1(a)))) + shortcut``, the
+    shortcut ``down(a)`` (a conv without BN) or ``x`` (``fastres.ops.preact_block``); ``owner`` is warned once
+    when it falls back, ``plain()`` is its plain forward. Eval mode runs ``plain()``."""
+    dtype = _kernel_dtype(x)
+    if dtype is None:
+        return plain()
+    device = x.device
+    autocast = torch.is_autocast_enabled(device.type)
+    w1 = _conv_weight(conv1, device, dtype, autocast)
+    w2 = _conv_weight(conv2, device, dtype, autocast)
+    wd = _conv_weight(down, device, dtype, autocast) if down is not None else None
+    bn_group = None
+    takes = (w1 is not None and w2 is not None and (down is None or wd is not None) and not _global_hooks()
+             and all(type(r) is nn.ReLU and not _hooked(r) for r in (relu0, relu1)) and conv2.stride == _ONE
+             and x.dim() == 4 and x.dtype == dtype and x.is_contiguous(memory_format=L.memory_format_of(x)))
+    if takes:  # (x in the compute dtype already: bn0's statistics are of x as torch sees it)
+        n, channels, h, w = x.shape
+        width, in_channels, kh, kw = w1.shape
+        out_channels = w2.shape[0]
+        stride, padding1, padding2 = conv1.stride[0], conv1.padding[0], conv2.padding[0]
+        out_h, out_w = L.out_size(h, kh, stride, padding1), L.out_size(w, kw, stride, padding1)
+        out_h2, out_w2 = L.out_size(out_h, w2.shape[2], 1, padding2), L.out_size(out_w, w2.shape[3], 1, padding2)
+        takes = (channels == in_channels and w2.shape[1] == width and min(out_h, out_w, out_h2, out_w2) > 0
+                 and _bn_takes(bn0, channels, dtype, device) and _bn_takes(bn1, width, dtype, device)
+                 and n * h * w > 1 and n * out_h * out_w > 1)
+        down_padding = 0
+        if takes and down is not None:
+            down_padding = down.padding[0]
+            takes = (down.stride == conv1.stride and wd.shape[:2] == (out_channels, channels)
+                     and (L.out_size(h, wd.shape[2], stride, down_padding),
+                          L.out_size(w, wd.shape[3], stride, down_padding)) == (out_h2, out_w2))
+        elif takes:
+            takes = out_channels == channels and (out_h2, out_w2) == (h, w)
+        if takes:
+            takes, bn_group = _bn_group((bn0, bn1))
+    if not takes:
+        problem = (_stem_problem(conv1, bn1, relu1) or _conv_problem(conv2, "conv2", stride=1)
+                   or _module_problem(relu0, "relu0", nn.ReLU, "nn.ReLU")
+                   or (_conv_problem(down, "shortcut", stride=conv1.stride[0]) if down is not None else None))
+        _step_aside(owner, problem, x, (bn0, conv1, bn1, conv2) + ((down,) if down is not None else ()))
+        return plain()
+    cfg0, cfg1 = _bn_config(bn0), _bn_config(bn1)
+    if not (cfg0.batch_stats and cfg1.batch_stats):
+        return plain()  # eval mode (or BatchNorms in different modes): PyTorch's ops
+    x = x.to(dtype)
+    out = torch.ops.fastres.preact_block(x, *_bn_op_args(cfg0.args), w1, *_bn_op_args(cfg1.args), w2, wd, stride,
+                                         padding1, padding2, down_padding, bn_group)
+    return out[0]
+
+
 # ------------------------------------------------------------------ residual block
 
 def residual_block(x: torch.Tensor, block: nn.Module) -> torch.Tensor:

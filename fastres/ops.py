@@ -42,6 +42,7 @@ from .launchers import conv as L
 from .launchers.core import device_guarded
 
 __all__ = ["conv_bn_relu", "conv_bn_relu_backward", "conv_bn_relu_conv", "conv_bn_relu_conv_backward",
+           "preact_block", "preact_block_backward",
            "residual_block", "residual_block_backward", "conv_bn_eval"]
 
 _lib = torch.library.Library("fastres", "DEF")
@@ -61,6 +62,16 @@ _lib.define("conv_bn_relu_conv_backward(Tensor dout, Tensor x, Tensor weight, Te
             "float bn_eps, Tensor y, Tensor stats, Tensor conv2_weight, int stride, int padding, int padding2, "
             "bool input_grad, str? bn_group=None) "
             "-> (Tensor dx, Tensor dweight, Tensor dbn_weight, Tensor dbn_bias, Tensor dconv2_weight)")
+_lib.define("preact_block(Tensor x, " + _BN_ARGS.format(p="bn0_", i="0") + ", Tensor conv1_weight, " +
+            _BN_ARGS.format(p="bn1_", i="1") + ", Tensor conv2_weight, Tensor? down_weight, int stride, int padding1, "
+            "int padding2, int down_padding, str? bn_group=None) -> (Tensor out, Tensor stats0, Tensor y1, "
+            "Tensor stats1)")
+_lib.define("preact_block_backward(Tensor dout, Tensor x, Tensor bn0_weight, Tensor bn0_bias, float bn0_eps, "
+            "Tensor stats0, Tensor conv1_weight, Tensor bn1_weight, Tensor bn1_bias, float bn1_eps, Tensor y1, "
+            "Tensor stats1, Tensor conv2_weight, Tensor? down_weight, int stride, int padding1, int padding2, "
+            "int down_padding, bool input_grad, str? bn_group=None) -> (Tensor dx, Tensor dbn0_weight, "
+            "Tensor dbn0_bias, Tensor dconv1_weight, Tensor dbn1_weight, Tensor dbn1_bias, Tensor dconv2_weight, "
+            "Tensor ddown_weight)")
 _lib.define("residual_block(Tensor x, Tensor conv1_weight, " + _BN_ARGS.format(p="bn1_", i="1") +
             ", Tensor conv2_weight, " + _BN_ARGS.format(p="bn2_", i="2") +
             ", Tensor? down_weight, Tensor? bnd_weight, Tensor? bnd_bias, Tensor(a3!)? bnd_running_mean, "
@@ -362,6 +373,142 @@ class _ConvBNReLUConvAutograd(torch.autograd.Function):
 
 
 _lib.impl("conv_bn_relu_conv", _ConvBNReLUConvAutograd.apply, "Autograd")
+
+
+# ------------------------------------------------------------------ pre-activation block
+
+@_impl("preact_block")
+def preact_block(x, bn0_weight, bn0_bias, bn0_running_mean, bn0_running_var, bn0_num_batches_tracked, bn0_momentum,
+                 bn0_eps, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var,
+                 bn1_num_batches_tracked, bn1_momentum, bn1_eps, conv2_weight, down_weight, stride, padding1, padding2,
+                 down_padding, bn_group=None):
+    """Training-mode pre-activation block: ``a = relu(bn0(x))``, ``conv2(relu(bn1(conv1(a)))) + shortcut``, the
+    shortcut ``conv2d(a, down_weight)`` (stride ``stride``) when given, else ``x``: (out, stats0, y1, stats1).
+    Neither ReLU's output is written: bn0's statistics come from one pass over x (``bn_stats``), and conv1,
+    the projection and conv2 apply BN + ReLU to x and y1 as they load them; the sum is conv2's epilogue."""
+    group = S.group_named(bn_group)
+    bn0 = L.BatchNormArgs(bn0_weight, bn0_bias, bn0_running_mean, bn0_running_var, bn0_num_batches_tracked,
+                          bn0_momentum, bn0_eps)
+    bn1 = L.BatchNormArgs(bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var, bn1_num_batches_tracked,
+                          bn1_momentum, bn1_eps)
+    stats0 = S.maybe_sync_stats(x, L.bn_stats(x, S.local_args(bn0, group)), bn0, group)
+    y1, stats1 = L.conv(x, conv1_weight, stride, padding1, dtype=x.dtype, prologue=L.PRO_BN_RELU, pro=stats0,
+                        epilogue=L.EPI_STATS, bn=S.local_args(bn1, group))
+    stats1 = S.maybe_sync_stats(y1, stats1, bn1, group)
+    if down_weight is not None:
+        shortcut, _ = L.conv(x, down_weight, stride, down_padding, dtype=x.dtype, prologue=L.PRO_BN_RELU, pro=stats0)
+    else:
+        shortcut = x
+    shortcut = _in_conv_output_layout(shortcut, y1, conv2_weight, padding2)
+    out, _ = L.conv(y1, conv2_weight, 1, padding2, dtype=x.dtype, prologue=L.PRO_BN_RELU, pro=stats1,
+                    residual=shortcut)
+    return out, stats0, y1, stats1
+
+
+@torch.library.register_fake("fastres::preact_block")
+def _preact_block_fake(x, bn0_weight, bn0_bias, bn0_running_mean, bn0_running_var, bn0_num_batches_tracked,
+                       bn0_momentum, bn0_eps, conv1_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var,
+                       bn1_num_batches_tracked, bn1_momentum, bn1_eps, conv2_weight, down_weight, stride, padding1,
+                       padding2, down_padding, bn_group=None):
+    y1 = _empty_conv_output(x, conv1_weight, stride, padding1, dtype=x.dtype)
+    out = _empty_conv_output(y1, conv2_weight, 1, padding2, dtype=x.dtype)
+    return out, _stats_like(x), y1, _stats_like(y1)
+
+
+@_impl("preact_block_backward")
+def preact_block_backward(dout, x, bn0_weight, bn0_bias, bn0_eps, stats0, conv1_weight, bn1_weight, bn1_bias,
+                          bn1_eps, y1, stats1, conv2_weight, down_weight, stride, padding1, padding2, down_padding,
+                          input_grad, bn_group=None):
+    """The gradients of :func:`preact_block` (``ddown_weight`` empty without a projection)."""
+    group = S.group_named(bn_group)
+    dtype = x.dtype
+    dout = _in_conv_output_layout(dout, y1, conv2_weight, padding2)
+    bn0 = L.BatchNormArgs(bn0_weight, bn0_bias, None, None, None, None, bn0_eps)
+    bn1 = L.BatchNormArgs(bn1_weight, bn1_bias, None, None, None, None, bn1_eps)
+    # Through conv2: ReLU1's mask and BN1's backward sums in the data gradient's epilogue.
+    g1, coefs1 = L.conv(dout, conv2_weight, 1, padding2, dtype=dtype, transposed=True, out_hw=tuple(y1.shape[2:]),
+                        epilogue=L.EPI_RELU_GRAD, ey=y1, bn=bn1, stats=stats1)
+    dw2 = L.conv_wgrad(dout, y1, conv2_weight, 1, padding2, x_pro=stats1)
+    coefs1 = S.maybe_sync_coefs(coefs1, stats1, bn1_weight, y1, group)
+    # Through conv1 (and the projection, whose data gradient joins before ReLU0's mask): BN0's sums.
+    projected, dwd = None, _absent(x)
+    if down_weight is not None:
+        projected, _ = L.conv(dout, down_weight, stride, down_padding, dtype=dtype, transposed=True,
+                              out_hw=tuple(x.shape[2:]))
+        dwd = L.conv_wgrad(dout, x, down_weight, stride, down_padding, x_pro=stats0)
+    if projected is None and L.grads_fusable(conv1_weight, stride, padding1) and L.same_layout(g1, y1):
+        ga, coefs0, dw1 = L.conv_grads(g1, conv1_weight, x, dy2=y1, dy_pro=coefs1.packed, x_pro=stats0,
+                                       epilogue=L.EPI_RELU_GRAD, ey=x, bn=bn0, stats=stats0)
+    else:
+        ga, coefs0 = L.conv(g1, conv1_weight, stride, padding1, dtype=dtype, transposed=True,
+                            out_hw=tuple(x.shape[2:]), prologue=L.PRO_BN_GRAD, a2=y1, pro=coefs1.packed,
+                            epilogue=L.EPI_RELU_GRAD, ey=x, bn=bn0, stats=stats0, residual=projected)
+        dw1 = L.conv_wgrad(g1, x, conv1_weight, stride, padding1, dy2=y1, dy_pro=coefs1.packed, x_pro=stats0)
+    coefs0 = S.maybe_sync_coefs(coefs0, stats0, bn0_weight, x, group)
+    dx = _absent(x)
+    if input_grad:  # BN0's input gradient, the identity shortcut's (dout) joining it
+        dx = L.bn_grad_apply(ga, x, coefs0.packed, None if down_weight is not None else _in_layout_of(dout, x))
+    return dx, coefs0.dweight, coefs0.dbias, dw1, coefs1.dweight, coefs1.dbias, dw2, dwd
+
+
+@torch.library.register_fake("fastres::preact_block_backward")
+def _preact_block_backward_fake(dout, x, bn0_weight, bn0_bias, bn0_eps, stats0, conv1_weight, bn1_weight, bn1_bias,
+                                bn1_eps, y1, stats1, conv2_weight, down_weight, stride, padding1, padding2,
+                                down_padding, input_grad, bn_group=None):
+    return (torch.empty_like(x) if input_grad else _absent(x), torch.empty_like(bn0_weight),
+            torch.empty_like(bn0_weight), torch.empty_like(conv1_weight), torch.empty_like(bn1_weight),
+            torch.empty_like(bn1_weight), torch.empty_like(conv2_weight),
+            torch.empty_like(down_weight) if down_weight is not None else _absent(x))
+
+
+class _PreactBlockAutograd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *args):
+        if _is_plain_eager(args[0]):
+            outputs = preact_block(*args)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                outputs = torch.ops.fastres.preact_block(*args)
+        x, g0, b0, eps0, w1, g1, b1, eps1, w2, wd = (args[0], args[1], args[2], args[7], args[8], args[9], args[10],
+                                                    args[15], args[16], args[17])
+        ctx.conv = tuple(args[18:22])  # stride, padding1, padding2, down_padding
+        ctx.bn_group = args[22] if len(args) > 22 else None
+        ctx.eps = (eps0, eps1)
+        _, stats0, y1, stats1 = outputs
+        ctx.save_for_backward(x, g0, b0, stats0, w1, g1, b1, y1, stats1, w2, wd)
+        ctx.mark_non_differentiable(*outputs[1:])
+        ctx.set_materialize_grads(False)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, dout, *_saved_grads):
+        x, g0, b0, stats0, w1, g1, b1, y1, stats1, w2, wd = ctx.saved_tensors
+        stride, padding1, padding2, down_padding = ctx.conv
+        eps0, eps1 = ctx.eps
+        has_down = wd is not None
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable in turn
+            def block(x, g0, b0, w1, g1, b1, w2, *rest):
+                a = torch.nn.functional.batch_norm(x, None, None, g0, b0, training=True, eps=eps0).relu()
+                h = _plain_conv_bn(a, w1, g1, b1, eps1, stride, padding1).relu()
+                out = torch.nn.functional.conv2d(h, w2.to(h.dtype), padding=padding2)
+                if has_down:
+                    return out + torch.nn.functional.conv2d(a, rest[0].to(a.dtype), stride=stride, padding=down_padding)
+                return out + x
+
+            index = (0, 1, 2, 8, 9, 10, 16) + ((17,) if has_down else ())
+            inputs = (x, g0, b0, w1, g1, b1, w2) + ((wd,) if has_down else ())
+            return _differentiable_grads(ctx, dout, inputs, block, index)
+        input_grad = ctx.needs_input_grad[0]
+        backward = preact_block_backward if _is_plain_eager(dout) else torch.ops.fastres.preact_block_backward
+        dx, dg0, db0, dw1, dg1, db1, dw2, dwd = backward(dout, x, g0, b0, eps0, stats0, w1, g1, b1, eps1, y1, stats1,
+                                                         w2, wd, stride, padding1, padding2, down_padding, input_grad,
+                                                         ctx.bn_group)
+        none5 = (None,) * 5  # running statistics, num_batches_tracked, momentum, eps
+        return ((dx if input_grad else None), dg0, db0, *none5, dw1, dg1, db1, *none5, dw2,
+                dwd if has_down else None, None, None, None, None, None)[:len(ctx.needs_input_grad)]
+
+
+_lib.impl("preact_block", _PreactBlockAutograd.apply, "Autograd")
 
 
 # ------------------------------------------------------------------ residual block

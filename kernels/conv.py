@@ -1128,6 +1128,73 @@ def _bn_relu_backward_kernel(
                           tl.program_id(0), tl.program_id(1), n_tiles, N * H * W, C, RESIDUAL == 2, BLOCK_T, BLOCK_C)
 
 
+@triton.jit
+def _bn_stats_kernel(
+    x_ptr, part_ptr, counter_ptr, stats_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
+    num_batches_ptr,
+    N, H, W, C,
+    sx_n, sx_c, sx_h, sx_w,
+    momentum, eps,
+    TRACK: tl.constexpr, CUMULATIVE: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr, SUB_M: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """BatchNorm's forward statistics of x over [N, H, W, C] (a tensor no fused conv produced: a residual
+    sum), as ``_conv_kernel``'s ``EPI_STATS`` gives them: each row tile's per-channel mean and M2 (two passes
+    over the tile, the second from cache: no sum-of-squares cancellation) to its slot of ``part``
+    [2, n_tiles, C], combined by the last tile of each channel column (:func:`_bn_forward_finalize`) into
+    packed stats [4, C] and the running statistics."""
+    pid_m = tl.program_id(0)
+    offs_c = _index(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), IDX64)
+    c_mask = offs_c < C
+    M = N * H * W
+    total = tl.zeros((SUB_M, BLOCK_C), dtype=tl.float32)
+    for m0 in range(0, BLOCK_M, SUB_M):
+        n, h, w, mask = _rows(pid_m, m0, N, H, W, c_mask, BLOCK_M, SUB_M, IDX64)
+        total += tl.load(x_ptr + _offsets(n, h, w, offs_c, sx_n, sx_c, sx_h, sx_w), mask=mask,
+                         other=0.0).to(tl.float32)
+    count = tl.minimum(BLOCK_M, M - pid_m * BLOCK_M).to(tl.float32)
+    tile_mean = tl.sum(total, axis=0) / count
+    dev2 = tl.zeros((SUB_M, BLOCK_C), dtype=tl.float32)
+    for m0 in range(0, BLOCK_M, SUB_M):
+        n, h, w, mask = _rows(pid_m, m0, N, H, W, c_mask, BLOCK_M, SUB_M, IDX64)
+        v = tl.load(x_ptr + _offsets(n, h, w, offs_c, sx_n, sx_c, sx_h, sx_w), mask=mask, other=0.0).to(tl.float32)
+        dev = tl.where(mask, v - tile_mean[None, :], 0.0)
+        dev2 += dev * dev
+    n_tiles = tl.num_programs(0)
+    part = part_ptr + pid_m.to(tl.int64) * C + offs_c
+    tl.store(part, tile_mean, mask=c_mask)
+    tl.store(part + n_tiles.to(tl.int64) * C, tl.sum(dev2, axis=0), mask=c_mask)
+    _bn_forward_finalize(part_ptr, counter_ptr, stats_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
+                         num_batches_ptr, pid_m, tl.program_id(1), tl.num_programs(1), n_tiles, M, C, momentum, eps,
+                         BLOCK_M, TRACK, CUMULATIVE, BLOCK_T, BLOCK_C)
+
+
+@triton.jit
+def _bn_grad_apply_kernel(
+    g_ptr, y_ptr, res_ptr, coef_ptr, out_ptr,
+    N, H, W, C,
+    s_n, s_c, s_h, s_w,
+    HAS_RESIDUAL: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    SUB_M: tl.constexpr,
+):
+    """BatchNorm's input gradient out = g * coef_g + y * coef_y + coef_c [+ residual] over [N, H, W, C], every
+    tensor with the same strides (``coef``: packed [3, C] backward coefficients; the residual: a shortcut's
+    gradient that joins here). For a BatchNorm no fused conv consumes: a pre-activation block's first."""
+    offs_c = _index(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), IDX64)
+    c_mask = offs_c < C
+    coef_g = _stats_row(coef_ptr, 0, offs_c, c_mask, C)
+    coef_c = _stats_row(coef_ptr, 1, offs_c, c_mask, C)
+    coef_y = _stats_row(coef_ptr, 2, offs_c, c_mask, C)
+    for m0 in range(0, BLOCK_M, SUB_M):
+        n, h, w, mask = _rows(tl.program_id(0), m0, N, H, W, c_mask, BLOCK_M, SUB_M, IDX64)
+        offs = _offsets(n, h, w, offs_c, s_n, s_c, s_h, s_w)
+        d = (tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * coef_g
+             + tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) * coef_y + coef_c)
+        if HAS_RESIDUAL:
+            d += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, to_storage(d, out_ptr.dtype.element_ty), mask=mask)
+
+
 # Called from the kernels above; compiled as part of them.
 DEVICE_FUNCTIONS = ("_accumulate_taps", "_relu_grad_epilogue", "_wgrad_tap", "_to_tf32", "_dot_operand", "_pixel_coords",
                     "_index", "_prologue", "_rows", "_offsets", "_stats_row", "_tail_pre_activation", "_pooled_size",
@@ -1150,4 +1217,6 @@ AOT_SPECS = {
     "_conv_grads_kernel": "launches",
     "_bn_relu_apply_kernel": "launches",
     "_bn_relu_backward_kernel": "launches",
+    "_bn_stats_kernel": "launches",
+    "_bn_grad_apply_kernel": "launches",
 }

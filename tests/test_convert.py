@@ -28,9 +28,9 @@ UNFUSED = {
     "option_a_resnet20": 0,
     "torchvision_style": 0,
     "resnet9": 0,
-    # pre-activation: the BatchNorms of residual sums (2 blocks' and the head's), the stem conv and the 1x1
-    # shortcut conv (convs with no BN after them and no chain before them)
-    "preact_resnet18": 5,
+    # pre-activation: the head's BatchNorm (of the last residual sum, then ReLU and pooling) and the stem conv
+    # (no BN after it)
+    "preact_resnet18": 2,
     "bottleneck": 0,
 }
 
@@ -103,11 +103,11 @@ def test_report_names_every_conv_and_batchnorm(capsys):
     model = _model("preact_resnet18")
     converted = fastres.convert(model, report=True)
     text = capsys.readouterr().out
-    assert text.startswith("fastres.convert: 6 of 11 convs and BatchNorms fused")
+    assert text.startswith("fastres.convert: 9 of 11 convs and BatchNorms fused")
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
             assert name in text
-    assert "pre-activation BatchNorm" in text and "conv-BN-ReLU-conv + residual" in text
+    assert "pre-activation BatchNorm" in text and "-> pre-activation block 'layers.1'" in text
     assert fastres.convert(converted) is converted  # a second convert changes nothing
 
 

@@ -669,6 +669,67 @@ def bn_relu_apply(y: torch.Tensor, stats: torch.Tensor, residual: torch.Tensor |
     return out
 
 
+class _RowsPlan(NamedTuple):
+    grid: tuple[int, int]
+    ints: tuple[int, ...]  # N, H, W, C
+    meta: dict
+    part_numel: int
+    counter_numel: int
+
+
+@functools.lru_cache(maxsize=None)
+def _plan_rows(shape, itemsize, stats, *layouts) -> _RowsPlan:
+    """The tail kernels' tiling for the standalone BatchNorm kernels: ``_bn_stats_kernel`` (``stats``: its
+    finalize's partials and counters, and num_batches_tracked's counter) or ``_bn_grad_apply_kernel``."""
+    N, C, H, W = shape
+    block_c = _block(C, 1, 64)
+    block_m = max(16, min(256, TAIL_ELEMENTS // block_c))
+    n_tiles = _cdiv(N * H * W, block_m)
+    n_cols = _cdiv(C, block_c)
+    meta = dict(IDX64=_needs_int64(*layouts), BLOCK_M=block_m, BLOCK_C=block_c,
+                SUB_M=max(1, min(block_m, NUM_WARPS * 32 * TAIL_STEP_BYTES // itemsize // block_c)),
+                num_warps=NUM_WARPS)
+    part_numel = counter_numel = 0
+    if stats:
+        meta["BLOCK_T"] = _finalize_block_t(n_tiles, block_c)
+        rows, counter_numel = _finalize_layout(n_tiles, meta["BLOCK_T"], n_cols)
+        part_numel, counter_numel = 2 * rows * C, counter_numel + 1
+    return _RowsPlan((n_tiles, n_cols), (N, H, W, C), meta, part_numel, counter_numel)
+
+
+def bn_stats(x: torch.Tensor, bn: BatchNormArgs) -> torch.Tensor:
+    """Training-mode BatchNorm statistics of ``x`` (packed ``[4, C]``: scale, shift, mean, invstd), the running
+    statistics updated in place, in one launch: a BatchNorm whose input no fused conv produced."""
+    device = x.device
+    plan = _plan_rows(tuple(x.shape), x.element_size(), True, (tuple(x.shape), x.stride()))
+    track, cumulative = _bn_flags(bn)
+    ws = _workspace(device)
+    stats = torch.empty((4, x.shape[1]), dtype=torch.float32, device=device)
+    unused = _unused(device)
+    launch(kernels._bn_stats_kernel, plan.grid,
+           x, ws.partials(plan.part_numel), ws.counters(plan.counter_numel), stats, bn.weight, bn.bias,
+           bn.running_mean if track else unused, bn.running_var if track else unused,
+           bn.num_batches_tracked if track else unused,
+           *plan.ints, *x.stride(), 0.0 if bn.momentum is None else float(bn.momentum), float(bn.eps),
+           TRACK=track, CUMULATIVE=cumulative, **plan.meta)
+    return stats
+
+
+def bn_grad_apply(g: torch.Tensor, y: torch.Tensor, coefs: torch.Tensor,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """BatchNorm's input gradient ``g * coef_g + y * coef_y + coef_c [+ residual]`` (``coefs``: packed
+    ``[3, C]``), in y's layout; ``g`` and the residual must have it."""
+    check_same_layout("bn_grad_apply: g", g, y)
+    if residual is not None:
+        check_same_layout("bn_grad_apply: the residual", residual, y)
+    plan = _plan_rows(tuple(y.shape), y.element_size(), False, (tuple(y.shape), y.stride()))
+    out = torch.empty_like(y)
+    launch(kernels._bn_grad_apply_kernel, plan.grid,
+           g, y, y if residual is None else residual, coefs, out, *plan.ints, *y.stride(),
+           HAS_RESIDUAL=residual is not None, **plan.meta)
+    return out
+
+
 def bn_relu_backward(dout: torch.Tensor, y: torch.Tensor, stats: torch.Tensor, bn_weight: torch.Tensor,
                      residual: torch.Tensor | None = None, residual_stats: torch.Tensor | None = None,
                      residual_bn_weight: torch.Tensor | None = None, pool: int = 0):
