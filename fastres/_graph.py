@@ -354,6 +354,10 @@ class ConvBNReLUConv(FusedSite):
     """A conv -> BatchNorm -> ReLU -> conv (+ residual) of a converted model (pre-activation blocks)."""
 
 
+class BNReLU(FusedSite):
+    """A BatchNorm -> ReLU of a converted model whose input no conv chain produced."""
+
+
 class PreactJoin(FusedSite):
     """A pre-activation block of a converted model: ``a = relu(bn0(x))``, ``conv2(relu(bn1(conv1(a)))) +
     shortcut``."""
@@ -404,6 +408,14 @@ def conv_bn_relu_conv_chain(x: torch.Tensor, conv: nn.Module, bn: nn.Module, rel
     return _conv_bn_relu_conv(x, conv, bn, act, conv2, shortcut, site, plain)
 
 
+def bn_relu_chain(x: torch.Tensor, bn: nn.Module, relu: Optional[nn.Module], site: BNReLU) -> torch.Tensor:
+    """``relu(bn(x))`` of a converted graph, ``x`` not a conv's output that a chain took."""
+    from .functional import _bn_relu
+
+    act = _relu_or_default(relu)
+    return _bn_relu(x, bn, act, site, lambda: act(bn(x)))
+
+
 def preact_join(x: torch.Tensor, bn0: nn.Module, relu0: Optional[nn.Module], conv1: nn.Module, bn1: nn.Module,
                 relu1: Optional[nn.Module], conv2: nn.Module, down: Optional[nn.Module], site: PreactJoin
                 ) -> torch.Tensor:
@@ -447,6 +459,7 @@ def residual_join(x: torch.Tensor, conv1: nn.Module, bn1: nn.Module, relu1: Opti
 fx.wrap("conv_bn_relu_chain")
 fx.wrap("conv_bn_relu_conv_chain")
 fx.wrap("preact_join")
+fx.wrap("bn_relu_chain")
 fx.wrap("residual_join")
 
 
@@ -486,7 +499,7 @@ def convert_graph(model: nn.Module) -> tuple[nn.Module, list[Row]]:
     """``model`` traced, its conv -> BN -> ReLU chains and residual blocks fused (module docstring): the
     converted ``fx.GraphModule`` (sharing ``model``'s modules) and the report's rows. A model that
     ``torch.fx`` cannot trace comes back as it is, the report saying why."""
-    from .functional import _conv_problem, _join_problem
+    from .functional import _bn_problem, _conv_problem, _join_problem, _module_problem
 
     from .models import _fused_rows
 
@@ -623,6 +636,27 @@ def convert_graph(model: nn.Module) -> tuple[nn.Module, list[Row]]:
                 graph.erase_node(node)
         taken[unit.conv.target] = taken[unit.bn.target] = ("conv-BN-ReLU-max-pool chain" if unit.pool is not None
                                                            else "conv-BN-ReLU chain")
+    unit_bns = {u.bn for u in units.values()}
+    for bn in list(graph.nodes):
+        if (bn in consumed or bn in unit_bns or _module(bn, modules, nn.BatchNorm2d, nn.SyncBatchNorm) is None
+                or len(bn.args) != 1 or bn.kwargs or not isinstance(bn.args[0], fx.Node)):
+            continue
+        relu = _only_user(bn)
+        if relu is None or not _is_relu(relu, modules) or relu.args[0] is not bn:
+            continue
+        problem = _bn_problem(modules[bn.target], bn.target, modules[bn.target].num_features)
+        if problem is None and relu.op == "call_module":
+            problem = _module_problem(modules[relu.target], relu.target, nn.ReLU, "nn.ReLU")
+        if problem is not None:
+            reasons.setdefault(bn.target, problem)
+            continue
+        with graph.inserting_before(relu):
+            fused = graph.call_function(bn_relu_chain, (bn.args[0], module_arg(bn), module_arg(relu),
+                                                        site_attr(BNReLU(bn.target))))
+        relu.replace_all_uses_with(fused)
+        graph.erase_node(relu)
+        graph.erase_node(bn)
+        taken[bn.target] = "BN-ReLU"
     graph.lint()
     gm.recompile()
     # The original modules, parameters and buffers, in their order: the same state_dict keys.

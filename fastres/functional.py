@@ -517,6 +517,32 @@ def _conv_bn_relu_conv(x: torch.Tensor, conv: nn.Module, bn: nn.Module, relu: nn
     return out
 
 
+def _bn_relu(x: torch.Tensor, bn: nn.Module, relu: nn.Module, owner: nn.Module,
+             plain: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``relu(bn(x))`` of any tensor fused in training mode (``fastres.ops.bn_relu``); eval mode and what the
+    kernels do not take run ``plain()`` (``owner`` warned once)."""
+    dtype = _kernel_dtype(x)
+    if dtype is None:
+        return plain()
+    takes = (type(relu) is nn.ReLU and not _hooked(relu) and not _global_hooks() and x.dim() == 4
+             and x.dtype == dtype and x.is_contiguous(memory_format=L.memory_format_of(x))
+             and _bn_takes(bn, x.shape[1], dtype, x.device) and x.shape[0] * x.shape[2] * x.shape[3] > 1)
+    bn_group = None
+    if takes:
+        takes, bn_group = _bn_group((bn,))
+    if not takes:
+        problem = _module_problem(relu, "relu", nn.ReLU, "nn.ReLU")
+        if problem is None and _global_hooks():
+            problem = "global module hooks are registered"
+        _step_aside(owner, problem, x, (bn,))
+        return plain()
+    cfg = _bn_config(bn)
+    if not cfg.batch_stats:
+        return plain()
+    out, _ = torch.ops.fastres.bn_relu(x, *_bn_op_args(cfg.args), bn_group)
+    return out
+
+
 def _preact_block(x: torch.Tensor, bn0: nn.Module, relu0: nn.Module, conv1: nn.Module, bn1: nn.Module,
                   relu1: nn.Module, conv2: nn.Module, down: Optional[nn.Module], owner: nn.Module,
                   plain: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -42,7 +42,7 @@ from .launchers import conv as L
 from .launchers.core import device_guarded
 
 __all__ = ["conv_bn_relu", "conv_bn_relu_backward", "conv_bn_relu_conv", "conv_bn_relu_conv_backward",
-           "preact_block", "preact_block_backward",
+           "preact_block", "preact_block_backward", "bn_relu", "bn_relu_backward",
            "residual_block", "residual_block_backward", "conv_bn_eval"]
 
 _lib = torch.library.Library("fastres", "DEF")
@@ -62,6 +62,10 @@ _lib.define("conv_bn_relu_conv_backward(Tensor dout, Tensor x, Tensor weight, Te
             "float bn_eps, Tensor y, Tensor stats, Tensor conv2_weight, int stride, int padding, int padding2, "
             "bool input_grad, str? bn_group=None) "
             "-> (Tensor dx, Tensor dweight, Tensor dbn_weight, Tensor dbn_bias, Tensor dconv2_weight)")
+_lib.define("bn_relu(Tensor x, " + _BN_ARGS.format(p="bn_", i="") + ", str? bn_group=None) "
+            "-> (Tensor out, Tensor stats)")
+_lib.define("bn_relu_backward(Tensor dout, Tensor x, Tensor bn_weight, Tensor stats, str? bn_group=None) "
+            "-> (Tensor dx, Tensor dbn_weight, Tensor dbn_bias)")
 _lib.define("preact_block(Tensor x, " + _BN_ARGS.format(p="bn0_", i="0") + ", Tensor conv1_weight, " +
             _BN_ARGS.format(p="bn1_", i="1") + ", Tensor conv2_weight, Tensor? down_weight, int stride, int padding1, "
             "int padding2, int down_padding, str? bn_group=None) -> (Tensor out, Tensor stats0, Tensor y1, "
@@ -373,6 +377,72 @@ class _ConvBNReLUConvAutograd(torch.autograd.Function):
 
 
 _lib.impl("conv_bn_relu_conv", _ConvBNReLUConvAutograd.apply, "Autograd")
+
+
+# ------------------------------------------------------------------ BN + ReLU of any tensor
+
+@_impl("bn_relu")
+def bn_relu(x, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked, bn_momentum, bn_eps,
+            bn_group=None):
+    """Training-mode ``relu(batch_norm(x))`` of a tensor no fused conv produced (a pre-activation network's
+    last residual sum): its statistics in one pass, then one pass that applies them: (out, stats)."""
+    group = S.group_named(bn_group)
+    bn = L.BatchNormArgs(bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked, bn_momentum,
+                         bn_eps)
+    stats = S.maybe_sync_stats(x, L.bn_stats(x, S.local_args(bn, group)), bn, group)
+    return L.bn_relu_apply(x, stats), stats
+
+
+@torch.library.register_fake("fastres::bn_relu")
+def _bn_relu_fake(x, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked, bn_momentum,
+                  bn_eps, bn_group=None):
+    return torch.empty_like(x), _stats_like(x)
+
+
+@_impl("bn_relu_backward")
+def bn_relu_backward(dout, x, bn_weight, stats, bn_group=None):
+    group = S.group_named(bn_group)
+    g, coefs, _ = L.bn_relu_backward(_in_layout_of(dout, x), x, stats, bn_weight)
+    coefs = S.maybe_sync_coefs(coefs, stats, bn_weight, x, group)
+    return L.bn_grad_apply(g, x, coefs.packed), coefs.dweight, coefs.dbias
+
+
+@torch.library.register_fake("fastres::bn_relu_backward")
+def _bn_relu_backward_fake(dout, x, bn_weight, stats, bn_group=None):
+    return torch.empty_like(x), torch.empty_like(bn_weight), torch.empty_like(bn_weight)
+
+
+class _BNReLUAutograd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                bn_group=None):
+        args = (x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps, bn_group)
+        if _is_plain_eager(x):
+            out, stats = bn_relu(*args)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                out, stats = torch.ops.fastres.bn_relu(*args)
+        ctx.save_for_backward(x, bn_weight, bn_bias, stats)
+        ctx.eps = eps
+        ctx.bn_group = bn_group
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+        return out, stats
+
+    @staticmethod
+    def backward(ctx, dout, _dstats):
+        x, bn_weight, bn_bias, stats = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable in turn
+            return _differentiable_grads(
+                ctx, dout, (x, bn_weight, bn_bias),
+                lambda x, w, b: torch.nn.functional.batch_norm(x, None, None, w, b, training=True, eps=ctx.eps).relu())
+        backward = bn_relu_backward if _is_plain_eager(dout) else torch.ops.fastres.bn_relu_backward
+        dx, dweight, dbias = backward(dout, x, bn_weight, stats, ctx.bn_group)
+        return ((dx if ctx.needs_input_grad[0] else None), dweight, dbias,
+                *(None,) * 6)[:len(ctx.needs_input_grad)]
+
+
+_lib.impl("bn_relu", _BNReLUAutograd.apply, "Autograd")
 
 
 # ------------------------------------------------------------------ pre-activation block

@@ -28,9 +28,8 @@ UNFUSED = {
     "option_a_resnet20": 0,
     "torchvision_style": 0,
     "resnet9": 0,
-    # pre-activation: the head's BatchNorm (of the last residual sum, then ReLU and pooling) and the stem conv
-    # (no BN after it)
-    "preact_resnet18": 2,
+    # pre-activation: the stem conv (no BN after it)
+    "preact_resnet18": 1,
     "bottleneck": 0,
 }
 
@@ -103,11 +102,12 @@ def test_report_names_every_conv_and_batchnorm(capsys):
     model = _model("preact_resnet18")
     converted = fastres.convert(model, report=True)
     text = capsys.readouterr().out
-    assert text.startswith("fastres.convert: 9 of 11 convs and BatchNorms fused")
+    assert text.startswith("fastres.convert: 10 of 11 convs and BatchNorms fused")
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
             assert name in text
-    assert "pre-activation BatchNorm" in text and "-> pre-activation block 'layers.1'" in text
+    assert "-> pre-activation block 'layers.1'" in text and "-> BN-ReLU" in text
+    assert "conv1 " in text and "no BatchNorm2d alone takes its output" in text
     assert fastres.convert(converted) is converted  # a second convert changes nothing
 
 
@@ -273,8 +273,8 @@ def test_gradient_penalty_through_a_post_relu_join():
         (grad_x,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
         grad_x.square().sum().backward()
         grads.append([x.grad] + [p.grad for p in model.parameters()])
-    for i, (f, p) in enumerate(zip(*grads)):
-        torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-4, msg=f"grad {i}")
+    for i, (f, p) in enumerate(zip(*grads)):  # to fp32's precision of the gradient's scale
+        assert (f - p).abs().max() <= 1e-5 * p.abs().max(), f"grad {i}"
 
 
 class _ChainThenConv(nn.Module):
@@ -322,3 +322,91 @@ def test_a_grouped_conv_after_a_chain_leaves_the_chain_fused_and_says_why():
     rows = {row.path: row for row in fastres.convert(model).fastres_report}
     assert rows["0"].op == rows["1"].op == "conv-BN-ReLU chain"
     assert rows["3"].op is None and rows["3"].why == "it follows a conv-BN-ReLU chain, but 3 has groups=2"
+
+
+class _InputNorm(nn.Module):
+    """BatchNorm -> ReLU of the network input (no conv before it), then a pre-activation block with an
+    identity shortcut written with ``F.relu`` and ``torch.add``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(3, 4, 1, bias=False)
+        self.block = zoo.PreActBlock(4, 4)
+
+    def forward(self, x):
+        return self.block(self.conv(self.relu(self.bn(x))))
+
+
+def test_batchnorm_of_a_non_conv_input_fused():
+    """A BN -> ReLU of the network input (``bn_relu``) and a pre-activation block with an identity shortcut
+    (``preact_block``): three-way parity in fp32 over two steps and eval, batch 1, odd sizes, NCHW; no aten
+    conv or batch norm but the 1x1 conv between them (no BN after it)."""
+    torch.manual_seed(12)
+    model = _InputNorm()
+    _randomize_bn(model, torch.Generator().manual_seed(13))
+    model = model.to(DEVICE)
+    x = torch.randn(1, 3, 5, 7, generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    _compare_training(None, model, x, torch.float32, steps=2)
+    converted = fastres.convert(copy.deepcopy(model))
+    ops = {row.path: row.op for row in converted.fastres_report}
+    assert ops["bn"] == "BN-ReLU" and ops["conv"] is None
+    assert {ops[k] for k in ("block.bn1", "block.conv1", "block.bn2", "block.conv2")} == {"pre-activation block 'block'"}
+    with _AtenConvBN() as aten, count_launches() as launches:
+        converted(x).sum().backward()
+    assert aten.count == 2  # the 1x1 conv, forward and backward
+    assert launches["_bn_stats_kernel"] == 2 and launches["_bn_grad_apply_kernel"] == 2
+
+
+@pytest.mark.parametrize("part", ["bn_relu", "preact_block"])
+def test_bf16_batchnorms_of_non_conv_inputs_are_as_accurate_as_torchs(part):
+    """bf16: gradients through two BatchNorms of a few dozen pixels each are noise for torch too (its errors
+    against float64 reach 16-46% on some seeds, the fused ops' as well, each the worse by turns), so one
+    seed's three-way rule says little. Over 8 seeds, the fused error of every output and gradient is at
+    most twice torch's in the median (measured: 0.8-1.0x for BN -> ReLU, 0.9-1.8x for the block, whose
+    BN1 statistics come from the unrounded conv output)."""
+    import statistics
+
+    from test_conv_block import _run
+
+    ratios: dict[str, list] = {}
+    for seed in range(8):
+        torch.manual_seed(seed)
+        model = (nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(inplace=True), nn.Conv2d(3, 4, 1, bias=False))
+                 if part == "bn_relu" else nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), zoo.PreActBlock(4, 4)))
+        _randomize_bn(model, torch.Generator().manual_seed(seed + 100))
+        model = model.to(DEVICE)
+        x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(seed + 200)).to(DEVICE)
+        converted = fastres.convert(copy.deepcopy(model))
+        assert sum(row.op is not None for row in converted.fastres_report) == (1 if part == "bn_relu" else 4)
+        fused = _run(converted.to(torch.bfloat16), x.to(torch.bfloat16), 2, 7)
+        plain = _run(copy.deepcopy(model).to(torch.bfloat16), x.to(torch.bfloat16), 2, 7)
+        exact = _run(copy.deepcopy(model).double(), x.double(), 2, 7)
+        items = [("output", fused[0], plain[0], exact[0]), ("input grad", fused[1], plain[1], exact[1])]
+        items += [(name, fused[2][name], plain[2][name], exact[2][name]) for name in exact[2]]
+        for name, f, p, e in items:
+            scale = e.abs().max().item()
+            err_f = (f.double() - e).abs().max().item() / scale
+            err_p = (p.double() - e).abs().max().item() / scale
+            ratios.setdefault(name, []).append(err_f / max(err_p, 1e-3))
+    medians = {name: statistics.median(r) for name, r in ratios.items()}
+    assert all(m <= 2.0 for m in medians.values()), medians
+
+
+def test_gradient_penalty_through_a_preact_block_and_a_bn_relu():
+    """create_graph=True through the fused pre-activation block and BN -> ReLU: torch's second-order grads."""
+    torch.manual_seed(15)
+    plain = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), zoo.PreActBlock(3, 6, 2))
+    _randomize_bn(plain, torch.Generator().manual_seed(16))
+    plain = plain.to(DEVICE)
+    fused = fastres.convert(copy.deepcopy(plain))
+    assert all(row.op for row in fused.fastres_report)
+    grads = []
+    for model in (plain, fused):
+        x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(17)).to(DEVICE).requires_grad_(True)
+        (grad_x,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+        grad_x.square().sum().backward()
+        grads.append([x.grad] + [p.grad for p in model.parameters()])
+    for i, (f, p) in enumerate(zip(*grads)):  # to fp32's precision of the gradient's scale
+        assert (f - p).abs().max() <= 1e-5 * p.abs().max(), f"grad {i}"

@@ -85,6 +85,28 @@ def test_opcheck_conv_bn_relu_conv(dtype, memory_format, residual):
     _opcheck(torch.ops.fastres.conv_bn_relu_conv.default, (x, w1, *_bn_args(bn), w2, 2, 1, 0, None, res))
 
 
+@pytest.mark.parametrize("dtype, memory_format, down", [
+    (torch.float32, torch.contiguous_format, False), (torch.bfloat16, CL, True), (torch.float32, CL, True)])
+def test_opcheck_preact_block(dtype, memory_format, down):
+    """A pre-activation block: identity (3x3 stride 1) or a 1x1 stride-2 projection of relu(bn0(x))."""
+    gen = torch.Generator().manual_seed(7)
+    cin, cout, stride = (3, 5, 2) if down else (4, 4, 1)
+    w1 = (0.3 * torch.randn(cout, cin, 3, 3, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
+    w2 = (0.3 * torch.randn(cout, cout, 3, 3, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
+    wd = (0.3 * torch.randn(cout, cin, 1, 1, generator=gen)).to(DEVICE, dtype).requires_grad_(True) if down else None
+    bn0, bn1 = _bn(cin, gen), _bn(cout, gen)
+    x = _input((2, cin, 6, 5), dtype, memory_format, gen)
+    _opcheck(torch.ops.fastres.preact_block.default,
+             (x, *_bn_args(bn0), w1, *_bn_args(bn1), w2, wd, stride, 1, 1, 0))
+
+
+@pytest.mark.parametrize("dtype, memory_format", [(torch.float32, torch.contiguous_format), (torch.bfloat16, CL)])
+def test_opcheck_bn_relu(dtype, memory_format):
+    gen = torch.Generator().manual_seed(8)
+    x = _input((2, 5, 3, 4), dtype, memory_format, gen)
+    _opcheck(torch.ops.fastres.bn_relu.default, (x, *_bn_args(_bn(5, gen))))
+
+
 def test_conv_bn_relu_rejects_a_pool_it_cannot_take():
     gen = torch.Generator().manual_seed(4)
     conv_weight = torch.randn(5, 3, 3, 3, generator=gen).to(DEVICE)
