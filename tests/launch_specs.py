@@ -197,6 +197,12 @@ def describe(name: str, spec: dict[str, Any]) -> str:
         epi = _EPI[c["EPILOGUE"]] + ("+res" if c["HAS_RESIDUAL"] else "")
         return (f"grads s1 bngrad>conv{epi} x:{_PRO[c['X_PROLOGUE']] or '-'} {_act(spec, 'x_ptr')}{dot} "
                 f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_KW']}")
+    if name == "_bn_stats_kernel":
+        track = " track" + (" cumulative" if c["CUMULATIVE"] else "") if c["TRACK"] else ""
+        return f"bn stats {_act(spec, 'x_ptr')} {c['BLOCK_M']}x{c['BLOCK_C']}{track}"
+    if name == "_bn_grad_apply_kernel":
+        res = "+res" if c["HAS_RESIDUAL"] else ""
+        return f"bn grad apply{res} {_act(spec, 'y_ptr')} {c['BLOCK_M']}x{c['BLOCK_C']}"
     if name in ("_bn_relu_apply_kernel", "_bn_relu_backward_kernel"):
         kind = "apply" if name == "_bn_relu_apply_kernel" else "backward"
         pool = "+maxpool" if c.get("POOL") else ""
