@@ -2,7 +2,7 @@
 
 The model is traced symbolically (``torch.fx``), so what is matched is what the code computes, however it
 is written: ReLU as an ``nn.ReLU`` module (one module used twice, ``inplace=True``), ``F.relu``,
-``torch.relu`` or ``.relu()``; a residual as ``out += s``, ``out = out + s`` or ``torch.add``. Three
+``torch.relu`` or ``.relu()``; a residual as ``out += s``, ``out = out + s`` or ``torch.add``. The
 patterns, matched in this order (a node is taken by the first that takes it):
 
 * **the basic residual block**: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut)``, the shortcut being
@@ -11,10 +11,14 @@ patterns, matched in this order (a node is taken by the first that takes it):
   option-A strided slice, a conv without BN, ...), which the fused join takes as a plain tensor; or
   ``relu(bn2(conv2(...))) + shortcut``, the residual added after the ReLU (ResNet-9):
   ``fastres.ops.residual_block``;
-* **conv -> BN -> ReLU -> conv** (a conv with no BN after it) ``[+ shortcut]``: a pre-activation block
-  from its conv1 to its residual sum, ``fastres.ops.conv_bn_relu_conv``;
+* **a pre-activation block**: ``a = relu(bn0(x))``, ``conv2(relu(bn1(conv1(a)))) + shortcut``, the shortcut
+  ``x`` or a conv without BN of ``a``: ``fastres.ops.preact_block``;
+* **conv -> BN -> ReLU -> conv** (a conv with no BN after it) ``[+ shortcut]`` elsewhere:
+  ``fastres.ops.conv_bn_relu_conv``;
 * **conv -> BN -> ReLU** (each result used only by the next), with the 2x2 stride-2 max-pool that may
-  follow it: ``fastres.functional.conv_bn_relu`` (the pool fused into its BN-ReLU pass in training mode).
+  follow it: ``fastres.functional.conv_bn_relu`` (the pool fused into its BN-ReLU pass in training mode);
+* **BN -> ReLU** of a tensor no chain produced (a pre-activation net's head, a network input):
+  ``fastres.ops.bn_relu``.
 
 Matched nodes are replaced by one call each; the modules stay where they were (the graph reads them by
 their paths on every call, so a module replaced later, e.g. by ``nn.SyncBatchNorm.convert_sync_batchnorm``,
@@ -694,6 +698,6 @@ def _why_not(name: str, module: nn.Module, graph: fx.Graph, modules: dict) -> st
                         "ops do not keep the conv's output, only the BatchNorm's")
             return ("conv -> BN without a ReLU after it: fused only inside a residual join (as its second conv or "
                     "its projection), not on its own yet")
-        return ("its input is not a conv's output (a pre-activation BatchNorm, of a residual sum or the network "
-                "input, is not fused yet)")
+        return ("its input is not a conv's output and no ReLU alone takes its output (a BatchNorm without a ReLU "
+                "after it is fused only after a conv)")
     return f"a {type(module).__name__}: fastres fuses nn.Conv2d and nn.BatchNorm2d (or nn.SyncBatchNorm)"
