@@ -17,6 +17,7 @@ patterns, matched in this order (a node is taken by the first that takes it):
   ``fastres.ops.conv_bn_relu_conv``;
 * **conv -> BN -> ReLU** (each result used only by the next), with the 2x2 stride-2 max-pool that may
   follow it: ``fastres.functional.conv_bn_relu`` (the pool fused into its BN-ReLU pass in training mode);
+  or conv -> BN with no ReLU after it (the same op with ``relu=False``);
 * **BN -> ReLU** of a tensor no chain produced (a pre-activation net's head, a network input):
   ``fastres.ops.bn_relu``.
 
@@ -394,6 +395,13 @@ def conv_bn_relu_chain(x: torch.Tensor, conv: nn.Module, bn: nn.Module, relu: Op
     return _conv_bn_relu(x, conv, bn, act, site, lambda: pool_fn(act(bn(conv(x)))), pool_fn)
 
 
+def conv_bn_chain(x: torch.Tensor, conv: nn.Module, bn: nn.Module, site: ConvBNReLUChain) -> torch.Tensor:
+    """``bn(conv(x))`` of a converted graph: a conv -> BN with no ReLU after it, outside a residual join."""
+    from .functional import _conv_bn_relu
+
+    return _conv_bn_relu(x, conv, bn, None, site, lambda: bn(conv(x)))
+
+
 def _max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, 2)
 
@@ -461,6 +469,7 @@ def residual_join(x: torch.Tensor, conv1: nn.Module, bn1: nn.Module, relu1: Opti
 
 
 fx.wrap("conv_bn_relu_chain")
+fx.wrap("conv_bn_chain")
 fx.wrap("conv_bn_relu_conv_chain")
 fx.wrap("preact_join")
 fx.wrap("bn_relu_chain")
@@ -621,12 +630,21 @@ def convert_graph(model: nn.Module) -> tuple[nn.Module, list[Row]]:
             taken[node.target] = op
         consumed.update(node for node in dead if node is not None)
     for unit in units.values():
-        if unit.conv in consumed or unit.relu is None:
+        if unit.conv in consumed:
             continue
         problem = _static_problem_unit(unit, modules)
         if problem is not None:
             reasons.setdefault(unit.conv.target, problem)
             reasons.setdefault(unit.bn.target, problem)
+            continue
+        if unit.relu is None:  # conv -> BN with no ReLU after it
+            with graph.inserting_before(unit.bn):
+                fused = graph.call_function(conv_bn_chain, (unit.input, module_arg(unit.conv), module_arg(unit.bn),
+                                                            site_attr(ConvBNReLUChain(unit.conv.target))))
+            unit.bn.replace_all_uses_with(fused)
+            graph.erase_node(unit.bn)
+            graph.erase_node(unit.conv)
+            taken[unit.conv.target] = taken[unit.bn.target] = "conv-BN chain"
             continue
         last = unit.relu if unit.pool is None else unit.pool
         with graph.inserting_before(last):
@@ -696,8 +714,7 @@ def _why_not(name: str, module: nn.Module, graph: fx.Graph, modules: dict) -> st
             if _only_user(source) is not node:
                 return ("its conv's output is also used elsewhere (a pre-activation shortcut, ...): the fused "
                         "ops do not keep the conv's output, only the BatchNorm's")
-            return ("conv -> BN without a ReLU after it: fused only inside a residual join (as its second conv or "
-                    "its projection), not on its own yet")
+            return "conv -> BN that no pattern took"
         return ("its input is not a conv's output and no ReLU alone takes its output (a BatchNorm without a ReLU "
                 "after it is fused only after a conv)")
     return f"a {type(module).__name__}: fastres fuses nn.Conv2d and nn.BatchNorm2d (or nn.SyncBatchNorm)"

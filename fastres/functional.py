@@ -346,7 +346,7 @@ def _stem_problem(conv: object, bn: object, relu: object) -> Optional[str]:
     problem = _conv_problem(conv, "conv")
     if problem is None:
         problem = _bn_problem(bn, "bn", conv._parameters["weight"].shape[0])
-    if problem is None:
+    if problem is None and relu is not None:
         problem = _module_problem(relu, "relu", nn.ReLU, "nn.ReLU")
     if problem is None and _global_hooks():
         problem = "global module hooks are registered"
@@ -430,17 +430,18 @@ _RELU = nn.ReLU()  # the functional form's ReLU
 def _conv_bn_relu(x: torch.Tensor, conv: nn.Module, bn: nn.Module, relu: Optional[nn.Module], owner: nn.Module,
                   plain: Callable[[], torch.Tensor],
                   pool: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
-    """:func:`conv_bn_relu` for ``owner`` (warned once when it falls back) whose ReLU is ``relu``;
-    ``plain()`` is its plain forward. ``pool``: a 2x2 stride-2 max-pool after the ReLU (``plain()``
-    includes it), fused in training mode where the ReLU's output height and width are even."""
+    """:func:`conv_bn_relu` for ``owner`` (warned once when it falls back) whose ReLU is ``relu`` (None: a
+    conv -> BN with no ReLU after it); ``plain()`` is its plain forward. ``pool``: a 2x2 stride-2 max-pool
+    after the ReLU (``plain()`` includes it), fused in training mode where the ReLU's output height and
+    width are even."""
     dtype = _kernel_dtype(x)
     if dtype is None:
         return plain()
     device = x.device
     weight = _conv_weight(conv, device, dtype, torch.is_autocast_enabled(device.type))
     bn_group = None
-    takes = (weight is not None and type(relu) is nn.ReLU and not _hooked(relu) and not _global_hooks()
-             and not (isinstance(pool, nn.Module) and _hooked(pool)))
+    takes = (weight is not None and (relu is None or type(relu) is nn.ReLU and not _hooked(relu))
+             and not _global_hooks() and not (isinstance(pool, nn.Module) and _hooked(pool)))
     if takes:
         n, channels, h, w = x.shape
         out_channels, in_channels, kh, kw = weight.shape
@@ -458,11 +459,11 @@ def _conv_bn_relu(x: torch.Tensor, conv: nn.Module, bn: nn.Module, relu: Optiona
         return plain()
     x = x.to(dtype)
     if not bn_cfg.batch_stats:
-        out = _eval_conv(x, weight, stride, padding, bn_cfg, relu=True)
+        out = _eval_conv(x, weight, stride, padding, bn_cfg, relu=relu is not None)
         return out if pool is None else pool(out)
-    fused_pool = pool is not None and ops.pool_fuses(out_h, out_w)
+    fused_pool = pool is not None and relu is not None and ops.pool_fuses(out_h, out_w)
     out, _, _ = torch.ops.fastres.conv_bn_relu(x, weight, *_bn_op_args(bn_cfg.args), stride, padding, bn_group,
-                                               2 if fused_pool else 0)
+                                               2 if fused_pool else 0, relu is not None)
     return out if pool is None or fused_pool else pool(out)
 
 

@@ -51,9 +51,10 @@ _BN_ARGS = "Tensor {p}weight, Tensor {p}bias, Tensor(a{i}!)? {p}running_mean, Te
            "Tensor(c{i}!)? {p}num_batches_tracked, float? {p}momentum, float {p}eps"
 
 _lib.define("conv_bn_relu(Tensor x, Tensor weight, " + _BN_ARGS.format(p="bn_", i="") +
-            ", int stride, int padding, str? bn_group=None, int pool=0) -> (Tensor out, Tensor y, Tensor stats)")
+            ", int stride, int padding, str? bn_group=None, int pool=0, bool relu=True) "
+            "-> (Tensor out, Tensor y, Tensor stats)")
 _lib.define("conv_bn_relu_backward(Tensor dout, Tensor x, Tensor weight, Tensor bn_weight, Tensor y, Tensor stats, "
-            "int stride, int padding, bool input_grad, str? bn_group=None, int pool=0) "
+            "int stride, int padding, bool input_grad, str? bn_group=None, int pool=0, bool relu=True) "
             "-> (Tensor dx, Tensor dweight, Tensor dbn_weight, Tensor dbn_bias)")
 _lib.define("conv_bn_relu_conv(Tensor x, Tensor weight, " + _BN_ARGS.format(p="bn_", i="") +
             ", Tensor conv2_weight, int stride, int padding, int padding2, str? bn_group=None, Tensor? residual=None) "
@@ -146,17 +147,18 @@ def _stats_like(y: torch.Tensor) -> torch.Tensor:
 
 @_impl("conv_bn_relu")
 def conv_bn_relu(x, weight, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked,
-                 bn_momentum, bn_eps, stride, padding, bn_group=None, pool=0):
+                 bn_momentum, bn_eps, stride, padding, bn_group=None, pool=0, relu=True):
     """Training-mode ``relu(batch_norm(conv2d(x, weight)))``, with ``pool`` 2 its ``max_pool2d(., 2)`` (the
-    conv's output height and width even): (out, y, stats). ``bn_group``: the name of the process group a
-    synchronised BatchNorm spans (``fastres._sync_bn``)."""
-    _check_pool(pool, x, weight, stride, padding)
+    conv's output height and width even), ``relu`` False without the ReLU (a conv -> BN outside a residual
+    join): (out, y, stats). ``bn_group``: the name of the process group a synchronised BatchNorm spans
+    (``fastres._sync_bn``)."""
+    _check_pool(pool, x, weight, stride, padding, relu)
     group = S.group_named(bn_group)
     bn = L.BatchNormArgs(bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked,
                          bn_momentum, bn_eps)
     y, stats = L.conv(x, weight, stride, padding, dtype=x.dtype, epilogue=L.EPI_STATS, bn=S.local_args(bn, group))
     stats = S.maybe_sync_stats(y, stats, bn, group)
-    return L.bn_relu_apply(y, stats, pool=pool), y, stats
+    return L.bn_relu_apply(y, stats, pool=pool, relu=relu), y, stats
 
 
 def pool_fuses(out_h: int, out_w: int) -> bool:
@@ -165,9 +167,11 @@ def pool_fuses(out_h: int, out_w: int) -> bool:
     return out_h % 2 == 0 and out_w % 2 == 0 and out_h > 0 and out_w > 0
 
 
-def _check_pool(pool, x, weight, stride, padding):
+def _check_pool(pool, x, weight, stride, padding, relu=True):
     if pool == 0:
         return
+    if not relu:
+        raise ValueError("fastres.conv_bn_relu: pool=2 needs relu=True (the max-pool runs in the BN-ReLU pass)")
     out_hw = [L.out_size(n, k, stride, padding) for n, k in zip(x.shape[2:], weight.shape[2:])]
     if pool != 2 or not pool_fuses(*out_hw):
         raise ValueError(f"fastres.conv_bn_relu: pool must be 0 or 2 (a 2x2 stride-2 max-pool) over an even "
@@ -176,8 +180,8 @@ def _check_pool(pool, x, weight, stride, padding):
 
 @torch.library.register_fake("fastres::conv_bn_relu")
 def _conv_bn_relu_fake(x, weight, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_num_batches_tracked,
-                       bn_momentum, bn_eps, stride, padding, bn_group=None, pool=0):
-    _check_pool(pool, x, weight, stride, padding)
+                       bn_momentum, bn_eps, stride, padding, bn_group=None, pool=0, relu=True):
+    _check_pool(pool, x, weight, stride, padding, relu)
     y = _empty_conv_output(x, weight, stride, padding, dtype=x.dtype)
     if pool:
         n, c, h, w = y.shape
@@ -189,13 +193,14 @@ def _conv_bn_relu_fake(x, weight, bn_weight, bn_bias, bn_running_mean, bn_runnin
 
 
 @_impl("conv_bn_relu_backward")
-def conv_bn_relu_backward(dout, x, weight, bn_weight, y, stats, stride, padding, input_grad, bn_group=None, pool=0):
+def conv_bn_relu_backward(dout, x, weight, bn_weight, y, stats, stride, padding, input_grad, bn_group=None, pool=0,
+                          relu=True):
     group = S.group_named(bn_group)
     if pool:  # the pooled gradient in y's memory format (pooling's backward gives a contiguous one)
         dout = dout.contiguous(memory_format=L.memory_format_of(y))
     else:
         dout = _in_layout_of(dout, y)
-    g, coefs, _ = L.bn_relu_backward(dout, y, stats, bn_weight, pool=pool)
+    g, coefs, _ = L.bn_relu_backward(dout, y, stats, bn_weight, pool=pool, relu=relu)
     coefs = S.maybe_sync_coefs(coefs, stats, bn_weight, y, group)
     if input_grad and L.grads_fusable(weight, stride, padding):
         dx, _, dweight = L.conv_grads(g, weight, x, dy2=y, dy_pro=coefs.packed)
@@ -210,7 +215,7 @@ def conv_bn_relu_backward(dout, x, weight, bn_weight, y, stats, stride, padding,
 
 @torch.library.register_fake("fastres::conv_bn_relu_backward")
 def _conv_bn_relu_backward_fake(dout, x, weight, bn_weight, y, stats, stride, padding, input_grad, bn_group=None,
-                                pool=0):
+                                pool=0, relu=True):
     dx = _absent(x)
     if input_grad:  # dx is conv's (transposed) output of g, which has y's layout
         dx = _empty_conv_output(y, weight, stride, padding, dtype=x.dtype, transposed=True,
@@ -221,9 +226,9 @@ def _conv_bn_relu_backward_fake(dout, x, weight, bn_weight, y, stats, stride, pa
 class _ConvBNReLUAutograd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps, stride, padding, bn_group=None, pool=0):
+                momentum, eps, stride, padding, bn_group=None, pool=0, relu=True):
         args = (x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                stride, padding, bn_group, pool)
+                stride, padding, bn_group, pool, relu)
         if _is_plain_eager(x):
             out, y, stats = conv_bn_relu(*args)
         else:
@@ -234,6 +239,7 @@ class _ConvBNReLUAutograd(torch.autograd.Function):
         ctx.eps = eps
         ctx.bn_group = bn_group
         ctx.pool = pool
+        ctx.relu = relu
         ctx.mark_non_differentiable(y, stats)
         ctx.set_materialize_grads(False)  # no zero tensors for the gradients of y and stats
         return out, y, stats
@@ -244,13 +250,18 @@ class _ConvBNReLUAutograd(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable in turn
             return _differentiable_grads(
                 ctx, dout, (x, weight, bn_weight, bn_bias),
-                lambda x, weight, bn_weight, bn_bias: _pooled(_plain_conv_bn(x, weight, bn_weight, bn_bias, ctx.eps,
-                                                                             *ctx.conv).relu(), ctx.pool))
+                lambda x, weight, bn_weight, bn_bias: _pooled(_relu_if(_plain_conv_bn(
+                    x, weight, bn_weight, bn_bias, ctx.eps, *ctx.conv), ctx.relu), ctx.pool))
         input_grad = ctx.needs_input_grad[0]
         backward = conv_bn_relu_backward if _is_plain_eager(dout) else torch.ops.fastres.conv_bn_relu_backward
         dx, dweight, dbn_weight, dbn_bias = backward(dout, x, weight, bn_weight, y, stats, *ctx.conv, input_grad,
-                                                    ctx.bn_group, ctx.pool)
-        return (dx if input_grad else None), dweight, dbn_weight, dbn_bias, *(None,) * 9
+                                                    ctx.bn_group, ctx.pool, ctx.relu)
+        return ((dx if input_grad else None), dweight, dbn_weight, dbn_bias,
+                *(None,) * 10)[:len(ctx.needs_input_grad)]
+
+
+def _relu_if(out: torch.Tensor, relu: bool) -> torch.Tensor:
+    return out.relu() if relu else out
 
 
 def _pooled(out: torch.Tensor, pool: int) -> torch.Tensor:

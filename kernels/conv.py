@@ -986,10 +986,11 @@ def _bn_relu_apply_kernel(
     sy_n, sy_c, sy_h, sy_w,
     sr_n, sr_c, sr_h, sr_w,
     so_n, so_c, so_h, so_w,
-    RESIDUAL: tl.constexpr, POOL: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr,
+    RESIDUAL: tl.constexpr, POOL: tl.constexpr, RELU: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr, SUB_M: tl.constexpr,
 ):
-    """out = relu(y * scale + shift [+ residual]) (``RES_AFTER_RELU``: relu(y * scale + shift) + residual) over
+    """out = relu(y * scale + shift [+ residual]) (``RES_AFTER_RELU``: relu(y * scale + shift) + residual;
+    without ``RELU``, y * scale + shift: a conv -> BatchNorm with no ReLU after it) over
     [N, H, W, C], with out's strides; ``POOL`` 2 (no
     residual): out = its 2x2 stride-2 max-pool, a program's rows being pooled pixels, so the full-size
     activation is never written.
@@ -1021,7 +1022,9 @@ def _bn_relu_apply_kernel(
         else:
             _, _, res, pre = _tail_pre_activation(y_ptr, res_ptr, n, h, w, offs_c, mask, scale, shift, res_scale,
                                                   res_shift, sy_n, sy_c, sy_h, sy_w, sr_n, sr_c, sr_h, sr_w, RESIDUAL)
-            out = _relu(pre)
+            out = pre
+            if RELU:
+                out = _relu(pre)
             if RESIDUAL == 3:  # rounded as torch rounds the ReLU's output before the add
                 out = to_storage(out, out_ptr.dtype.element_ty).to(tl.float32) + res
             tl.store(out_ptr + _offsets(n, h, w, offs_c, so_n, so_c, so_h, so_w),
@@ -1047,10 +1050,10 @@ def _bn_relu_backward_kernel(
     sd_n, sd_c, sd_h, sd_w,
     sy_n, sy_c, sy_h, sy_w,
     sr_n, sr_c, sr_h, sr_w,
-    RESIDUAL: tl.constexpr, POOL: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr,
+    RESIDUAL: tl.constexpr, POOL: tl.constexpr, RELU: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr, SUB_M: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Backward of ``_bn_relu_apply_kernel`` and of its BatchNorm(s).
+    """Backward of ``_bn_relu_apply_kernel`` and of its BatchNorm(s) (without ``RELU``, g = dout).
 
     g = dout * (pre-activation > 0), recomputed from y (and the residual), is
     stored with y's strides; each row tile's sums of g and g * x_hat (and
@@ -1108,7 +1111,10 @@ def _bn_relu_backward_kernel(
                                                        sr_h, sr_w, RESIDUAL)
             dout = tl.load(dout_ptr + _offsets(n, h, w, offs_c, sd_n, sd_c, sd_h, sd_w), mask=mask,
                            other=0.0).to(tl.float32)
-            g = tl.where(mask & _relu_passes(pre), dout, 0.0)
+            passes = mask
+            if RELU:
+                passes = mask & _relu_passes(pre)
+            g = tl.where(passes, dout, 0.0)
             tl.store(g_ptr + y_offs, to_storage(g, g_ptr.dtype.element_ty), mask=mask)
             acc_g += g
             acc_gx += g * (y - _stats_row(stats_ptr, 2, offs_c, c_mask, C))

@@ -205,7 +205,7 @@ def describe(name: str, spec: dict[str, Any]) -> str:
         return f"bn grad apply{res} {_act(spec, 'y_ptr')} {c['BLOCK_M']}x{c['BLOCK_C']}"
     if name in ("_bn_relu_apply_kernel", "_bn_relu_backward_kernel"):
         kind = "apply" if name == "_bn_relu_apply_kernel" else "backward"
-        pool = "+maxpool" if c.get("POOL") else ""
+        pool = ("+maxpool" if c.get("POOL") else "") + ("" if c.get("RELU", True) else " no-relu")
         return f"tail {kind}{_RES[c['RESIDUAL']]}{pool} {_act(spec, 'y_ptr')} {c['BLOCK_M']}x{c['BLOCK_C']}"
     dtype = next((_act(spec, a) for a in ("param_ref_ptr",) if a in spec["signature"]), "")
     flags = [k.lower() for k, v in c.items() if v is True and k != "ALIGNED"]
@@ -419,9 +419,19 @@ def runs(quick: bool = False) -> list[tuple[str, Callable[[], None]]]:
                             ("bottleneck", "bf16")):
             out.append((f"zoo {name} {dname} train sgd",
                         lambda n=name, a=dtypes[dname]: train_step(_zoo(n), "sgd", a, BATCH)))
+        for dname in ("fp32", "bf16"):  # a conv -> BN with no ReLU after it (the tail kernels without RELU)
+            out.append((f"conv-BN {dname} train sgd",
+                        lambda a=dtypes[dname]: train_step(_conv_bn_model(), "sgd", a, BATCH)))
         out.append(("zoo kuangliu_resnet18 bf16 eval",
                     lambda: eval_forward(_zoo("kuangliu_resnet18"), torch.bfloat16, BATCH)))
     return out
+
+
+def _conv_bn_model() -> nn.Module:
+    """conv -> BN (no ReLU), pooled into a classifier, converted: ``conv_bn_relu`` with ``relu=False``."""
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(64, 10))
+    return fastres.convert(model.to(memory_format=torch.channels_last))
 
 
 def _zoo(name: str) -> nn.Module:

@@ -412,3 +412,33 @@ def test_gradient_penalty_through_a_preact_block_and_a_bn_relu():
         grads.append([x.grad] + [p.grad for p in model.parameters()])
     for i, (f, p) in enumerate(zip(*grads)):  # to fp32's precision of the gradient's scale
         assert (f - p).abs().max() <= 1e-5 * p.abs().max(), f"grad {i}"
+
+
+class _ConvBNNoReLU(nn.Module):
+    """conv -> BN with no ReLU after it, twice (a 1x1 stride-2 one), between other ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 5, 1, stride=2, bias=False), nn.BatchNorm2d(5)
+
+    def forward(self, x):
+        # tanh between them: a BN whose every path to the output ends in a BN would have a zero bias gradient
+        return torch.sigmoid(self.bn2(self.conv2(torch.tanh(self.bn(self.conv(x))))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_conv_bn_without_relu_fused_both_ways(dtype):
+    """A conv -> BN with no ReLU outside a residual join (``conv_bn_relu`` with ``relu=False``): three-way parity
+    over two steps and eval, batch 1, odd sizes, NCHW; no aten conv or batch norm in a training step."""
+    torch.manual_seed(18)
+    model = _ConvBNNoReLU()
+    _randomize_bn(model, torch.Generator().manual_seed(19))
+    model = model.to(DEVICE)
+    x = torch.randn(1, 3, 7, 5, generator=torch.Generator().manual_seed(20)).to(DEVICE)
+    _compare_training(None, model, x, dtype, steps=2)
+    converted = fastres.convert(copy.deepcopy(model)).to(dtype)
+    assert {row.op for row in converted.fastres_report} == {"conv-BN chain"}
+    with _AtenConvBN() as aten:
+        converted(x.to(dtype)).sum().backward()
+    assert aten.count == 0

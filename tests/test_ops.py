@@ -107,6 +107,14 @@ def test_opcheck_bn_relu(dtype, memory_format):
     _opcheck(torch.ops.fastres.bn_relu.default, (x, *_bn_args(_bn(5, gen))))
 
 
+@pytest.mark.parametrize("dtype, memory_format", [(torch.float32, torch.contiguous_format), (torch.bfloat16, CL)])
+def test_opcheck_conv_bn_without_relu(dtype, memory_format):
+    gen = torch.Generator().manual_seed(9)
+    conv_weight = (0.3 * torch.randn(5, 3, 1, 1, generator=gen)).to(DEVICE, dtype).requires_grad_(True)
+    x = _input((2, 3, 5, 4), dtype, memory_format, gen)
+    _opcheck(torch.ops.fastres.conv_bn_relu.default, (x, conv_weight, *_bn_args(_bn(5, gen)), 1, 0, None, 0, False))
+
+
 def test_conv_bn_relu_rejects_a_pool_it_cannot_take():
     gen = torch.Generator().manual_seed(4)
     conv_weight = torch.randn(5, 3, 3, 3, generator=gen).to(DEVICE)
@@ -115,6 +123,9 @@ def test_conv_bn_relu_rejects_a_pool_it_cannot_take():
         x = _input(shape, torch.float32, torch.contiguous_format, gen)
         with pytest.raises(ValueError, match=r"pool must be 0 or 2 .* got pool=%d over \d+x\d+" % pool):
             torch.ops.fastres.conv_bn_relu(x, conv_weight, *_bn_args(bn), 1, 1, None, pool)
+    with pytest.raises(ValueError, match="pool=2 needs relu=True"):
+        torch.ops.fastres.conv_bn_relu(_input((2, 3, 6, 6), torch.float32, torch.contiguous_format, gen), conv_weight,
+                                       *_bn_args(bn), 1, 1, None, 2, False)
 
 
 def test_residual_block_rejects_after_relu_with_a_projection():

@@ -617,7 +617,7 @@ class _TailPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def _plan_tail(shape, itemsize, residual_mode, backward, pool, *layouts) -> _TailPlan:
+def _plan_tail(shape, itemsize, residual_mode, backward, pool, relu, *layouts) -> _TailPlan:
     """``itemsize``: bytes per activation element; ``backward``: plan ``_bn_relu_backward_kernel`` (else the
     apply kernel); ``pool``: 2 for a 2x2 max-pool after the ReLU, else 0; ``layouts``: the (shape, strides)
     of every tensor the kernel addresses."""
@@ -630,7 +630,8 @@ def _plan_tail(shape, itemsize, residual_mode, backward, pool, *layouts) -> _Tai
         # one 128-bit access per thread and window element)
         block_m, rows = max(16, block_m // 4), N * (H // 2) * (W // 2)
     n_tiles = _cdiv(rows, block_m)
-    meta = dict(RESIDUAL=residual_mode, POOL=pool, IDX64=_needs_int64(*layouts), BLOCK_M=block_m, BLOCK_C=block_c,
+    meta = dict(RESIDUAL=residual_mode, POOL=pool, RELU=relu, IDX64=_needs_int64(*layouts), BLOCK_M=block_m,
+                BLOCK_C=block_c,
                 SUB_M=min(sub_m, block_m), num_warps=NUM_WARPS)
     n_cols = _cdiv(C, block_c)
     part_numel = counter_numel = 0
@@ -649,10 +650,11 @@ def _residual_mode(residual, residual_stats) -> int:
 
 
 def bn_relu_apply(y: torch.Tensor, stats: torch.Tensor, residual: torch.Tensor | None = None,
-                  residual_stats: torch.Tensor | None = None, pool: int = 0, after_relu: bool = False) -> torch.Tensor:
+                  residual_stats: torch.Tensor | None = None, pool: int = 0, after_relu: bool = False,
+                  relu: bool = True) -> torch.Tensor:
     """relu(y * scale + shift + residual), the residual through its own BN (packed stats) if given;
     ``after_relu``: relu(y * scale + shift) + residual (a tensor); ``pool`` 2 (no residual; y's height and
-    width even): its 2x2 stride-2 max-pool instead, in y's memory format."""
+    width even): its 2x2 stride-2 max-pool instead, in y's memory format; ``relu`` False (neither): no ReLU."""
     res = y if residual is None else residual
     mode = RES_AFTER_RELU if after_relu else _residual_mode(residual, residual_stats)
     if pool:
@@ -660,7 +662,7 @@ def bn_relu_apply(y: torch.Tensor, stats: torch.Tensor, residual: torch.Tensor |
         out = torch.empty((n, c, h // 2, w // 2), dtype=y.dtype, device=y.device, memory_format=memory_format_of(y))
     else:
         out = torch.empty_like(y)
-    plan = _plan_tail(tuple(y.shape), y.element_size(), mode, False, pool,
+    plan = _plan_tail(tuple(y.shape), y.element_size(), mode, False, pool, relu,
                       (tuple(y.shape), y.stride()),
                       (tuple(res.shape), res.stride()))
     launch(kernels._bn_relu_apply_kernel, plan.grid,
@@ -732,7 +734,7 @@ def bn_grad_apply(g: torch.Tensor, y: torch.Tensor, coefs: torch.Tensor,
 
 def bn_relu_backward(dout: torch.Tensor, y: torch.Tensor, stats: torch.Tensor, bn_weight: torch.Tensor,
                      residual: torch.Tensor | None = None, residual_stats: torch.Tensor | None = None,
-                     residual_bn_weight: torch.Tensor | None = None, pool: int = 0):
+                     residual_bn_weight: torch.Tensor | None = None, pool: int = 0, relu: bool = True):
     """g = dout * relu'(pre-activation), and the backward of the tail's BatchNorm(s); ``pool`` 2: ``dout``
     is the gradient of :func:`bn_relu_apply`'s pooled output, routed to each window's max.
 
@@ -742,7 +744,7 @@ def bn_relu_backward(dout: torch.Tensor, y: torch.Tensor, stats: torch.Tensor, b
     device = y.device
     mode = _residual_mode(residual, residual_stats)
     res = y if residual is None else residual
-    plan = _plan_tail(tuple(y.shape), y.element_size(), mode, True, pool, (tuple(y.shape), y.stride()),
+    plan = _plan_tail(tuple(y.shape), y.element_size(), mode, True, pool, relu, (tuple(y.shape), y.stride()),
                       (tuple(res.shape), res.stride()),
                       (tuple(dout.shape), dout.stride()))
     C = y.shape[1]
