@@ -29,7 +29,7 @@ def test_cuda_graph_default(train_cifar, argv, device, world_size, expected):
     assert _resolve(train_cifar, argv, device, world_size)["cuda_graph"] is expected
 
 
-@pytest.mark.parametrize("model,fused", [("resnet9", 16), ("preact_resnet18", 16)])
+@pytest.mark.parametrize("model,fused", [("resnet9", 16), ("preact_resnet18", 36)])
 def test_plain_models_run_through_convert(train_cifar, model, fused):
     """--model resnet9|preact_resnet18: the plain-PyTorch zoo models, fastres.convert'ed with --impl fastres
     (the same state_dict keys as --impl torch's model); the report's fused count is what the run prints."""
