@@ -1032,12 +1032,12 @@ def _bn_relu_apply_kernel(
 
 
 @triton.jit
-def _pooled_grad(g_ptr, offs, y, pre, index, K: tl.constexpr, dout, mask, mean):
+def _pooled_grad(acc_g, acc_gx, g_ptr, offs, y, pre, index, K: tl.constexpr, dout, mask, mean):
     """Window element ``K``'s gradient: the pooled gradient where it was the window's max and its ReLU
-    passes, else 0; stored, and returned with its term of BatchNorm's sum of g * (y - mean)."""
+    passes, else 0; stored, and added to BatchNorm's sums of g and g * (y - mean)."""
     g = tl.where(mask & (index == K) & _relu_passes(pre), dout, 0.0)
     tl.store(g_ptr + offs, to_storage(g, g_ptr.dtype.element_ty), mask=mask)
-    return g, g * (y - mean)
+    return acc_g + g, acc_gx + g * (y - mean)
 
 
 @triton.jit
@@ -1088,18 +1088,10 @@ def _bn_relu_backward_kernel(
             o3, y3, p3, v = _window_tap(y_ptr, n, h, w, 1, 1, offs_c, mask, scale, shift, sy_n, sy_c, sy_h, sy_w)
             best, index = _window_max(best, index, v, 3)
             mean = _stats_row(stats_ptr, 2, offs_c, c_mask, C)
-            g, gx = _pooled_grad(g_ptr, o0, y0, p0, index, 0, dout, mask, mean)
-            acc_g += g
-            acc_gx += gx
-            g, gx = _pooled_grad(g_ptr, o1, y1, p1, index, 1, dout, mask, mean)
-            acc_g += g
-            acc_gx += gx
-            g, gx = _pooled_grad(g_ptr, o2, y2, p2, index, 2, dout, mask, mean)
-            acc_g += g
-            acc_gx += gx
-            g, gx = _pooled_grad(g_ptr, o3, y3, p3, index, 3, dout, mask, mean)
-            acc_g += g
-            acc_gx += gx
+            acc_g, acc_gx = _pooled_grad(acc_g, acc_gx, g_ptr, o0, y0, p0, index, 0, dout, mask, mean)
+            acc_g, acc_gx = _pooled_grad(acc_g, acc_gx, g_ptr, o1, y1, p1, index, 1, dout, mask, mean)
+            acc_g, acc_gx = _pooled_grad(acc_g, acc_gx, g_ptr, o2, y2, p2, index, 2, dout, mask, mean)
+            acc_g, acc_gx = _pooled_grad(acc_g, acc_gx, g_ptr, o3, y3, p3, index, 3, dout, mask, mean)
         else:
             res_scale = scale
             res_shift = shift

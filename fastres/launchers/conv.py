@@ -616,23 +616,28 @@ class _TailPlan(NamedTuple):
     counter_numel: int
 
 
+def _tail_tiles(C: int, itemsize: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, SUB_M) of the elementwise row kernels: ``TAIL_ELEMENTS`` per program, a loop step
+    of one 128-bit access per thread and tensor."""
+    block_c = _block(C, 1, 64)
+    block_m = max(16, min(256, TAIL_ELEMENTS // block_c))
+    return block_m, block_c, max(1, min(block_m, NUM_WARPS * 32 * TAIL_STEP_BYTES // itemsize // block_c))
+
+
 @functools.lru_cache(maxsize=None)
 def _plan_tail(shape, itemsize, residual_mode, backward, pool, relu, *layouts) -> _TailPlan:
     """``itemsize``: bytes per activation element; ``backward``: plan ``_bn_relu_backward_kernel`` (else the
     apply kernel); ``pool``: 2 for a 2x2 max-pool after the ReLU, else 0; ``layouts``: the (shape, strides)
     of every tensor the kernel addresses."""
     N, C, H, W = shape
-    block_c = _block(C, 1, 64)
-    block_m = max(16, min(256, TAIL_ELEMENTS // block_c))
-    sub_m = max(1, min(block_m, NUM_WARPS * 32 * TAIL_STEP_BYTES // itemsize // block_c))
+    block_m, block_c, sub_m = _tail_tiles(C, itemsize)
     rows = N * H * W
     if pool:  # a row is a pooled pixel, four of y's: a quarter of the rows per tile (each step still loads
         # one 128-bit access per thread and window element)
         block_m, rows = max(16, block_m // 4), N * (H // 2) * (W // 2)
     n_tiles = _cdiv(rows, block_m)
     meta = dict(RESIDUAL=residual_mode, POOL=pool, RELU=relu, IDX64=_needs_int64(*layouts), BLOCK_M=block_m,
-                BLOCK_C=block_c,
-                SUB_M=min(sub_m, block_m), num_warps=NUM_WARPS)
+                BLOCK_C=block_c, SUB_M=min(sub_m, block_m), num_warps=NUM_WARPS)
     n_cols = _cdiv(C, block_c)
     part_numel = counter_numel = 0
     if backward:
@@ -684,13 +689,10 @@ def _plan_rows(shape, itemsize, stats, *layouts) -> _RowsPlan:
     """The tail kernels' tiling for the standalone BatchNorm kernels: ``_bn_stats_kernel`` (``stats``: its
     finalize's partials and counters, and num_batches_tracked's counter) or ``_bn_grad_apply_kernel``."""
     N, C, H, W = shape
-    block_c = _block(C, 1, 64)
-    block_m = max(16, min(256, TAIL_ELEMENTS // block_c))
+    block_m, block_c, sub_m = _tail_tiles(C, itemsize)
     n_tiles = _cdiv(N * H * W, block_m)
     n_cols = _cdiv(C, block_c)
-    meta = dict(IDX64=_needs_int64(*layouts), BLOCK_M=block_m, BLOCK_C=block_c,
-                SUB_M=max(1, min(block_m, NUM_WARPS * 32 * TAIL_STEP_BYTES // itemsize // block_c)),
-                num_warps=NUM_WARPS)
+    meta = dict(IDX64=_needs_int64(*layouts), BLOCK_M=block_m, BLOCK_C=block_c, SUB_M=sub_m, num_warps=NUM_WARPS)
     part_numel = counter_numel = 0
     if stats:
         meta["BLOCK_T"] = _finalize_block_t(n_tiles, block_c)
