@@ -354,7 +354,9 @@ class _ConvBNReLUConvAutograd(torch.autograd.Function):
         else:
             with torch._C._AutoDispatchBelowAutograd():
                 out, y, stats = torch.ops.fastres.conv_bn_relu_conv(*args)
-        ctx.save_for_backward(x, weight, bn_weight, bn_bias, y, stats, conv2_weight, residual)
+        # Not the residual: its gradient is dout, whatever its value (saving it would keep it alive).
+        ctx.save_for_backward(x, weight, bn_weight, bn_bias, y, stats, conv2_weight)
+        ctx.has_residual = residual is not None
         ctx.conv = (stride, padding, padding2)
         ctx.eps = eps
         ctx.bn_group = bn_group
@@ -364,17 +366,17 @@ class _ConvBNReLUConvAutograd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dy, _dstats):
-        x, weight, bn_weight, bn_bias, y, stats, conv2_weight, residual = ctx.saved_tensors
+        x, weight, bn_weight, bn_bias, y, stats, conv2_weight = ctx.saved_tensors
         stride, padding, padding2 = ctx.conv
+        dres = dout if ctx.has_residual else None
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable in turn
-            def forward(x, weight, bn_weight, bn_bias, conv2_weight, *rest):
+            def forward(x, weight, bn_weight, bn_bias, conv2_weight):
                 h = _plain_conv_bn(x, weight, bn_weight, bn_bias, ctx.eps, stride, padding).relu()
-                out = torch.nn.functional.conv2d(h, conv2_weight.to(h.dtype), padding=padding2)
-                return out + rest[0] if rest else out
+                return torch.nn.functional.conv2d(h, conv2_weight.to(h.dtype), padding=padding2)
 
-            index = (0, 1, 2, 3, 9) + ((14,) if residual is not None else ())
-            inputs = (x, weight, bn_weight, bn_bias, conv2_weight) + ((residual,) if residual is not None else ())
-            return _differentiable_grads(ctx, dout, inputs, forward, index)
+            grads = _differentiable_grads(ctx, dout, (x, weight, bn_weight, bn_bias, conv2_weight), forward,
+                                          (0, 1, 2, 3, 9))
+            return (grads[:14] + (dres,))[:len(ctx.needs_input_grad)]
         input_grad = ctx.needs_input_grad[0]
         backward = (conv_bn_relu_conv_backward if _is_plain_eager(dout)
                     else torch.ops.fastres.conv_bn_relu_conv_backward)
@@ -384,7 +386,7 @@ class _ConvBNReLUConvAutograd(torch.autograd.Function):
         # The residual's gradient is dout itself: no copy (an op's outputs may not alias its inputs, but an
         # autograd Function's gradients may).
         return ((dx if input_grad else None), dweight, dbn_weight, dbn_bias, *(None,) * 5, dw2, None, None, None, None,
-                dout if residual is not None else None)[:len(ctx.needs_input_grad)]
+                dres)[:len(ctx.needs_input_grad)]
 
 
 _lib.impl("conv_bn_relu_conv", _ConvBNReLUConvAutograd.apply, "Autograd")
