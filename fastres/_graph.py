@@ -303,11 +303,10 @@ def _chain_convs(units: dict[fx.Node, Unit], modules: dict, consumed: set) -> li
     return found
 
 
-def _preact_blocks(chains: list[ChainConv], units: dict[fx.Node, Unit], modules: dict) -> list[PreactBlock]:
+def _preact_blocks(chains: list[ChainConv], unit_bns: set, modules: dict) -> list[PreactBlock]:
     """Chain-convs with a shortcut whose input is ``relu0(bn0(x))`` (a BatchNorm no conv chain takes), read
     only by the chain's conv and a projection conv giving the shortcut, or by the conv alone with ``x`` the
-    shortcut."""
-    unit_bns = {u.bn for u in units.values()}
+    shortcut. ``unit_bns``: the BatchNorms that follow a conv (a chain's)."""
     found = []
     for chain in chains:
         relu0 = chain.unit.input
@@ -580,7 +579,8 @@ def convert_graph(model: nn.Module) -> tuple[nn.Module, list[Row]]:
             taken[node.target] = f"residual join {name!r}"
         consumed.update(dead)
     chains = _chain_convs(units, modules, consumed)
-    for block in _preact_blocks(chains, units, modules):
+    unit_bns = {u.bn for u in units.values()}
+    for block in _preact_blocks(chains, unit_bns, modules):
         chain, unit = block.chain, block.chain.unit
         problem = (_static_problem_unit(unit, modules)
                    or _conv_problem(modules[chain.conv2.target], chain.conv2.target, stride=1)
@@ -658,7 +658,6 @@ def convert_graph(model: nn.Module) -> tuple[nn.Module, list[Row]]:
                 graph.erase_node(node)
         taken[unit.conv.target] = taken[unit.bn.target] = ("conv-BN-ReLU-max-pool chain" if unit.pool is not None
                                                            else "conv-BN-ReLU chain")
-    unit_bns = {u.bn for u in units.values()}
     for bn in list(graph.nodes):
         if (bn in consumed or bn in unit_bns or _module(bn, modules, nn.BatchNorm2d, nn.SyncBatchNorm) is None
                 or len(bn.args) != 1 or bn.kwargs or not isinstance(bn.args[0], fx.Node)):

@@ -267,14 +267,19 @@ def test_gradient_penalty_through_a_post_relu_join():
     plain = zoo.Residual(4)
     _randomize_bn(plain, torch.Generator().manual_seed(7))
     plain = plain.to(DEVICE)
-    fused = fastres.convert(copy.deepcopy(plain))
+    _assert_same_second_order_grads(plain, fastres.convert(copy.deepcopy(plain)), (2, 4, 5, 5), seed=8)
+
+
+def _assert_same_second_order_grads(plain: nn.Module, fused: nn.Module, shape: tuple, seed: int) -> None:
+    """A gradient penalty (``create_graph=True``, then the squared input gradient's backward) gives the plain
+    model's input and parameter gradients, to fp32's precision of each gradient's scale."""
     grads = []
     for model in (plain, fused):
-        x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(8)).to(DEVICE).requires_grad_(True)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE).requires_grad_(True)
         (grad_x,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
         grad_x.square().sum().backward()
         grads.append([x.grad] + [p.grad for p in model.parameters()])
-    for i, (f, p) in enumerate(zip(*grads)):  # to fp32's precision of the gradient's scale
+    for i, (f, p) in enumerate(zip(*grads)):
         assert (f - p).abs().max() <= 1e-5 * p.abs().max(), f"grad {i}"
 
 
@@ -404,14 +409,18 @@ def test_gradient_penalty_through_a_preact_block_and_a_bn_relu():
     plain = plain.to(DEVICE)
     fused = fastres.convert(copy.deepcopy(plain))
     assert all(row.op for row in fused.fastres_report)
-    grads = []
-    for model in (plain, fused):
-        x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(17)).to(DEVICE).requires_grad_(True)
-        (grad_x,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
-        grad_x.square().sum().backward()
-        grads.append([x.grad] + [p.grad for p in model.parameters()])
-    for i, (f, p) in enumerate(zip(*grads)):  # to fp32's precision of the gradient's scale
-        assert (f - p).abs().max() <= 1e-5 * p.abs().max(), f"grad {i}"
+    _assert_same_second_order_grads(plain, fused, (2, 3, 6, 6), seed=17)
+
+
+def test_gradient_penalty_through_a_chain_into_a_conv_with_a_residual():
+    """create_graph=True through conv_bn_relu_conv with a tensor residual (whose gradient is dout itself)."""
+    torch.manual_seed(21)
+    plain = _ChainThenConv()
+    _randomize_bn(plain, torch.Generator().manual_seed(22))
+    plain = plain.to(DEVICE)
+    fused = fastres.convert(copy.deepcopy(plain))
+    assert {row.op for row in fused.fastres_report} >= {"conv-BN-ReLU-conv + residual"}
+    _assert_same_second_order_grads(plain, fused, (2, 3, 6, 6), seed=23)
 
 
 class _ConvBNNoReLU(nn.Module):
