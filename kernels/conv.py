@@ -1206,6 +1206,24 @@ DEVICE_FUNCTIONS = ("_accumulate_taps", "_relu_grad_epilogue", "_wgrad_tap", "_t
 
 # ------------------------------------------------------ ahead-of-time compile specs
 
+# Register caps (Triton's ``maxnreg``) a kernel is built with, per target (compute capability x 10; a device
+# takes the entry of the highest target at or below its own). The launchers pass the device's entry and
+# tests/aot_compile.py compiles each target with its own. ``_conv_grads_kernel`` runs one program of 8 warps
+# per SM, so any cap up to 255 keeps that occupancy: sm_90 168 (ptxas otherwise spends more on scheduling),
+# no stack frame; sm_80, without wgmma, keeps the nine dW taps' accumulators in mma.sync registers and spilled
+# 8-136 B under 168, none under 255 (248-255 registers).
+MAXNREG = {"_conv_grads_kernel": {80: 255, 90: 168}}
+
+
+def maxnreg_for(kernel: str, cc: int) -> int | None:
+    """``kernel``'s register cap on compute capability ``cc`` (x 10) from :data:`MAXNREG`, or None."""
+    caps = MAXNREG.get(kernel)
+    if not caps:
+        return None
+    eligible = [target for target in caps if target <= cc]
+    return caps[max(eligible)] if eligible else caps[min(caps)]
+
+
 # Recorded from the launches of ResNet-20 and ResNet-18-CIFAR training and eval steps (fp32, bf16, fp16;
 # BatchNorm with momentum=None and without running statistics) by tests/launch_specs.py: the same
 # dtypes, constants and divisibility Triton's JIT derives on a GPU. See tests/aot_compile.py.

@@ -73,6 +73,11 @@ Spec format
         ],
     }
     DEVICE_FUNCTIONS = ("_adam_math",)
+    # optional: a register cap (maxnreg) per target, for a kernel whose launcher
+    # picks it by the device's architecture: each target is compiled with the
+    # entry of the highest target at or below it, in place of the recorded
+    # launch's (the interpreter plans as for one architecture)
+    MAXNREG = {"_adam_kernel": {80: 255, 90: 168}}
 
 Usage
 -----
@@ -213,6 +218,7 @@ class Kernel:
     jit_fn: JITFunction
     configs: list[Any] | None  # triton.Config list of an autotuned kernel, else None
     specs: list[Any] | None = None  # its AOT_SPECS entry; None when it has no usable one
+    maxnreg: dict[int, int] | None = None  # its module's MAXNREG entry: a register cap per target (cc)
 
     @property
     def kind(self) -> str:
@@ -358,7 +364,8 @@ def discover(module: types.ModuleType, failures: list[Failure],
         jit_fn, depth, configs = _unwrap(value)
         if jit_fn is None or getattr(jit_fn.fn, "__module__", None) != module.__name__:
             continue  # not a jit function, or one re-exported from another module
-        kernel = Kernel(module.__name__, jit_fn.fn.__name__, value, jit_fn, configs)
+        kernel = Kernel(module.__name__, jit_fn.fn.__name__, value, jit_fn, configs,
+                        maxnreg=getattr(module, "MAXNREG", {}).get(jit_fn.fn.__name__))
         if id(jit_fn) not in by_fn or depth > by_fn[id(jit_fn)][0]:
             by_fn[id(jit_fn)] = (depth, kernel)
     found = sorted((k for _, k in by_fn.values()), key=lambda k: k.name)
@@ -558,6 +565,9 @@ def build_tasks(kernel: Kernel, targets: list[int], failures: list[Failure]) -> 
         }
         for config_index, config_label, merged, options in variants:
             for cc in targets:
+                if kernel.maxnreg:  # the module's cap for this target replaces the recorded launch's
+                    eligible = [target for target in kernel.maxnreg if target <= cc] or [min(kernel.maxnreg)]
+                    options = {**options, "maxnreg": kernel.maxnreg[max(eligible)]}
                 tasks.append(CompileTask(
                     module=kernel.module, kernel=kernel.name, spec_index=index, spec_label=label,
                     config_index=config_index, config_label=config_label, cc=cc,
@@ -631,6 +641,7 @@ def _base_result(task: CompileTask) -> dict[str, Any]:
         "module": task.module, "kernel": task.kernel, "spec": task.spec_index, "spec_label": task.spec_label,
         "config": task.config_index, "config_label": task.config_label, "target": f"sm_{task.cc}",
         "cc": task.cc, "num_warps": task.options["num_warps"], "num_stages": task.options["num_stages"],
+        "maxnreg": task.options.get("maxnreg"),
         "constexprs": {k: v if isinstance(v, JSON_SCALARS) else str(v) for k, v in task.constexprs.items()},
         "config_keys": sorted(task.config_keys),
         "signature": {k: v for k, v in task.signature.items() if v != "constexpr"},

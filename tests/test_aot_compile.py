@@ -175,6 +175,12 @@ def test_real_package_compiles_for_sm80_and_sm90(tmp_path: Path) -> None:
     convs = ("_conv_kernel", "_conv_wgrad_kernel", "_conv_grads_kernel")
     assert {r["kernel"] for r in sm90} >= set(convs)
     assert all(r["registers"] <= 168 for r in sm90 if r["kernel"] in convs)
+    # The fused gradients' register cap per target (kernels/conv.py, MAXNREG): no stack frame on sm_80 either,
+    # where under sm_90's 168 they spilled 8-136 B.
+    grads = [r for r in report["results"] if r["kernel"] == "_conv_grads_kernel"]
+    assert {(r["cc"], r["maxnreg"]) for r in grads} == {(80, 255), (90, 168)}
+    assert all(r["stack_bytes"] == 0 and r["local_bytes"] == 0 for r in grads), [
+        (r["target"], r["spec_label"], r["stack_bytes"]) for r in grads if r["stack_bytes"] or r["local_bytes"]]
 
 
 def test_good_package_passes_with_full_report(tmp_path: Path) -> None:

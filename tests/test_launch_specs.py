@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import launch_specs
+from fastres.kernels import conv as K
 from fastres.launchers import conv as L
 
 
@@ -38,9 +39,10 @@ def test_recorded_resnet20_step_specs():
     specs = result["specs"]["fastres.kernels.conv"]
     assert set(specs) == {"_conv_kernel", "_conv_wgrad_kernel", "_conv_grads_kernel", "_bn_relu_apply_kernel",
                           "_bn_relu_backward_kernel"}
-    # Launch options beyond warps and stages reach the spec: the fused gradients' register cap.
-    assert all(s["maxnreg"] == L.GRADS_MAXNREG and s["num_warps"] == L.GRADS_NUM_WARPS
-               for s in specs["_conv_grads_kernel"])
+    # Launch options beyond warps and stages reach the spec: the fused gradients' register cap, sm_90's (the
+    # interpreter plans as for it; tests/aot_compile.py builds each target with its own).
+    assert all(s["maxnreg"] == K.maxnreg_for("_conv_grads_kernel", 90) == 168
+               and s["num_warps"] == L.GRADS_NUM_WARPS for s in specs["_conv_grads_kernel"])
     assert "_sgd_kernel" in result["specs"]["fastres.kernels.optim"]
     conv = specs["_conv_kernel"]
     # Planned as on the GPU: no interpreter workaround, bf16 activations, 32-bit offsets at batch 512.

@@ -209,6 +209,16 @@ def _num_sms(device: torch.device) -> int:
     return 8
 
 
+@functools.lru_cache(maxsize=None)
+def _compute_capability(device: torch.device) -> int:
+    """The device's compute capability x 10 (kernels' per-target register caps); the interpreter plans as
+    for sm_90, the GPUs the recorded launch specs stand for."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
 def _finalize_block_t(n_tiles: int, block_c: int) -> int:
     """Partials per finalize group and load (``BLOCK_T``): all of them up to FINALIZE_ELEMENTS / block_c
     (16 channels: 128), else groups of that many and a second level over the groups."""
@@ -483,9 +493,9 @@ GRADS_BLOCK_N = 16  # dX/dW channels per program
 # dY's channels, one tile padded to 64 for any K <= 64: the nine dW taps are [64, 16] wgmma accumulators on
 # sm_90; at 16 or 32 rows the dots fall back to mma.sync and the kernel takes more registers, not fewer.
 GRADS_MAX_K = 64
-# 8 warps share the taps' 36 KB of fp32 accumulators; capped at 168 registers (ptxas otherwise spends more on
-# scheduling), with no stack on sm_90 (the AOT check).
-GRADS_NUM_WARPS, GRADS_MAXNREG = 8, 168
+# 8 warps share the taps' 36 KB of fp32 accumulators, one program per SM; their register cap depends on the
+# architecture (kernels/conv.py, MAXNREG: 168 on sm_90, 255 on sm_80), with no stack on either (the AOT check).
+GRADS_NUM_WARPS = 8
 # The final sums run in two levels, groups of about sqrt(P) programs then the groups (on 132 SMs ResNet-20's
 # first stage: 9 groups of 16, then the 9; was one program walking all 132), each step a [group, values] load
 # of GRADS_FINAL_ELEMENTS (32 per thread at 8 warps): small groups take longer steps, so fewer of them.
@@ -534,7 +544,7 @@ def _grads_group(programs: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _plan_grads(dy_shape, dy_stride, x_shape, x_stride, w_shape, w_stride, g_stride, dtype, device_type, tf32,
-                num_sms, x_prologue, epilogue, has_residual) -> _GradsPlan:
+                num_sms, cc, x_prologue, epilogue, has_residual) -> _GradsPlan:
     N, K, H, W = dy_shape
     itemsize = dtype.itemsize
     C = x_shape[1]
@@ -561,7 +571,7 @@ def _plan_grads(dy_shape, dy_stride, x_shape, x_stride, w_shape, w_stride, g_str
                 BLOCK_T=group, BLOCK_E=GRADS_FINAL_ELEMENTS // group, num_warps=GRADS_NUM_WARPS,
                 # Triton's default 3 stages pipeline the data gradient's tap loop (cp.async): one persistent
                 # program per SM has no other programs to hide its load latency behind.
-                maxnreg=GRADS_MAXNREG)
+                maxnreg=kernels.maxnreg_for("_conv_grads_kernel", cc))
     return _GradsPlan(out_shape, out_stride, (programs, n_cols), part_numel, counter_numel, ints, meta)
 
 
@@ -587,8 +597,8 @@ def conv_grads(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, *, dy2: 
     grad = torch.empty_like(weight)
     plan = _plan_grads(tuple(dy.shape), dy.stride(), tuple(x.shape), x.stride(), tuple(weight.shape),
                        weight.stride(), grad.stride(), dtype, device.type, dot_precision(dtype, device) == "tf32",
-                       _num_sms(device), PRO_BN_RELU if x_pro is not None else PRO_NONE, epilogue,
-                       residual is not None)
+                       _num_sms(device), _compute_capability(device), PRO_BN_RELU if x_pro is not None else PRO_NONE,
+                       epilogue, residual is not None)
     out = _planned_output(plan, dtype, device, "conv_grads", ey, residual)
     unused = _unused(device)
     ws = _workspace(device)
