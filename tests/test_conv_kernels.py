@@ -241,7 +241,7 @@ def test_fused_gradients_never_plan_a_second_wave(channels):
     dy_shape, x_shape = (512, 64, 16, 16), (512, channels, 16, 16)
     w_shape = (64, channels, 3, 3)
     plan = L._plan_grads(dy_shape, cl(*dy_shape), x_shape, cl(*x_shape), w_shape, cl(*w_shape), cl(*w_shape),
-                         torch.bfloat16, "cuda", False, 132, L.PRO_BN_RELU, L.EPI_RELU_GRAD, False)
+                         torch.bfloat16, "cuda", False, 132, 90, L.PRO_BN_RELU, L.EPI_RELU_GRAD, False)
     programs, n_cols = plan.grid
     assert n_cols == -(-channels // L.GRADS_BLOCK_N)
     assert programs * n_cols <= 132 and programs >= 1
