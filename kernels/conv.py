@@ -1211,7 +1211,8 @@ DEVICE_FUNCTIONS = ("_accumulate_taps", "_relu_grad_epilogue", "_wgrad_tap", "_t
 # tests/aot_compile.py compiles each target with its own. ``_conv_grads_kernel`` runs one program of 8 warps
 # per SM, so any cap up to 255 keeps that occupancy: sm_90 168 (ptxas otherwise spends more on scheduling),
 # no stack frame; sm_80, without wgmma, keeps the nine dW taps' accumulators in mma.sync registers and spilled
-# 8-136 B under 168, none under 255 (248-255 registers).
+# 8-136 B under 168; under 255 it takes 248-255 registers and no stack frame (triton 3.9; 3.6 keeps an 8 B
+# frame in two of the 14 variants).
 MAXNREG = {"_conv_grads_kernel": {80: 255, 90: 168}}
 
 
