@@ -467,6 +467,19 @@ def _conv_bn_relu(x: torch.Tensor, conv: nn.Module, bn: nn.Module, relu: Optiona
     return out if pool is None or fused_pool else pool(out)
 
 
+def _chain_sizes(x: torch.Tensor, conv1: nn.Module, w1: torch.Tensor, conv2: nn.Module,
+                 w2: torch.Tensor) -> Optional[tuple[int, int, int, int]]:
+    """``(out_h, out_w, out_h2, out_w2)`` of ``conv2(conv1(x))`` (weights ``w1``, ``w2``; conv2 at stride 1)
+    when x's channels feed conv1 and conv1's feed conv2 and no output is empty, else None."""
+    _, channels, h, w = x.shape
+    stride, padding1, padding2 = conv1.stride[0], conv1.padding[0], conv2.padding[0]
+    out_h, out_w = L.out_size(h, w1.shape[2], stride, padding1), L.out_size(w, w1.shape[3], stride, padding1)
+    out_h2, out_w2 = L.out_size(out_h, w2.shape[2], 1, padding2), L.out_size(out_w, w2.shape[3], 1, padding2)
+    if channels != w1.shape[1] or w2.shape[1] != w1.shape[0] or min(out_h, out_w, out_h2, out_w2) <= 0:
+        return None
+    return out_h, out_w, out_h2, out_w2
+
+
 def _conv_bn_relu_conv(x: torch.Tensor, conv: nn.Module, bn: nn.Module, relu: nn.Module, conv2: nn.Module,
                        residual: Optional[torch.Tensor], owner: nn.Module,
                        plain: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -485,15 +498,13 @@ def _conv_bn_relu_conv(x: torch.Tensor, conv: nn.Module, bn: nn.Module, relu: nn
     takes = (weight is not None and weight2 is not None and type(relu) is nn.ReLU and not _hooked(relu)
              and not _global_hooks() and conv2.stride == _ONE)
     if takes:
-        n, channels, h, w = x.shape
-        out_channels, in_channels, kh, kw = weight.shape
+        n, out_channels = x.shape[0], weight.shape[0]
         stride, padding, padding2 = conv.stride[0], conv.padding[0], conv2.padding[0]
-        out_h, out_w = L.out_size(h, kh, stride, padding), L.out_size(w, kw, stride, padding)
-        out_h2, out_w2 = L.out_size(out_h, weight2.shape[2], 1, padding2), L.out_size(out_w, weight2.shape[3], 1,
-                                                                                     padding2)
-        takes = (channels == in_channels and weight2.shape[1] == out_channels and min(out_h, out_w, out_h2, out_w2) > 0
-                 and _bn_takes(bn, out_channels, dtype, device)
-                 and not ((bn.training or bn._buffers.get("running_mean") is None) and n * out_h * out_w == 1))
+        sizes = _chain_sizes(x, conv, weight, conv2, weight2)
+        takes = sizes is not None and _bn_takes(bn, out_channels, dtype, device)
+    if takes:
+        out_h, out_w, out_h2, out_w2 = sizes
+        takes = not ((bn.training or bn._buffers.get("running_mean") is None) and n * out_h * out_w == 1)
         if takes and residual is not None:
             # The epilogue reads the residual as the output's elements: no broadcasting, the compute dtype.
             takes = (isinstance(residual, torch.Tensor) and residual.device == device and residual.dtype == dtype
@@ -564,14 +575,13 @@ def _preact_block(x: torch.Tensor, bn0: nn.Module, relu0: nn.Module, conv1: nn.M
              and x.dim() == 4 and x.dtype == dtype and x.is_contiguous(memory_format=L.memory_format_of(x)))
     if takes:  # (x in the compute dtype already: bn0's statistics are of x as torch sees it)
         n, channels, h, w = x.shape
-        width, in_channels, kh, kw = w1.shape
-        out_channels = w2.shape[0]
+        width, out_channels = w1.shape[0], w2.shape[0]
         stride, padding1, padding2 = conv1.stride[0], conv1.padding[0], conv2.padding[0]
-        out_h, out_w = L.out_size(h, kh, stride, padding1), L.out_size(w, kw, stride, padding1)
-        out_h2, out_w2 = L.out_size(out_h, w2.shape[2], 1, padding2), L.out_size(out_w, w2.shape[3], 1, padding2)
-        takes = (channels == in_channels and w2.shape[1] == width and min(out_h, out_w, out_h2, out_w2) > 0
-                 and _bn_takes(bn0, channels, dtype, device) and _bn_takes(bn1, width, dtype, device)
-                 and n * h * w > 1 and n * out_h * out_w > 1)
+        sizes = _chain_sizes(x, conv1, w1, conv2, w2)
+        takes = sizes is not None and _bn_takes(bn0, channels, dtype, device) and _bn_takes(bn1, width, dtype, device)
+    if takes:
+        out_h, out_w, out_h2, out_w2 = sizes
+        takes = n * h * w > 1 and n * out_h * out_w > 1
         down_padding = 0
         if takes and down is not None:
             down_padding = down.padding[0]
@@ -637,17 +647,15 @@ def _residual_join(x: torch.Tensor, conv1: object, bn1m: object, relu: object, c
     takes = (w1 is not None and w2 is not None and type(relu) is nn.ReLU and not _hooked(relu)
              and conv2.stride == _ONE and not (after_relu and down is not None))
     if takes:
-        n, channels, h, w = x.shape
-        width, in_channels, kh, kw = w1.shape
-        out_channels, width2, kh2, kw2 = w2.shape
+        n, in_channels, h, w = x.shape
+        width, out_channels = w1.shape[0], w2.shape[0]
         stride, padding1, padding2 = conv1.stride[0], conv1.padding[0], conv2.padding[0]
-        out_h, out_w = L.out_size(h, kh, stride, padding1), L.out_size(w, kw, stride, padding1)
-        out_h2, out_w2 = L.out_size(out_h, kh2, 1, padding2), L.out_size(out_w, kw2, 1, padding2)
-        takes = (out_h > 0 and out_w > 0 and out_h2 > 0 and out_w2 > 0 and width2 == width
-                 and channels == in_channels and _bn_takes(bn1m, width, dtype, device)
+        sizes = _chain_sizes(x, conv1, w1, conv2, w2)
+        takes = (sizes is not None and _bn_takes(bn1m, width, dtype, device)
                  and _bn_takes(bn2m, out_channels, dtype, device))
     down_padding = 1
     if takes:
+        out_h, out_w, out_h2, out_w2 = sizes
         norms = (bn1m, bn2m)
         if down is not None:
             conv_d, bnd_m = down
