@@ -32,7 +32,7 @@ are empty tensors: an operator returns tensors, never None.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -116,6 +116,15 @@ def _is_plain_eager(x: torch.Tensor) -> bool:
     return (type(x) is torch.Tensor and _get_current_dispatch_mode() is None
             and not torch._is_functional_tensor(x) and not torch._C._functorch.is_functorch_wrapped_tensor(x)
             and not torch.compiler.is_compiling())
+
+
+def _forward(impl: Callable, op: Any, args: tuple) -> Any:
+    """An autograd Function's forward: ``impl(*args)`` for plain eager work on ``args[0]``, else the op
+    below autograd (tracers and modes see it)."""
+    if _is_plain_eager(args[0]):
+        return impl(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 def _absent(like: torch.Tensor) -> torch.Tensor:
@@ -229,11 +238,7 @@ class _ConvBNReLUAutograd(torch.autograd.Function):
                 momentum, eps, stride, padding, bn_group=None, pool=0, relu=True):
         args = (x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                 stride, padding, bn_group, pool, relu)
-        if _is_plain_eager(x):
-            out, y, stats = conv_bn_relu(*args)
-        else:
-            with torch._C._AutoDispatchBelowAutograd():
-                out, y, stats = torch.ops.fastres.conv_bn_relu(*args)
+        out, y, stats = _forward(conv_bn_relu, torch.ops.fastres.conv_bn_relu, args)
         ctx.save_for_backward(x, weight, bn_weight, y, stats, bn_bias)
         ctx.conv = (stride, padding)
         ctx.eps = eps
@@ -349,11 +354,7 @@ class _ConvBNReLUConvAutograd(torch.autograd.Function):
                 conv2_weight, stride, padding, padding2, bn_group=None, residual=None):
         args = (x, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                 conv2_weight, stride, padding, padding2, bn_group, residual)
-        if _is_plain_eager(x):
-            out, y, stats = conv_bn_relu_conv(*args)
-        else:
-            with torch._C._AutoDispatchBelowAutograd():
-                out, y, stats = torch.ops.fastres.conv_bn_relu_conv(*args)
+        out, y, stats = _forward(conv_bn_relu_conv, torch.ops.fastres.conv_bn_relu_conv, args)
         # Not the residual: its gradient is dout, whatever its value (saving it would keep it alive).
         ctx.save_for_backward(x, weight, bn_weight, bn_bias, y, stats, conv2_weight)
         ctx.has_residual = residual is not None
@@ -430,11 +431,7 @@ class _BNReLUAutograd(torch.autograd.Function):
     def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                 bn_group=None):
         args = (x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, momentum, eps, bn_group)
-        if _is_plain_eager(x):
-            out, stats = bn_relu(*args)
-        else:
-            with torch._C._AutoDispatchBelowAutograd():
-                out, stats = torch.ops.fastres.bn_relu(*args)
+        out, stats = _forward(bn_relu, torch.ops.fastres.bn_relu, args)
         ctx.save_for_backward(x, bn_weight, bn_bias, stats)
         ctx.eps = eps
         ctx.bn_group = bn_group
@@ -547,11 +544,7 @@ def _preact_block_backward_fake(dout, x, bn0_weight, bn0_bias, bn0_eps, stats0, 
 class _PreactBlockAutograd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
-        if _is_plain_eager(args[0]):
-            outputs = preact_block(*args)
-        else:
-            with torch._C._AutoDispatchBelowAutograd():
-                outputs = torch.ops.fastres.preact_block(*args)
+        outputs = _forward(preact_block, torch.ops.fastres.preact_block, args)
         x, g0, b0, eps0, w1, g1, b1, eps1, w2, wd = (args[0], args[1], args[2], args[7], args[8], args[9], args[10],
                                                     args[15], args[16], args[17])
         ctx.conv = tuple(args[18:22])  # stride, padding1, padding2, down_padding
@@ -776,11 +769,7 @@ def _residual_block_backward_fake(dout, x, conv1_weight, bn1_weight, bn1_bias, b
 class _ResidualBlockAutograd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
-        if _is_plain_eager(args[0]):
-            outputs = residual_block(*args)
-        else:
-            with torch._C._AutoDispatchBelowAutograd():
-                outputs = torch.ops.fastres.residual_block(*args)
+        outputs = _forward(residual_block, torch.ops.fastres.residual_block, args)
         x, w1, g1, b1, eps1, w2, g2, b2 = args[0], args[1], args[2], args[3], args[8], args[9], args[10], args[11]
         wd, gd, bd, stride = args[17], args[18], args[19], args[25]
         ctx.bn_group = args[26] if len(args) > 26 else None
