@@ -664,8 +664,8 @@ def _conv_wgrad_kernel(
     c tile), axis 1 the splits of the rows. Without ``SPLIT`` (one split) the tile goes
     straight to ``grad`` (in the weight's own strides ``sg_*``, so autograd
     never copies it into the parameter's memory format); with more, each
-    split writes its fp32 slice of ``part`` [splits, K, C, R, S] and the last
-    split of the tile to arrive sums them in split order (deterministic).
+    split writes its fp32 slice of ``part`` [tiles, splits, BLOCK_K, BLOCK_C] and
+    they are summed pairwise up a binary tree (deterministic; see the end).
     """
     COMPUTE: tl.constexpr = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -709,22 +709,43 @@ def _conv_wgrad_kernel(
                      _dot_operand(x, COMPUTE, UPCAST_DOT, DOT_PRECISION), acc,
                      input_precision=DOT_PRECISION)
 
-    mask = k_mask[:, None] & c_mask[None, :]
-    grad_offs = offs_k[:, None] * sg_k + offs_c[None, :] * sg_c + r * sg_r + s * sg_s
     grad_ty = grad_ptr.dtype.element_ty
     if not SPLIT:
-        tl.store(grad_ptr + grad_offs, to_storage(acc, grad_ty), mask=mask)
+        grad_offs = offs_k[:, None] * sg_k + offs_c[None, :] * sg_c + r * sg_r + s * sg_s
+        tl.store(grad_ptr + grad_offs, to_storage(acc, grad_ty), mask=k_mask[:, None] & c_mask[None, :])
     else:
-        kcrs = K * C * R * S
-        part_offs = offs_k[:, None].to(tl.int64) * (C * R * S) + offs_c[None, :] * (R * S) + r * S + s
-        tl.store(part_ptr + split.to(tl.int64) * kcrs + part_offs, acc, mask=mask)
-        if _arrived_last(counter_ptr + pid, n_splits):
-            # One level: with two, this kernel's fp32 64x64 variants took 247 registers (was 151). The launcher
-            # keeps the splits few (two waves of programs), so the loop stays short.
-            total = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-            for i in tl.range(n_splits, num_stages=1):
-                total += tl.load(part_ptr + i * kcrs + part_offs, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(grad_ptr + grad_offs, to_storage(total, grad_ty), mask=mask)
+        # Per tile, one [BLOCK_K, BLOCK_C] slice of ``part`` per split, stored whole (padding zeros) and
+        # contiguous: the sums below address them by a flat range (vector loads, no per-element offsets).
+        # The splits are summed pairwise up a binary tree: at each level the later of two siblings to arrive
+        # adds their two sums (left + right, whichever arrived later: deterministic) into the pair's first
+        # slice, or at the root into grad; a node without a sibling goes up as it is. The last program walks
+        # log2(splits) arrivals and loads, where it used to load every split's slice in turn (132 on a 1x1
+        # conv's two tiles). Counters: per tile one per pair, at the index of the pair's second slice.
+        slice_numel: tl.constexpr = BLOCK_K * BLOCK_C
+        slices = part_ptr + pid.to(tl.int64) * n_splits * slice_numel
+        tl.store(slices + split.to(tl.int64) * slice_numel
+                 + (tl.arange(0, BLOCK_K)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]), acc)
+        flat = tl.arange(0, slice_numel)
+        node = split
+        span = 1
+        alive = split >= 0
+        while alive & (span < n_splits):
+            left = slices + ((node - (node & 1)) * span).to(tl.int64) * slice_numel + flat
+            right = (node | 1) * span
+            if right < n_splits:
+                alive = _arrived_last(counter_ptr + pid.to(tl.int64) * n_splits + right, 2)
+                if alive:
+                    total = tl.load(left, cache_modifier=".cg") + tl.load(
+                        slices + right.to(tl.int64) * slice_numel + flat, cache_modifier=".cg")
+                    if 2 * span < n_splits:
+                        tl.store(left, total)
+                    else:
+                        kk = _index((tile // n_c_tiles) * BLOCK_K + flat // BLOCK_C, IDX64)
+                        cc = _index((tile % n_c_tiles) * BLOCK_C + flat % BLOCK_C, IDX64)
+                        tl.store(grad_ptr + kk * sg_k + cc * sg_c + r * sg_r + s * sg_s, to_storage(total, grad_ty),
+                                 mask=(kk < K) & (cc < C))
+            node = node // 2
+            span = span * 2
 
 
 @triton.jit

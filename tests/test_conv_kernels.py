@@ -4,9 +4,14 @@
   beyond test shapes, so the limit is lowered to force them.
 * The phase-split data gradient of a strided conv: every output phase gets exactly its taps, also with
   odd sizes (phases of different sizes) and without padding.
+* The weight gradient's split sum (a binary tree over the splits): split counts that are not powers of
+  two, and programs arriving in any order, which the interpreter (programs in grid order) never does.
 """
 
 from __future__ import annotations
+
+import contextlib
+import random
 
 import pytest
 import torch
@@ -293,3 +298,53 @@ def test_bn_relu_max_pool_matches_pytorch(n, c, h, w, channels_last, dtype):
     torch.testing.assert_close(coefs.dbias, g_ref.sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
     xhat = (y.float() - stats[2, :, None, None]) * stats[3, :, None, None]  # NaN where y is: as torch's
     torch.testing.assert_close(coefs.dweight, (g_ref * xhat).sum((0, 2, 3)), rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+@contextlib.contextmanager
+def _programs_along_axis1_in(order):
+    """The interpreter runs a launch's programs of each axis-0 index in ``order(n)`` along axis 1 (a list,
+    a permutation of range(n)) instead of 0 .. n - 1: the arrivals a GPU may make."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    original = builder.set_grid_idx
+    builder.set_grid_idx = lambda x, y, z: original(x, order(builder.grid_dim[1])[y], z)
+    try:
+        yield
+    finally:
+        del builder.set_grid_idx
+
+
+ORDERS = {
+    "grid": lambda n: list(range(n)),
+    "reversed": lambda n: list(range(n))[::-1],
+    "shuffled": lambda n: random.Random(n).sample(range(n), n),
+}
+
+
+@pytest.mark.parametrize("n,c,k,size,kernel,stride,splits", [
+    (3, 5, 12, 11, 1, 1, 12),  # 363 rows: one tile, 12 splits (a level with a node alone)
+    (2, 3, 7, 19, 3, 2, 7),  # 3x3 stride 2, 200 rows: nine tiles of 7 splits
+])
+def test_split_weight_gradient_is_the_same_in_any_arrival_order(n, c, k, size, kernel, stride, splits):
+    """Every split count and arrival order gives torch's weight gradient (float64 reference), and the same
+    bits: the tree adds the same two sums at each node whichever sibling arrives later."""
+    g = torch.Generator().manual_seed(size)
+    x = torch.randn(n, c, size, size, generator=g).to(DEVICE).to(memory_format=torch.channels_last)
+    weight = torch.randn(k, c, kernel, kernel, generator=g).to(DEVICE)
+    padding = kernel // 2
+    out = (size + 2 * padding - kernel) // stride + 1
+    dy = torch.randn(n, k, out, out, generator=g).to(DEVICE).to(memory_format=torch.channels_last)
+    expected = torch.nn.grad.conv2d_weight(x.double(), weight.shape, dy.double(), stride, padding)
+    results = {}
+    with L.planned_with(_num_sms=lambda device: 132):
+        plan = L._plan_wgrad(tuple(dy.shape), dy.stride(), tuple(x.shape), x.stride(), tuple(weight.shape),
+                             weight.stride(), stride, padding, x.dtype, x.device.type, False, 132, L.PRO_NONE,
+                             L.PRO_NONE)
+        assert plan.grid[1] == splits
+        for name, order in ORDERS.items():
+            with _programs_along_axis1_in(order):
+                results[name] = L.conv_wgrad(dy, x, weight, stride, padding)
+    for name, grad in results.items():
+        torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        assert torch.equal(grad, results["grid"]), name

@@ -446,8 +446,8 @@ def _plan_wgrad(dy_shape, dy_stride, x_shape, x_stride, w_shape, g_stride, strid
     block_k = _block(K, 16, 64)
     block_c = _block(C, 16, 64)
     tiles = R * S * _cdiv(K, block_k) * _cdiv(C, block_c)
-    # Two waves of programs: the last split of a tile sums every split's slice in one program, one L2 round
-    # trip each, while the rest of the GPU waits (gpu_model's serial tail); four waves doubled that.
+    # Two waves of programs. The splits' slices are summed up a binary tree (kernels/conv.py), so the serial
+    # tail grows with log2(splits); the partials' bytes grow with the splits.
     splits = max(1, min(_cdiv(2 * num_sms, tiles), _cdiv(M, WGRAD_BLOCK_P)))
     rows_per_split = _cdiv(_cdiv(M, splits), WGRAD_BLOCK_P) * WGRAD_BLOCK_P
     splits = _cdiv(M, rows_per_split)
@@ -457,7 +457,9 @@ def _plan_wgrad(dy_shape, dy_stride, x_shape, x_stride, w_shape, g_stride, strid
                 IDX64=_needs_int64((dy_shape, dy_stride), (x_shape, x_stride), (w_shape, g_stride)),
                 SPLIT=splits > 1, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=WGRAD_BLOCK_P, num_warps=NUM_WARPS)
     split = splits > 1
-    return _WgradPlan((tiles, splits), ints, splits * K * C * R * S if split else 0, tiles if split else 0, meta)
+    # Per tile, partials: one [block_k, block_c] slice per split; counters: one per pair of the tree (< splits).
+    return _WgradPlan((tiles, splits), ints, tiles * splits * block_k * block_c if split else 0,
+                      tiles * splits if split else 0, meta)
 
 
 def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *,

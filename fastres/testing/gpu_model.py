@@ -133,9 +133,10 @@ def conv_launch(name: str, grid: tuple, args: dict, meta: dict, read: int, writt
         t.compute = _compute(x.dtype)
         t.flops = 2 * args["M"] * _pad(args["K"], meta["BLOCK_K"]) * _pad(args["C"], meta["BLOCK_C"]) \
             * meta["R"] * meta["S"]
-        if meta["SPLIT"]:  # the last split of a tile sums the splits' slices, one dependent load each
-            t.tail_round_trips = 1 + grid[1]
-            t.tail_bytes = grid[1] * meta["BLOCK_K"] * meta["BLOCK_C"] * 4
+        if meta["SPLIT"]:  # the splits' slices summed up a binary tree: per level an arrival and the pair's load
+            levels = (grid[1] - 1).bit_length()
+            t.tail_round_trips = 2 * levels
+            t.tail_bytes = levels * 2 * meta["BLOCK_K"] * meta["BLOCK_C"] * 4
     elif name == "_conv_grads_kernel":
         x = args["x_ptr"]
         t.compute = _compute(x.dtype)
