@@ -252,14 +252,10 @@ def test_fused_gradients_never_plan_a_second_wave(channels):
     assert programs * n_cols <= 132 and programs >= 1
 
 
-def _pool_case(n, c, h, w, channels_last, dtype, gen):
-    """y with ties (a window of equal values, a window of zeros after the ReLU) and NaNs (one window with
-    one NaN, one with two), and its packed BatchNorm statistics and weight."""
-    y = torch.randn(n, c, h, w, generator=gen)
-    y[0, 0, 0, :2] = y[0, 0, 1, :2] = 0.75  # four equal maxima: the first takes the gradient
-    y[0, -1, -2:, -2:] = -3.0  # negative after BN (weight > 0): the ReLU's zeros tie
-    y[-1, 0, -2, -1] = float("nan")
-    y[-1, -1, 0, 0] = y[-1, -1, 1, 1] = float("nan")  # two NaNs: the last takes it, as torch's scan
+def _bn_case(n, c, h, w, gen, channels_last=True, dtype=torch.float32, y=None):
+    """Random y (channels_last) and its packed BatchNorm statistics (NaNs in y left out) and weight."""
+    if y is None:
+        y = torch.randn(n, c, h, w, generator=gen)
     y = y.to(DEVICE, dtype)
     if channels_last:
         y = y.to(memory_format=torch.channels_last)
@@ -271,6 +267,17 @@ def _pool_case(n, c, h, w, channels_last, dtype, gen):
     scale = weight * invstd
     stats = torch.stack([scale, bias - mean * scale, mean, invstd]).contiguous()
     return y, stats, weight
+
+
+def _pool_case(n, c, h, w, channels_last, dtype, gen):
+    """y with ties (a window of equal values, a window of zeros after the ReLU) and NaNs (one window with
+    one NaN, one with two), and its packed BatchNorm statistics and weight."""
+    y = torch.randn(n, c, h, w, generator=gen)
+    y[0, 0, 0, :2] = y[0, 0, 1, :2] = 0.75  # four equal maxima: the first takes the gradient
+    y[0, -1, -2:, -2:] = -3.0  # negative after BN (weight > 0): the ReLU's zeros tie
+    y[-1, 0, -2, -1] = float("nan")
+    y[-1, -1, 0, 0] = y[-1, -1, 1, 1] = float("nan")  # two NaNs: the last takes it, as torch's scan
+    return _bn_case(n, c, h, w, gen, channels_last, dtype, y)
 
 
 @pytest.mark.parametrize("n, c, h, w, channels_last, dtype", [
@@ -348,3 +355,58 @@ def test_split_weight_gradient_is_the_same_in_any_arrival_order(n, c, k, size, k
     for name, grad in results.items():
         torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
         assert torch.equal(grad, results["grid"]), name
+
+
+def test_row_kernels_with_partials_take_longer_tiles_while_every_sm_keeps_eight_programs():
+    """The tail backward and the BatchNorm statistics grow their row tiles (fewer partials, a shorter
+    finalize) only while a launch keeps TAIL_PARTIAL_PROGRAMS_PER_SM programs per SM."""
+    def backward_plan(shape):
+        return L._plan_tail(shape, 2, L.RES_TENSOR, True, 0, True, 132, (shape, (1, 1, 1, 1)))
+
+    first = backward_plan((512, 64, 32, 32))  # ResNet-18's first stage, bf16: 256-row tiles, 2048 programs
+    assert first.meta["BLOCK_M"] == 256 and first.grid == (2048, 1)
+    second = backward_plan((512, 128, 16, 16))  # 128 rows: 256 would leave 1024 programs, under 8 x 132
+    assert second.meta["BLOCK_M"] == 128 and second.grid == (1024, 2)
+    last = backward_plan((512, 512, 4, 4))  # too few rows to grow: the elementwise kernels' 64-row tiles
+    assert last.meta["BLOCK_M"] == L._tail_tiles(512, 2)[0] == 64
+    assert L._plan_tail((512, 64, 32, 32), 2, L.RES_TENSOR, False, 0, True, 132,
+                        ((512, 64, 32, 32), (1, 1, 1, 1))).meta["BLOCK_M"] == 64  # the apply writes no partials
+    rows = L._plan_rows((512, 64, 32, 32), 2, True, 132, ((512, 64, 32, 32), (1, 1, 1, 1)))
+    assert rows.meta["BLOCK_M"] == 256
+
+
+@pytest.mark.parametrize("grown", [False, True], ids=["64-row-tiles", "256-row-tiles"])
+def test_tail_backward_and_bn_statistics_match_pytorch_with_longer_tiles(grown, monkeypatch):
+    """Longer row tiles (here two of 256 rows, the second partial, against seven of 64) give torch's
+    BatchNorm sums and statistics: the per-thread sums run four times as many loop steps."""
+    if grown:
+        monkeypatch.setattr(L, "TAIL_PARTIAL_PROGRAMS_PER_SM", 0)
+    _clear_plans()
+    gen = torch.Generator().manual_seed(11)
+    y, stats, weight = _bn_case(5, 64, 9, 9, gen)
+    res, res_stats, res_weight = _bn_case(5, 64, 9, 9, gen)
+    dout = torch.randn(y.shape, generator=gen).to(DEVICE).to(memory_format=torch.channels_last)
+    plan = L._plan_tail(tuple(y.shape), 4, L.RES_BN, True, 0, True, L._num_sms(y.device),
+                        (tuple(y.shape), y.stride()), (tuple(res.shape), res.stride()),
+                        (tuple(dout.shape), dout.stride()))
+    assert plan.meta["BLOCK_M"] == (256 if grown else 64)
+    g, coefs, res_coefs = L.bn_relu_backward(dout, y, stats, weight, residual=res, residual_stats=res_stats,
+                                             residual_bn_weight=res_weight)
+
+    def channel(v):
+        return v[:, None, None]
+
+    pre = y * channel(stats[0]) + channel(stats[1]) + res * channel(res_stats[0]) + channel(res_stats[1])
+    clear = pre.abs() > 1e-5  # the kernel rounds the pre-activation its own way (fused multiply-adds)
+    assert torch.equal(g[clear], torch.where(pre > 0, dout, 0.0)[clear])
+    for c, t, st in ((coefs, y, stats), (res_coefs, res, res_stats)):  # the sums of the kernel's own g
+        xhat = (t.double() - channel(st[2]).double()) * channel(st[3]).double()
+        torch.testing.assert_close(c.dbias.double(), g.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c.dweight.double(), (g.double() * xhat).sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+    bn = L.BatchNormArgs(weight, 0.1 * weight, None, None, None, 0.1, 1e-5)
+    packed = L.bn_stats(y, bn)
+    var, mean = torch.var_mean(y.double(), (0, 2, 3), unbiased=False)
+    torch.testing.assert_close(packed[2].double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed[3].double(), (var + 1e-5).rsqrt(), rtol=1e-5, atol=1e-6)
+    _clear_plans()

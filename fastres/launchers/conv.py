@@ -42,6 +42,12 @@ WGRAD_BLOCK_P = 32  # rows per step: with the BN-grad prologue on dY, 64 needs ~
 FINALIZE_ELEMENTS = 1024
 TAIL_ELEMENTS = 4096  # per program of the elementwise tail kernels: BLOCK_M x BLOCK_C
 TAIL_STEP_BYTES = 16  # per thread and tensor in a loop step of a tail program: one 128-bit access, few registers
+# Row kernels that write per-program partials (the tail backward, the BatchNorm statistics) take row tiles up
+# to TAIL_PARTIAL_MAX_M while a launch keeps this many programs per SM: 8 programs of 4 warps at 64 registers
+# fill an SM's register file, so fewer but longer programs (a loop of the same 128-bit steps, the same
+# registers) still fill the GPU, and write fewer partials for the finalize to read back and walk.
+TAIL_PARTIAL_PROGRAMS_PER_SM = 8
+TAIL_PARTIAL_MAX_M = 256
 # The tail backward's register cap (sm_90, AOT check): within it no variant has a stack frame, while uncapped
 # ptxas gives two 16-bit ones an 8-16 B frame. Not for a BatchNorm'd residual, whose three per-channel sums
 # of 8 channels per thread would spill under it: uncapped, 80 registers and no frame. Nor for a max-pooled
@@ -636,21 +642,32 @@ def _tail_tiles(C: int, itemsize: int) -> tuple[int, int, int]:
     return block_m, block_c, max(1, min(block_m, NUM_WARPS * 32 * TAIL_STEP_BYTES // itemsize // block_c))
 
 
+def _partial_rows(block_m: int, rows: int, n_cols: int, num_sms: int) -> int:
+    """The row tile of a row kernel that writes partials: ``block_m`` doubled up to TAIL_PARTIAL_MAX_M while
+    the launch keeps TAIL_PARTIAL_PROGRAMS_PER_SM programs per SM (never smaller than ``block_m``)."""
+    while (block_m * 2 <= TAIL_PARTIAL_MAX_M
+           and _cdiv(rows, block_m * 2) * n_cols >= TAIL_PARTIAL_PROGRAMS_PER_SM * num_sms):
+        block_m *= 2
+    return block_m
+
+
 @functools.lru_cache(maxsize=None)
-def _plan_tail(shape, itemsize, residual_mode, backward, pool, relu, *layouts) -> _TailPlan:
+def _plan_tail(shape, itemsize, residual_mode, backward, pool, relu, num_sms, *layouts) -> _TailPlan:
     """``itemsize``: bytes per activation element; ``backward``: plan ``_bn_relu_backward_kernel`` (else the
-    apply kernel); ``pool``: 2 for a 2x2 max-pool after the ReLU, else 0; ``layouts``: the (shape, strides)
-    of every tensor the kernel addresses."""
+    apply kernel); ``pool``: 2 for a 2x2 max-pool after the ReLU, else 0; ``num_sms``: the device's (the
+    backward's row tiles); ``layouts``: the (shape, strides) of every tensor the kernel addresses."""
     N, C, H, W = shape
     block_m, block_c, sub_m = _tail_tiles(C, itemsize)
     rows = N * H * W
     if pool:  # a row is a pooled pixel, four of y's: a quarter of the rows per tile (each step still loads
         # one 128-bit access per thread and window element)
         block_m, rows = max(16, block_m // 4), N * (H // 2) * (W // 2)
+    n_cols = _cdiv(C, block_c)
+    if backward:
+        block_m = _partial_rows(block_m, rows, n_cols, num_sms)
     n_tiles = _cdiv(rows, block_m)
     meta = dict(RESIDUAL=residual_mode, POOL=pool, RELU=relu, IDX64=_needs_int64(*layouts), BLOCK_M=block_m,
                 BLOCK_C=block_c, SUB_M=min(sub_m, block_m), num_warps=NUM_WARPS)
-    n_cols = _cdiv(C, block_c)
     part_numel = counter_numel = 0
     if backward:
         # A BatchNorm'd residual finalizes three arrays: half the partials per load keeps it at 74-78 registers
@@ -679,7 +696,7 @@ def bn_relu_apply(y: torch.Tensor, stats: torch.Tensor, residual: torch.Tensor |
         out = torch.empty((n, c, h // 2, w // 2), dtype=y.dtype, device=y.device, memory_format=memory_format_of(y))
     else:
         out = torch.empty_like(y)
-    plan = _plan_tail(tuple(y.shape), y.element_size(), mode, False, pool, relu,
+    plan = _plan_tail(tuple(y.shape), y.element_size(), mode, False, pool, relu, 0,
                       (tuple(y.shape), y.stride()),
                       (tuple(res.shape), res.stride()))
     launch(kernels._bn_relu_apply_kernel, plan.grid,
@@ -697,13 +714,16 @@ class _RowsPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def _plan_rows(shape, itemsize, stats, *layouts) -> _RowsPlan:
+def _plan_rows(shape, itemsize, stats, num_sms, *layouts) -> _RowsPlan:
     """The tail kernels' tiling for the standalone BatchNorm kernels: ``_bn_stats_kernel`` (``stats``: its
-    finalize's partials and counters, and num_batches_tracked's counter) or ``_bn_grad_apply_kernel``."""
+    finalize's partials and counters, and num_batches_tracked's counter; row tiles by ``num_sms``) or
+    ``_bn_grad_apply_kernel``."""
     N, C, H, W = shape
     block_m, block_c, sub_m = _tail_tiles(C, itemsize)
-    n_tiles = _cdiv(N * H * W, block_m)
     n_cols = _cdiv(C, block_c)
+    if stats:
+        block_m = _partial_rows(block_m, N * H * W, n_cols, num_sms)
+    n_tiles = _cdiv(N * H * W, block_m)
     meta = dict(IDX64=_needs_int64(*layouts), BLOCK_M=block_m, BLOCK_C=block_c, SUB_M=sub_m, num_warps=NUM_WARPS)
     part_numel = counter_numel = 0
     if stats:
@@ -717,7 +737,7 @@ def bn_stats(x: torch.Tensor, bn: BatchNormArgs) -> torch.Tensor:
     """Training-mode BatchNorm statistics of ``x`` (packed ``[4, C]``: scale, shift, mean, invstd), the running
     statistics updated in place, in one launch: a BatchNorm whose input no fused conv produced."""
     device = x.device
-    plan = _plan_rows(tuple(x.shape), x.element_size(), True, (tuple(x.shape), x.stride()))
+    plan = _plan_rows(tuple(x.shape), x.element_size(), True, _num_sms(device), (tuple(x.shape), x.stride()))
     track, cumulative = _bn_flags(bn)
     ws = _workspace(device)
     stats = torch.empty((4, x.shape[1]), dtype=torch.float32, device=device)
@@ -738,7 +758,7 @@ def bn_grad_apply(g: torch.Tensor, y: torch.Tensor, coefs: torch.Tensor,
     check_same_layout("bn_grad_apply: g", g, y)
     if residual is not None:
         check_same_layout("bn_grad_apply: the residual", residual, y)
-    plan = _plan_rows(tuple(y.shape), y.element_size(), False, (tuple(y.shape), y.stride()))
+    plan = _plan_rows(tuple(y.shape), y.element_size(), False, 0, (tuple(y.shape), y.stride()))
     out = torch.empty_like(y)
     launch(kernels._bn_grad_apply_kernel, plan.grid,
            g, y, y if residual is None else residual, coefs, out, *plan.ints, *y.stride(),
@@ -758,7 +778,8 @@ def bn_relu_backward(dout: torch.Tensor, y: torch.Tensor, stats: torch.Tensor, b
     device = y.device
     mode = _residual_mode(residual, residual_stats)
     res = y if residual is None else residual
-    plan = _plan_tail(tuple(y.shape), y.element_size(), mode, True, pool, relu, (tuple(y.shape), y.stride()),
+    plan = _plan_tail(tuple(y.shape), y.element_size(), mode, True, pool, relu, _num_sms(device),
+                      (tuple(y.shape), y.stride()),
                       (tuple(res.shape), res.stride()),
                       (tuple(dout.shape), dout.stride()))
     C = y.shape[1]
