@@ -714,8 +714,9 @@ def _conv_wgrad_kernel(
         grad_offs = offs_k[:, None] * sg_k + offs_c[None, :] * sg_c + r * sg_r + s * sg_s
         tl.store(grad_ptr + grad_offs, to_storage(acc, grad_ty), mask=k_mask[:, None] & c_mask[None, :])
     else:
-        # Per tile, one [BLOCK_K, BLOCK_C] slice of ``part`` per split, stored whole (padding zeros) and
-        # contiguous: the sums below address them by a flat range (vector loads, no per-element offsets).
+        # Per tile, one [BLOCK_K, BLOCK_C] slice of ``part`` per split, contiguous: the sums below address it
+        # by a flat range (v4 accesses where C is a multiple of 16, no per-element offsets), touching only the
+        # rows and columns within K and C (a stem's 3 input channels fill 3 of a slice's 16 columns).
         # The splits are summed pairwise up a binary tree: at each level the later of two siblings to arrive
         # adds their two sums (left + right, whichever arrived later: deterministic) into the pair's first
         # slice, or at the root into grad; a node without a sibling goes up as it is. The last program walks
@@ -724,8 +725,12 @@ def _conv_wgrad_kernel(
         slice_numel: tl.constexpr = BLOCK_K * BLOCK_C
         slices = part_ptr + pid.to(tl.int64) * n_splits * slice_numel
         tl.store(slices + split.to(tl.int64) * slice_numel
-                 + (tl.arange(0, BLOCK_K)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]), acc)
+                 + (tl.arange(0, BLOCK_K)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]), acc,
+                 mask=k_mask[:, None] & c_mask[None, :])
         flat = tl.arange(0, slice_numel)
+        k0 = (tile // n_c_tiles) * BLOCK_K
+        c0 = (tile % n_c_tiles) * BLOCK_C
+        valid = (k0 + flat // BLOCK_C < K) & (c0 + flat % BLOCK_C < C)
         node = split
         span = 1
         alive = split >= 0
@@ -735,15 +740,16 @@ def _conv_wgrad_kernel(
             if right < n_splits:
                 alive = _arrived_last(counter_ptr + pid.to(tl.int64) * n_splits + right, 2)
                 if alive:
-                    total = tl.load(left, cache_modifier=".cg") + tl.load(
-                        slices + right.to(tl.int64) * slice_numel + flat, cache_modifier=".cg")
+                    total = tl.load(left, mask=valid, other=0.0, cache_modifier=".cg") + tl.load(
+                        slices + right.to(tl.int64) * slice_numel + flat, mask=valid, other=0.0,
+                        cache_modifier=".cg")
                     if 2 * span < n_splits:
-                        tl.store(left, total)
+                        tl.store(left, total, mask=valid)
                     else:
-                        kk = _index((tile // n_c_tiles) * BLOCK_K + flat // BLOCK_C, IDX64)
-                        cc = _index((tile % n_c_tiles) * BLOCK_C + flat % BLOCK_C, IDX64)
+                        kk = _index(k0 + flat // BLOCK_C, IDX64)
+                        cc = _index(c0 + flat % BLOCK_C, IDX64)
                         tl.store(grad_ptr + kk * sg_k + cc * sg_c + r * sg_r + s * sg_s, to_storage(total, grad_ty),
-                                 mask=(kk < K) & (cc < C))
+                                 mask=valid)
             node = node // 2
             span = span * 2
 
