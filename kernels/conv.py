@@ -168,6 +168,20 @@ def _group(index, count, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _group_rows(count, GROUP: tl.constexpr):
+    """Rows the group results of a BatchNorm finalize over ``count`` partials take (:func:`_bn_forward_finalize`):
+    groups of ``GROUP`` partials, then groups of ``GROUP`` groups, and so on while more than ``GROUP``
+    remain. Per channel column its counters are one per group of each level, then one for the last
+    arrivals: these rows + 1 (the launchers' ``_finalize_levels``)."""
+    tl.static_assert(GROUP >= 2, "a finalize's groups take at least two partials")
+    rows = count * 0
+    while count > GROUP:
+        count = tl.cdiv(count, GROUP)
+        rows += count
+    return rows
+
+
+@triton.jit
 def _group_moments(mean_ptr, m2_ptr, first, n, unit, M, offs_c, c_mask, C, BLOCK_T: tl.constexpr):
     """Mean and M2 (sum of squared deviations) of channels ``offs_c`` over the ``n <= BLOCK_T`` partials
     ``first .. first + n - 1`` (rows ``[*, C]`` of ``mean_ptr``/``m2_ptr``), partial i covering
@@ -186,36 +200,6 @@ def _group_moments(mean_ptr, m2_ptr, first, n, unit, M, offs_c, c_mask, C, BLOCK
     mean = tl.sum(tl.where(mask, count * part_mean, 0.0), axis=0) / rows
     dev = part_mean - mean[None, :]
     return mean, tl.sum(tl.where(mask, part_m2 + count * dev * dev, 0.0), axis=0)
-
-
-@triton.jit
-def _combine_moments(mean_ptr, m2_ptr, n, unit, M, offs_c, c_mask, C, BLOCK_T: tl.constexpr):
-    """Mean and M2 of channels ``offs_c`` over all ``n`` partials (rows ``[*, C]``; partial i covering
-    ``min(unit, M - i * unit)`` of the ``M`` rows), as :func:`_group_moments` combines a group, in two
-    passes of ``[BLOCK_T, C]`` loads. Two levels keep ``n <= BLOCK_T`` (one load per pass) up to BLOCK_T**2
-    partials; past that each step reduces across threads: accumulating [BLOCK_T, C] register tiles
-    instead cost the forward conv 38 more registers (ptxas)."""
-    offs_t = tl.arange(0, BLOCK_T)
-    total = tl.zeros(offs_c.shape, dtype=tl.float32)
-    for t0 in range(0, n, BLOCK_T):
-        index = t0 + offs_t
-        mask = (index < n)[:, None] & c_mask[None, :]
-        count = tl.minimum(unit, M - index * unit).to(tl.float32)[:, None]
-        offs = index[:, None].to(tl.int64) * C + offs_c[None, :]
-        part_mean = tl.load(mean_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        total += tl.sum(tl.where(mask, count * part_mean, 0.0), axis=0)
-    mean = total / tl.cast(M, tl.float32)
-    m2 = tl.zeros(offs_c.shape, dtype=tl.float32)
-    for t0 in range(0, n, BLOCK_T):
-        index = t0 + offs_t
-        mask = (index < n)[:, None] & c_mask[None, :]
-        count = tl.minimum(unit, M - index * unit).to(tl.float32)[:, None]
-        offs = index[:, None].to(tl.int64) * C + offs_c[None, :]
-        part_mean = tl.load(mean_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        part_m2 = tl.load(m2_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        dev = part_mean - mean[None, :]
-        m2 += tl.sum(tl.where(mask, part_m2 + count * dev * dev, 0.0), axis=0)
-    return mean, m2
 
 
 @triton.jit
@@ -302,35 +286,46 @@ def _bn_forward_finalize(part_ptr, counter_ptr, stats_ptr, weight_ptr, bias_ptr,
                          BLOCK_N: tl.constexpr):
     """BatchNorm's forward finalize after row tile ``tile`` of channel column ``col`` stored its partial.
 
-    ``part`` holds [2, n_tiles, C] per-tile (mean, M2), then, with several groups of ``BLOCK_T`` tiles,
-    [2, n_groups, C] per group; ``counter`` holds per column a slot per group (and one for the groups'
-    arrivals with several), then one that the columns' finalizers arrive at after reading
-    num_batches_tracked, so that the last of them advances it (momentum=None averages with its old
-    value). Serial work after the last tile: with several groups an arrival and one load (its group),
-    then an arrival and two passes of loads over the groups (one load each while n_groups <= BLOCK_T),
-    the BatchNorm's own rows loaded with the first of them; then num_batches_tracked's arrival.
+    ``part`` holds [2, n_tiles, C] per-tile (mean, M2), then, while more than ``BLOCK_T`` partials remain,
+    [2, n_groups, C] per group of ``BLOCK_T`` of them, level after level (:func:`_group_rows`); ``counter``
+    holds per column a slot per group of each level and one for the last level's arrivals, then one
+    that the columns' finalizers arrive at after reading num_batches_tracked, so that the last of them
+    advances it (momentum=None averages with its old value). Serial work after the last tile: per level
+    an arrival and one load (its group), then an arrival and one load of the last level's at most
+    ``BLOCK_T`` partials, the BatchNorm's own rows loaded with it; then num_batches_tracked's arrival.
+    ResNet-18's first-stage conv at batch 512 (8192 tiles, groups of 16): three levels (512, 32, 2
+    groups), then the 2; with two levels the last program walked the 512 groups in 64 loads.
     Not inlined: inlined, ptxas gave the whole forward conv up to 38 more registers.
     """
     offs_c = col * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = offs_c < C
-    group, first, n, n_groups, extra = _group(tile, n_tiles, BLOCK_T)
+    extra = _group_rows(n_tiles, BLOCK_T)
     counters = counter_ptr + col * (extra + 1)
-    group_ptr = part_ptr + 2 * n_tiles.to(tl.int64) * C
     src_mean = part_ptr
     src_m2 = part_ptr + n_tiles.to(tl.int64) * C
+    dst = part_ptr + 2 * n_tiles.to(tl.int64) * C
     count = n_tiles
     unit = TILE_M
-    last = _arrived_last(counters + group, n)
-    if last:
-        if n_groups > 1:
-            mean, m2 = _group_moments(src_mean, src_m2, first, n, unit, M, offs_c, c_mask, C, BLOCK_T)
-            _store_row(group_ptr, group, mean, offs_c, c_mask, C)
-            _store_row(group_ptr, n_groups + group, m2, offs_c, c_mask, C)
-            last = _arrived_last(counters + n_groups, n_groups)
-            src_mean = group_ptr
-            src_m2 = group_ptr + n_groups.to(tl.int64) * C
-            count = n_groups
-            unit = TILE_M * BLOCK_T
+    index = tile
+    group = index // BLOCK_T
+    last = _arrived_last(counters + group, tl.minimum(BLOCK_T, count - group * BLOCK_T))
+    while last & (count > BLOCK_T):
+        # The last of its group: the group's moments become a partial of the next level.
+        n_groups = tl.cdiv(count, BLOCK_T)
+        first = group * BLOCK_T
+        mean, m2 = _group_moments(src_mean, src_m2, first, tl.minimum(BLOCK_T, count - first), unit, M, offs_c,
+                                  c_mask, C, BLOCK_T)
+        _store_row(dst, group, mean, offs_c, c_mask, C)
+        _store_row(dst, n_groups + group, m2, offs_c, c_mask, C)
+        src_mean = dst
+        src_m2 = dst + n_groups.to(tl.int64) * C
+        dst += 2 * n_groups.to(tl.int64) * C
+        counters += n_groups
+        count = n_groups
+        unit = unit * BLOCK_T
+        index = group
+        group = index // BLOCK_T
+        last = _arrived_last(counters + group, tl.minimum(BLOCK_T, count - group * BLOCK_T))
     if last:
         # Loaded before the partials, so that all of the finalize's loads are in flight at once.
         weight = tl.load(weight_ptr + offs_c, mask=c_mask, other=1.0).to(tl.float32)
@@ -344,7 +339,7 @@ def _bn_forward_finalize(part_ptr, counter_ptr, stats_ptr, weight_ptr, bias_ptr,
             running_var = tl.load(running_var_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
             if CUMULATIVE:
                 factor = 1.0 / (num_batches + 1).to(tl.float32)
-        mean, m2 = _combine_moments(src_mean, src_m2, count, unit, M, offs_c, c_mask, C, BLOCK_T)
+        mean, m2 = _group_moments(src_mean, src_m2, 0, count, unit, M, offs_c, c_mask, C, BLOCK_T)
         _bn_forward_stats(mean, m2, weight, bias, running_mean, running_var, stats_ptr, running_mean_ptr,
                           running_var_ptr, offs_c, c_mask, M, C, factor, eps, TRACK)
         if TRACK:
@@ -387,35 +382,40 @@ def _bn_backward_finalize(part_ptr, counter_ptr, weight_ptr, stats_ptr, coef_ptr
     (:func:`_bn_backward_coefs`; with ``HAS_RES`` also those of the residual's BatchNorm, ``res_*``).
 
     ``part`` holds [2 (3 with HAS_RES), count, C] partial sums (g, g x_hat (, g x_hat of the residual)),
-    then the same per group of ``BLOCK_T`` partials (if several); ``counter`` as :func:`_group` says. Two
-    levels, as the forward's (:func:`_bn_forward_finalize`).
+    then the same per group of ``BLOCK_T`` partials, level after level while more than ``BLOCK_T`` remain;
+    ``counter`` as :func:`_group_rows` says. The levels of the forward's (:func:`_bn_forward_finalize`).
     """
     offs_c = col * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = offs_c < C
-    group, first, n, n_groups, extra = _group(index, count, BLOCK_T)
-    counters = counter_ptr + col * (extra + 1)
+    counters = counter_ptr + col * (_group_rows(count, BLOCK_T) + 1)
     arrays = 3 if HAS_RES else 2
-    plane = count.to(tl.int64) * C
-    group_ptr = part_ptr + arrays * plane
     src = part_ptr
-    src_plane = plane
-    last = _arrived_last(counters + group, n)
+    src_plane = count.to(tl.int64) * C
+    dst = part_ptr + arrays * src_plane
+    group = index // BLOCK_T
+    last = _arrived_last(counters + group, tl.minimum(BLOCK_T, count - group * BLOCK_T))
+    while last & (count > BLOCK_T):
+        # The last of its group: the group's sums become a partial of the next level.
+        n_groups = tl.cdiv(count, BLOCK_T)
+        first = group * BLOCK_T
+        sum_a, sum_b, sum_c = _group_sums(src, src + src_plane, src + 2 * src_plane, first,
+                                          tl.minimum(BLOCK_T, count - first), offs_c, c_mask, C, HAS_RES, BLOCK_T)
+        dst_plane = n_groups.to(tl.int64) * C
+        _store_row(dst, group, sum_a, offs_c, c_mask, C)
+        _store_row(dst + dst_plane, group, sum_b, offs_c, c_mask, C)
+        if HAS_RES:
+            _store_row(dst + 2 * dst_plane, group, sum_c, offs_c, c_mask, C)
+        src = dst
+        src_plane = dst_plane
+        dst += arrays * dst_plane
+        counters += n_groups
+        count = n_groups
+        index = group
+        group = index // BLOCK_T
+        last = _arrived_last(counters + group, tl.minimum(BLOCK_T, count - group * BLOCK_T))
     if last:
-        if n_groups > 1:
-            sum_a, sum_b, sum_c = _group_sums(src, src + src_plane, src + 2 * src_plane, first, n, offs_c, c_mask, C,
-                                              HAS_RES, BLOCK_T)
-            group_plane = n_groups.to(tl.int64) * C
-            _store_row(group_ptr, group, sum_a, offs_c, c_mask, C)
-            _store_row(group_ptr + group_plane, group, sum_b, offs_c, c_mask, C)
-            if HAS_RES:
-                _store_row(group_ptr + 2 * group_plane, group, sum_c, offs_c, c_mask, C)
-            last = _arrived_last(counters + n_groups, n_groups)
-            src = group_ptr
-            src_plane = group_plane
-            count = n_groups
-    if last:
-        sum_g, sum_gx, sum_gr = _combine_sums(src, src + src_plane, src + 2 * src_plane, count, offs_c, c_mask, C,
-                                              HAS_RES, BLOCK_T)
+        sum_g, sum_gx, sum_gr = _group_sums(src, src + src_plane, src + 2 * src_plane, 0, count, offs_c, c_mask, C,
+                                            HAS_RES, BLOCK_T)
         _bn_backward_coefs(sum_g, sum_gx, weight_ptr, stats_ptr, coef_ptr, dweight_ptr, dbias_ptr, offs_c, c_mask, M, C)
         if HAS_RES:
             _bn_backward_coefs(sum_g, sum_gr, res_weight_ptr, res_stats_ptr, res_coef_ptr, res_dweight_ptr,
@@ -558,9 +558,10 @@ def _conv_kernel(
         stats_ptr = tl.where(second, stats2_ptr, stats_ptr)
         momentum = tl.where(second, momentum2, momentum)
         eps = tl.where(second, eps2, eps)
-        # Each half's partials: [2, n_tiles, CO] per tile, then [2, n_groups, CO] per group (_bn_forward_finalize);
-        # its counters: one per group and column (+ one per column with several groups), then num_batches'.
-        _, _, _, _, extra = _group(0, n_tiles, BLOCK_T)
+        # Each half's partials: [2, n_tiles, CO] per tile, then [2, n_groups, CO] per group of each level
+        # (_bn_forward_finalize); its counters: per column one per group of each level and one for the last
+        # level's arrivals, then num_batches'.
+        extra = _group_rows(n_tiles, BLOCK_T)
         part_ptr += second.to(tl.int64) * 2 * (n_tiles + extra).to(tl.int64) * CO
         counter_ptr += second.to(tl.int32) * (n_cols * (extra + 1) + 1)
     offs_o = _index(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), IDX64)
@@ -1224,7 +1225,7 @@ def _bn_grad_apply_kernel(
 DEVICE_FUNCTIONS = ("_accumulate_taps", "_relu_grad_epilogue", "_wgrad_tap", "_to_tf32", "_dot_operand", "_pixel_coords",
                     "_index", "_prologue", "_rows", "_offsets", "_stats_row", "_tail_pre_activation", "_pooled_size",
                     "_window_tap", "_window_max", "_pooled_grad", "_arrived_last",
-                    "_relu", "_relu_passes", "_group", "_group_moments", "_combine_moments", "_group_sums",
+                    "_relu", "_relu_passes", "_group", "_group_rows", "_group_moments", "_group_sums",
                     "_combine_sums", "_store_row",
                     "_bn_forward_stats", "_bn_forward_finalize", "_bn_backward_coefs", "_bn_backward_finalize",
                     "_bn_backward_finalize_call",

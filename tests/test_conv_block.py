@@ -184,14 +184,15 @@ def test_batchnorm_without_running_stats_uses_batch_statistics_always(down):
 @pytest.mark.parametrize("cin,cout,size,stride,down,group,momentum", [
     pytest.param(8, 8, 14, 1, False, 2, 0.1, id="identity-groups-of-2"),
     pytest.param(8, 16, 24, 2, True, 2, 0.1, id="downsample-groups-of-2"),
-    pytest.param(72, 72, 6, 1, False, 1, None, id="72ch-momentum-none-groups-of-1"),
+    pytest.param(72, 72, 9, 1, False, 2, None, id="72ch-momentum-none-groups-of-2"),
 ])
-def test_two_level_reductions_match_pytorch(cin, cout, size, stride, down, group, momentum):
-    """The in-launch reductions that run in two levels (BatchNorm's statistics and backward sums, the fused
-    gradients' per-program weight-gradient sums): groups of ``group`` partials, then the groups, more of
-    them than one load holds (the second level loops). Planned as for 12 SMs, so the fused gradients run
-    several programs per channel column and the weight gradients several splits. Default plans take one
-    level at these sizes."""
+def test_multi_level_reductions_match_pytorch(cin, cout, size, stride, down, group, momentum):
+    """The in-launch reductions that run in levels: BatchNorm's statistics and backward sums (groups of
+    ``group`` partials, then groups of the groups, ... : 7 tiles take three levels of 4, 2 and 1), the
+    fused gradients' per-program weight-gradient sums (groups, then the groups: more of them than one load
+    holds, so the second level loops). Planned as for 12 SMs, so the fused gradients run several programs
+    per channel column and the weight gradients several splits. Default plans take one level at these
+    sizes."""
     from fastres.launchers import conv as conv_launchers
 
     block = _make_block(cin, cout, stride, down, seed=cin + cout)

@@ -158,8 +158,8 @@ def test_resnet20_step_launches_and_traffic_against_eager(roles):
 
 
 def test_gpu_model_counts_a_launch_and_a_finalize():
-    """A launch costs launch_us + max(bytes, flops) time + its serial tail; a two-level finalize over
-    8192 partials in groups of 128 walks 2 levels, where one program over all of them walked 64 loads."""
+    """A launch costs launch_us + max(bytes, flops) time + its serial tail; a finalize over 8192 partials
+    in groups of 128 walks 2 levels, in groups of 16 four, where one program over all walked 64 loads."""
     from fastres.testing import gpu_model as G
 
     m = G.H200
@@ -171,9 +171,12 @@ def test_gpu_model_counts_a_launch_and_a_finalize():
     assert t.body_us(m) == pytest.approx(2.0)
     # ResNet-20's first-stage forward conv at batch 512: 8192 row tiles, groups of 128 (16 channels). The
     # finalize used to walk 2 x 8192 / 64 = 256 dependent loads in one program.
-    trips, nbytes = G._finalize(8192, 128, 2 * 16 * 4, moments=True)
-    assert trips == 1 + 1 + 1 + 2  # a group: arrival and one load; the 64 groups: arrival and two passes
-    assert nbytes == 128 * 128 + 2 * 64 * 128
+    trips, nbytes = G._finalize(8192, 128, 2 * 16 * 4)
+    assert trips == 2 + 2  # a group: arrival and one load; the 64 groups: arrival and one load
+    assert nbytes == 128 * 128 + 64 * 128
+    # ResNet-18's (64 channels, groups of 16): 512, 32 and 2 groups, then the 2.
+    trips, nbytes = G._finalize(8192, 16, 2 * 64 * 4)
+    assert trips == 4 * 2 and nbytes == (16 + 16 + 16 + 2) * 512
 
 
 def test_gpu_model_eager_conv_flops():

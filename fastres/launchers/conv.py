@@ -227,13 +227,25 @@ def _compute_capability(device: torch.device) -> int:
 
 def _finalize_block_t(n_tiles: int, block_c: int) -> int:
     """Partials per finalize group and load (``BLOCK_T``): all of them up to FINALIZE_ELEMENTS / block_c
-    (16 channels: 128), else groups of that many and a second level over the groups."""
+    (16 channels: 128), else groups of that many, level after level (``_finalize_levels``)."""
     most = FINALIZE_ELEMENTS // block_c
     return _block(n_tiles, min(16, most), most)
 
 
+def _finalize_levels(n_partials: int, block_t: int, n_cols: int) -> tuple[int, int]:
+    """(rows, counters) of a BatchNorm finalize over ``n_partials`` per column (kernels/conv.py,
+    ``_group_rows``): the partials, then one row per group of ``block_t`` at each level while more than
+    ``block_t`` remain; per column one counter per group of each level and one for the last arrivals."""
+    extra, count = 0, n_partials
+    while count > block_t:
+        count = _cdiv(count, block_t)
+        extra += count
+    return n_partials + extra, n_cols * (extra + 1)
+
+
 def _finalize_layout(n_partials: int, block_t: int, n_cols: int) -> tuple[int, int]:
-    """(rows, counters) of a two-level finalize over ``n_partials`` per column (kernels/conv.py, ``_group``):
+    """(rows, counters) of the fused gradients' two-level sums over ``n_partials`` per column (kernels/conv.py,
+    ``_group``):
     partial rows plus, with several groups, one per group; per column one counter per group plus, with
     several, one for the groups' arrivals. (One group adds nothing, so a launch touches all of what it is
     given whatever the count: the traffic model learns one role per kernel variant.)"""
@@ -292,7 +304,7 @@ def _plan_conv(a_shape, a_stride, w_shape, w_stride, stride, padding, transposed
                 BLOCK_T=_finalize_block_t(n_tiles, block_n), num_warps=NUM_WARPS)
     halves = 2 if pair == PAIR_OUTPUTS else 1
     n_cols = _cdiv(CO, block_n)
-    rows, counters = _finalize_layout(n_tiles, meta["BLOCK_T"], n_cols)
+    rows, counters = _finalize_levels(n_tiles, meta["BLOCK_T"], n_cols)
     # Per half: [2, rows, CO] partials; counters, then num_batches_tracked's (kernels/conv.py, _bn_forward_finalize).
     return _ConvPlan(out_shape, out_stride, (n_tiles, n_cols * halves), ints, meta,
                      halves * 2 * rows * CO, halves * (counters + 1))
@@ -674,7 +686,7 @@ def _plan_tail(shape, itemsize, residual_mode, backward, pool, relu, num_sms, *l
         # with no stack frame on sm_90 (with the usual count, 80 and an 8 B frame in two 16-bit variants).
         meta.update(BLOCK_T=_finalize_block_t(n_tiles, block_c * (2 if residual_mode == RES_BN else 1)),
                     maxnreg=None if residual_mode == RES_BN or pool else TAIL_BACKWARD_MAXNREG)
-        rows, counter_numel = _finalize_layout(n_tiles, meta["BLOCK_T"], n_cols)
+        rows, counter_numel = _finalize_levels(n_tiles, meta["BLOCK_T"], n_cols)
         part_numel = (3 if residual_mode == RES_BN else 2) * rows * C
     return _TailPlan((n_tiles, n_cols), (N, H, W, C), meta, part_numel, counter_numel)
 
@@ -728,7 +740,7 @@ def _plan_rows(shape, itemsize, stats, num_sms, *layouts) -> _RowsPlan:
     part_numel = counter_numel = 0
     if stats:
         meta["BLOCK_T"] = _finalize_block_t(n_tiles, block_c)
-        rows, counter_numel = _finalize_layout(n_tiles, meta["BLOCK_T"], n_cols)
+        rows, counter_numel = _finalize_levels(n_tiles, meta["BLOCK_T"], n_cols)
         part_numel, counter_numel = 2 * rows * C, counter_numel + 1
     return _RowsPlan((n_tiles, n_cols), (N, H, W, C), meta, part_numel, counter_numel)
 

@@ -97,17 +97,18 @@ def _levels(n: int, group: int) -> list[int]:
     return [n] if n <= group else [min(group, n), -(-n // group)]
 
 
-def _finalize(n: int, group: int, row_bytes: int, moments: bool) -> tuple[int, int]:
-    """(round trips, bytes) of a BatchNorm finalize over ``n`` partials of ``row_bytes`` each: per level an
-    arrival atomic and its loads, ``group`` partials per load (a group's moments in one load; the last
-    level's moments in two passes, the mean's then the deviations')."""
+def _finalize(n: int, group: int, row_bytes: int) -> tuple[int, int]:
+    """(round trips, bytes) of a BatchNorm finalize over ``n`` partials of ``row_bytes`` each (kernels/conv.py,
+    ``_bn_forward_finalize``): per level of groups an arrival atomic and one load of the last group's
+    partials (a group's moments or sums in one load), while more than ``group`` remain, then an arrival and
+    one load of the last level's."""
     trips = nbytes = 0
-    levels = _levels(n, group)
-    for i, count in enumerate(levels):
-        loads = -(-count // group)
-        trips += 1 + (2 * loads if moments and i == len(levels) - 1 else loads)
-        nbytes += count * row_bytes * (2 if moments and i == len(levels) - 1 else 1)
-    return trips, nbytes
+    while True:
+        trips += 2
+        nbytes += min(n, group) * row_bytes
+        if n <= group:
+            return trips, nbytes
+        n = -(-n // group)
 
 
 def conv_launch(name: str, grid: tuple, args: dict, meta: dict, read: int, written: int) -> LaunchTime:
@@ -123,10 +124,10 @@ def conv_launch(name: str, grid: tuple, args: dict, meta: dict, read: int, writt
         n_tiles, group, block_n = grid[0], meta["BLOCK_T"], meta["BLOCK_N"]
         if meta["EPILOGUE"] == 1:  # BatchNorm statistics (the BN's own rows loaded with the last partials),
             # then num_batches_tracked's arrival
-            trips, nbytes = _finalize(n_tiles, group, 2 * block_n * 4, moments=True)
+            trips, nbytes = _finalize(n_tiles, group, 2 * block_n * 4)
             t.tail_round_trips, t.tail_bytes = trips + (1 if meta["TRACK"] else 0), nbytes
         elif meta["EPILOGUE"] == 2:  # BatchNorm backward sums, then its coefficients
-            trips, nbytes = _finalize(n_tiles, group, 2 * block_n * 4, moments=False)
+            trips, nbytes = _finalize(n_tiles, group, 2 * block_n * 4)
             t.tail_round_trips, t.tail_bytes = trips + 1, nbytes
     elif name == "_conv_wgrad_kernel":
         x = args["x_ptr"]
@@ -153,7 +154,7 @@ def conv_launch(name: str, grid: tuple, args: dict, meta: dict, read: int, writt
                 t.tail_bytes += count * 2 * meta["BLOCK_N"] * 4
     elif name == "_bn_relu_backward_kernel":
         arrays = 3 if meta["RESIDUAL"] == 2 else 2
-        trips, nbytes = _finalize(grid[0], meta["BLOCK_T"], arrays * meta["BLOCK_C"] * 4, moments=False)
+        trips, nbytes = _finalize(grid[0], meta["BLOCK_T"], arrays * meta["BLOCK_C"] * 4)
         t.tail_round_trips, t.tail_bytes = trips + 1, nbytes
     return t
 
