@@ -26,11 +26,11 @@ MAX_TRITON_LAUNCHES = 63
 MAX_KERNELS_PER_STEP = 78  # Triton launches + the aten ops around them (pooling, classifier, loss, optimizer table upload)
 MAX_TRAFFIC_RATIO = 0.590  # fastres bytes / eager bytes, whole step
 # The modeled GPU time (fastres.testing.gpu_model, H200 constants; `python -m fastres.testing.traffic --time`),
-# fp32 at batch 512: fastres 1.398 ms against eager's 2.089 ms (0.669; bf16 0.899 against 1.324 ms, 0.680),
+# fp32 at batch 512: fastres 1.386 ms against eager's 2.089 ms (0.663; bf16 0.887 against 1.324 ms, 0.670),
 # the worst serial tail 11.0 us (a first-stage fused-gradients launch's two-level weight-gradient sums; the
 # stride-2 weight gradient's split sum, 11.8 us when one program summed its 30 slices, is 3.8 us up a tree).
 # Issue 18's goals are 0.6 and no tail over 10 us or 10% of its launch: not met (README, "Modeled GPU time").
-MAX_MODELED_RATIO = 0.675
+MAX_MODELED_RATIO = 0.67
 MAX_SERIAL_TAIL_US = 11.5
 
 needs_interpreter = pytest.mark.skipif(not _backend.INTERPRET, reason="learning roles needs Triton's interpreter")
