@@ -665,8 +665,8 @@ def _conv_wgrad_kernel(
     c tile), axis 1 the splits of the rows. Without ``SPLIT`` (one split) the tile goes
     straight to ``grad`` (in the weight's own strides ``sg_*``, so autograd
     never copies it into the parameter's memory format); with more, each
-    split writes its fp32 slice of ``part`` [tiles, splits, BLOCK_K, BLOCK_C] and
-    they are summed pairwise up a binary tree (deterministic; see the end).
+    split writes its fp32 slice of ``part`` [splits, R, S, K, C] and they are
+    summed pairwise up a binary tree (deterministic; see the end).
     """
     COMPUTE: tl.constexpr = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -715,42 +715,43 @@ def _conv_wgrad_kernel(
         grad_offs = offs_k[:, None] * sg_k + offs_c[None, :] * sg_c + r * sg_r + s * sg_s
         tl.store(grad_ptr + grad_offs, to_storage(acc, grad_ty), mask=k_mask[:, None] & c_mask[None, :])
     else:
-        # Per tile, one [BLOCK_K, BLOCK_C] slice of ``part`` per split, contiguous: the sums below address it
-        # by a flat range (v4 accesses where C is a multiple of 16, no per-element offsets), touching only the
-        # rows and columns within K and C (a stem's 3 input channels fill 3 of a slice's 16 columns).
-        # The splits are summed pairwise up a binary tree: at each level the later of two siblings to arrive
-        # adds their two sums (left + right, whichever arrived later: deterministic) into the pair's first
-        # slice, or at the root into grad; a node without a sibling goes up as it is. The last program walks
-        # log2(splits) arrivals and loads, where it used to load every split's slice in turn (132 on a 1x1
-        # conv's two tiles). Counters: per tile one per pair, at the index of the pair's second slice.
-        slice_numel: tl.constexpr = BLOCK_K * BLOCK_C
-        slices = part_ptr + pid.to(tl.int64) * n_splits * slice_numel
-        tl.store(slices + split.to(tl.int64) * slice_numel
-                 + (tl.arange(0, BLOCK_K)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]), acc,
-                 mask=k_mask[:, None] & c_mask[None, :])
-        flat = tl.arange(0, slice_numel)
+        # ``part`` holds one fp32 [R, S, K, C] slice per split, dense (every element is some tile's): the
+        # tile's [BLOCK_K, BLOCK_C] block of it is addressed by a flat range (int32 offsets within the
+        # split's slice; v4 accesses where C is a multiple of 16), masked to the rows and columns within K
+        # and C. The splits are summed pairwise up a binary tree: at each level the later of two siblings to
+        # arrive adds their two sums (left + right, whichever arrived later: deterministic) into the pair's
+        # first slice, or at the root into grad; a node without a sibling goes up as it is. The last program
+        # walks log2(splits) arrivals and loads, where it used to load every split's slice in turn (132 on a
+        # 1x1 conv's two tiles). Counters: per tile one per pair, at the index of the pair's second split.
+        kcrs = K * C * R * S
         k0 = (tile // n_c_tiles) * BLOCK_K
         c0 = (tile % n_c_tiles) * BLOCK_C
-        valid = (k0 + flat // BLOCK_C < K) & (c0 + flat % BLOCK_C < C)
+        block = part_ptr + ((r * S + s) * K * C + k0 * C + c0)
+        tl.store(block + split.to(tl.int64) * kcrs
+                 + (tl.arange(0, BLOCK_K)[:, None] * C + tl.arange(0, BLOCK_C)[None, :]),
+                 acc, mask=k_mask[:, None] & c_mask[None, :])
+        flat = tl.arange(0, BLOCK_K * BLOCK_C)
+        kk = flat // BLOCK_C
+        cc = flat % BLOCK_C
+        within = kk * C + cc
+        valid = (k0 + kk < K) & (c0 + cc < C)
         node = split
         span = 1
         alive = split >= 0
         while alive & (span < n_splits):
-            left = slices + ((node - (node & 1)) * span).to(tl.int64) * slice_numel + flat
+            left = block + ((node - (node & 1)) * span).to(tl.int64) * kcrs + within
             right = (node | 1) * span
             if right < n_splits:
                 alive = _arrived_last(counter_ptr + pid.to(tl.int64) * n_splits + right, 2)
                 if alive:
                     total = tl.load(left, mask=valid, other=0.0, cache_modifier=".cg") + tl.load(
-                        slices + right.to(tl.int64) * slice_numel + flat, mask=valid, other=0.0,
-                        cache_modifier=".cg")
+                        block + right.to(tl.int64) * kcrs + within, mask=valid, other=0.0, cache_modifier=".cg")
                     if 2 * span < n_splits:
                         tl.store(left, total, mask=valid)
                     else:
-                        kk = _index(k0 + flat // BLOCK_C, IDX64)
-                        cc = _index(c0 + flat % BLOCK_C, IDX64)
-                        tl.store(grad_ptr + kk * sg_k + cc * sg_c + r * sg_r + s * sg_s, to_storage(total, grad_ty),
-                                 mask=valid)
+                        grad_offs = (_index(k0 + kk, IDX64) * sg_k + _index(c0 + cc, IDX64) * sg_c
+                                     + r * sg_r + s * sg_s)
+                        tl.store(grad_ptr + grad_offs, to_storage(total, grad_ty), mask=valid)
             node = node // 2
             span = span * 2
 

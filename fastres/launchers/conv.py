@@ -475,9 +475,9 @@ def _plan_wgrad(dy_shape, dy_stride, x_shape, x_stride, w_shape, g_stride, strid
                 IDX64=_needs_int64((dy_shape, dy_stride), (x_shape, x_stride), (w_shape, g_stride)),
                 SPLIT=splits > 1, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=WGRAD_BLOCK_P, num_warps=NUM_WARPS)
     split = splits > 1
-    # Per tile, partials: one [block_k, block_c] slice per split; counters: one per pair of the tree (< splits).
-    return _WgradPlan((tiles, splits), ints, tiles * splits * block_k * block_c if split else 0,
-                      tiles * splits if split else 0, meta)
+    # Partials: a dense [R, S, K, C] slice per split; counters: per tile one per pair of the tree (< splits).
+    return _WgradPlan((tiles, splits), ints, splits * K * C * R * S if split else 0, tiles * splits if split else 0,
+                      meta)
 
 
 def conv_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, *,
